@@ -1,0 +1,108 @@
+"""HF checkpoint directory -> bitbasis GGUF."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import format as bbf
+from . import hf
+from .gguf_io import ModelTensors, read_model, summarize, write_model
+
+LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                   "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+DENSE_METHODS = ("f32", "f16")
+
+
+class ConvertError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    method: str = "residual"
+    bases: int = 2
+    group: int = 128
+    embed_type: str = "Q8_0"       # token embedding and output head
+    calib: dict | None = None      # calibration options for methods that need a Hessian
+    extra: dict | None = None      # method-specific options (salient fraction, ...)
+    force: bool = True
+
+
+def is_block_linear(gguf_name: str) -> bool:
+    return gguf_name.startswith("blk.") and gguf_name.endswith(LINEAR_SUFFIXES)
+
+
+def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progress: bool = True) -> dict:
+    from tqdm import tqdm
+    import torch
+    from .quant import get_quantizer, QuantizerError
+
+    model_dir = Path(model_dir)
+    if opts.embed_type not in ("F32", "F16", "Q8_0"):
+        raise ConvertError(f"--embed-type {opts.embed_type}: must be F32, F16 or Q8_0")
+    cfg = hf.load_config(model_dir)
+    quantizer = None
+    if opts.method not in DENSE_METHODS:
+        try:
+            quantizer = get_quantizer(opts.method, bases=opts.bases, group=opts.group, **(opts.extra or {}))
+        except QuantizerError as e:
+            raise ConvertError(str(e)) from None
+    t0 = time.time()
+    sd = hf.load_state_dict(model_dir)
+    n_layers, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
+    n_kv = int(cfg.get("num_key_value_heads") or n_head)
+    kv = hf.arch_kv(cfg, model_dir.name) + hf.tokenizer_kv(model_dir, cfg)
+
+    names = {k: hf.gguf_name(k, n_layers) for k in sd if not k.endswith("rotary_emb.inv_freq")}
+    quantized: dict[str, bbf.BinaryBasis] = {}
+    if quantizer is not None and quantizer.needs_hessian:
+        from .calibrate import quantize_model
+        quantized = quantize_model(model_dir, quantizer, opts.calib or {}, progress=progress)
+
+    dense, packed = [], []
+    it = tqdm(sorted(names.items(), key=lambda kv_: _order(kv_[1])), desc=f"convert {opts.method}",
+              disable=not progress, unit="tensor")
+    for hf_name, g_name in it:
+        w = sd[hf_name]
+        perm = None
+        if g_name.endswith(("attn_q.weight", "attn_k.weight")):
+            perm = hf.qk_row_permutation(w.shape[0], n_head if "attn_q" in g_name else n_kv)
+        if quantizer is not None and is_block_linear(g_name):
+            bb = quantized.get(hf_name)
+            if bb is None:
+                bb = quantizer.quantize(torch.from_numpy(w), None)
+            if perm is not None:
+                bb = bbf.permute_rows(bb, perm)
+            packed.append((g_name, bbf.pack(bb)))
+            continue
+        if perm is not None:
+            w = w[perm]
+        if opts.method == "f32":
+            kind = "F32"
+        elif g_name in ("token_embd.weight", "output.weight"):
+            kind = opts.embed_type
+        else:
+            kind = "F16"
+        dense.append((g_name, w, kind))
+    factors = hf.llama3_rope_factors(cfg)
+    if factors is not None:
+        dense.append(("rope_freqs.weight", factors, "F32"))
+    settings = quantizer.settings() if quantizer else {}
+    if opts.calib and quantizer is not None and quantizer.needs_hessian:
+        settings["calibration"] = opts.calib
+    mt = ModelTensors(arch="llama", kv=kv, dense=dense, packed=packed, method=opts.method, settings=settings)
+    write_model(out, mt, force=opts.force)
+    s = summarize(read_model(out))
+    s["seconds"] = time.time() - t0
+    return s
+
+
+def _order(name: str):
+    """Token embedding first, then blocks in order, then the head: the order llama.cpp writes."""
+    if name.startswith("blk."):
+        parts = name.split(".")
+        return (1, int(parts[1]), ".".join(parts[2:]))
+    return (0 if name.startswith("token_embd") else 2, 0, name)

@@ -1,0 +1,221 @@
+"""The one GGUF writer and the one (Python) GGUF reader of bitbasis.
+
+Writing goes through the stock `gguf` package; binary-basis weights are written as their component
+tensors (formats/binary_basis_v1.md). Reading uses `gguf.GGUFReader` and reassembles them.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import format as bbf
+
+
+class GGUFFileError(ValueError):
+    """A GGUF file that cannot be read as a bitbasis model."""
+
+
+# --- atomic output ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = True):
+    """Yield a temporary path beside `path`; rename it over `path` only if the body succeeds.
+    Interrupts (Ctrl-C, SIGTERM) remove the temporary file, so no partial output is ever left."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (use --force to overwrite)")
+    if path.parent and not path.parent.exists():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    old_term = None
+    try:
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            old_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if old_term is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, old_term)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --- writer -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelTensors:
+    """What goes into a file: float tensors with their storage type, and packed binary-basis ones."""
+    arch: str
+    kv: list[tuple[str, Any, Any]]                 # (key, value, gguf.GGUFValueType or None)
+    dense: list[tuple[str, np.ndarray, str]]      # (name, float32 array, "F32"|"F16"|"Q8_0")
+    packed: list[tuple[str, bbf.Packed]]
+    method: str = "f32"
+    settings: dict | None = None
+
+
+def _add_dense(w, name: str, arr: np.ndarray, kind: str) -> None:
+    import gguf
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if kind == "Q8_0" and arr.ndim == 2 and arr.shape[-1] % 32 == 0:
+        q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    elif kind in ("F16", "Q8_0") and arr.ndim >= 2:  # Q8_0 falls back to F16 for odd widths
+        w.add_tensor(name, arr.astype(np.float16))
+    else:  # norms and 1-D tensors stay F32, as llama.cpp does
+        w.add_tensor(name, arr)
+
+
+def write_model(path: str | os.PathLike, mt: ModelTensors, force: bool = True) -> None:
+    import gguf
+    with atomic_output(path, force=force) as tmp:
+        w = gguf.GGUFWriter(tmp, mt.arch)
+        for key, value, vtype in mt.kv:
+            if vtype is None:
+                w.add_key_value(key, value, _guess_type(value))
+            elif vtype == gguf.GGUFValueType.ARRAY:
+                w.add_array(key, value)
+            else:
+                w.add_key_value(key, value, vtype)
+        if mt.packed:
+            w.add_uint32("bitbasis.version", bbf.VERSION)
+            w.add_string("bitbasis.method", mt.method)
+            w.add_string("bitbasis.settings", json.dumps(mt.settings or {}, sort_keys=True))
+            for name, p in mt.packed:
+                w.add_array(f"bitbasis.tensor.{name}", [int(x) for x in p.header])
+        for name, arr, kind in mt.dense:
+            _add_dense(w, name, arr, kind)
+        for name, p in mt.packed:
+            for suf in bbf.SUFFIXES:
+                if suf in p.parts:
+                    a = p.parts[suf]
+                    a = a.view(np.int8) if a.dtype == np.uint8 else a
+                    w.add_tensor(f"{name}.{suf}", np.ascontiguousarray(a))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=False)
+        w.close()
+
+
+def _guess_type(value):
+    import gguf
+    if isinstance(value, bool):
+        return gguf.GGUFValueType.BOOL
+    if isinstance(value, int):
+        return gguf.GGUFValueType.UINT32
+    if isinstance(value, float):
+        return gguf.GGUFValueType.FLOAT32
+    if isinstance(value, str):
+        return gguf.GGUFValueType.STRING
+    return gguf.GGUFValueType.ARRAY
+
+
+# --- reader -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ModelFile:
+    path: str
+    kv: dict[str, Any]
+    dense: dict[str, np.ndarray]        # dequantized to float32, numpy (PyTorch) shape order
+    dense_types: dict[str, str]
+    packed: dict[str, bbf.Packed]
+    file_size: int
+
+    @property
+    def arch(self) -> str:
+        return self.kv.get("general.architecture", "?")
+
+    def weight(self, name: str) -> np.ndarray:
+        if name in self.packed:
+            return bbf.dequantize(bbf.unpack(self.packed[name], name))
+        return self.dense[name]
+
+    @property
+    def n_params(self) -> int:
+        n = sum(int(a.size) for a in self.dense.values())
+        return n + sum(p.rows * p.cols for p in self.packed.values())
+
+
+def _field_value(f):
+    try:
+        return f.contents()
+    except Exception as e:  # a field the reader parsed but cannot decode
+        raise GGUFFileError(f"metadata key {f.name}: {e}") from None
+
+
+def read_model(path: str | os.PathLike) -> ModelFile:
+    import gguf
+    path = str(path)
+    if not os.path.isfile(path):
+        raise GGUFFileError(f"{path}: no such file")
+    try:
+        r = gguf.GGUFReader(path, "r")
+    except Exception as e:
+        raise GGUFFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    kv = {k: _field_value(f) for k, f in r.fields.items()}
+    version = kv.get("bitbasis.version")
+    if version is not None and int(version) > bbf.VERSION:
+        raise GGUFFileError(f"{path}: bitbasis format version {version} is newer than this reader ({bbf.VERSION})")
+    headers = {k[len("bitbasis.tensor."):]: v for k, v in kv.items() if k.startswith("bitbasis.tensor.")}
+    tensors = {t.name: t for t in r.tensors}
+    dense, dense_types, packed = {}, {}, {}
+    component = {f"{n}.{s}" for n in headers for s in bbf.SUFFIXES}
+    for name, t in tensors.items():
+        if name in component:
+            continue
+        if name.rsplit(".", 1)[-1] in bbf.SUFFIXES:
+            raise GGUFFileError(f"{path}: component tensor {name} has no bitbasis.tensor header")
+        shape = tuple(int(x) for x in reversed(t.shape))
+        try:
+            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        except Exception as e:
+            raise GGUFFileError(f"{path}: tensor {name} of type {t.tensor_type.name}: {e}") from None
+        dense[name] = np.asarray(arr, np.float32).reshape(shape)
+        dense_types[name] = t.tensor_type.name
+    for name, hdr in headers.items():
+        if not isinstance(hdr, list) or len(hdr) != 5:
+            raise GGUFFileError(f"{path}: bitbasis.tensor.{name} must be 5 integers, got {hdr!r}")
+        rows, cols, n, g, flags = (int(x) for x in hdr)
+        parts = {}
+        for suf in bbf.SUFFIXES:
+            t = tensors.get(f"{name}.{suf}")
+            if t is not None:
+                shape = tuple(int(x) for x in reversed(t.shape))
+                a = np.asarray(t.data)
+                if a.dtype == np.int8:
+                    a = a.view(np.uint8)
+                parts[suf] = a.reshape(shape)
+        p = bbf.Packed(rows, cols, n, g, flags, parts)
+        try:
+            bbf.validate(p, name)
+        except bbf.FormatError as e:
+            raise GGUFFileError(f"{path}: {e}") from None
+        packed[name] = p
+    return ModelFile(path, kv, dense, dense_types, packed, os.path.getsize(path))
+
+
+def summarize(mf: ModelFile) -> dict:
+    """Sizes and honest bit counts of a model file."""
+    q_bytes = sum(p.nbytes for p in mf.packed.values())
+    q_weights = sum(p.rows * p.cols for p in mf.packed.values())
+    return {
+        "file_bytes": mf.file_size,
+        "params": mf.n_params,
+        "quantized_weights": q_weights,
+        "block_bpw": (8.0 * q_bytes / q_weights) if q_weights else None,
+        "file_bpw": 8.0 * mf.file_size / mf.n_params,
+        "method": mf.kv.get("bitbasis.method", "f32/f16"),
+    }

