@@ -1,0 +1,94 @@
+// Binary-basis matrix × activation kernels (spec: formats/binary_basis_v1.md).
+//
+// The on-disk layout is one and the same on every CPU; `bb_prepare` expands scales to f32 and may
+// build an ISA-specific repacked copy of the planes. Every kernel computes exactly what
+// `gemv_scalar` computes: the integer part (Σ over ±1 signs of int8 activations) is exact, the
+// float part is summed in a fixed order per (row, group), so SIMD results equal the scalar
+// reference up to float reassociation across groups (tests allow 1e-5 relative).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace bb {
+
+enum : uint32_t { F_OFFSET = 1, F_COLMASK = 2, F_ELEMCLASS = 4, F_SPARSE = 8, F_POW2 = 16, F_COLSCALE = 32 };
+
+// One binary-basis weight: raw pointers into the (mmapped) file, validated by the loader, plus the
+// data prepared once at load.
+struct BBTensor {
+    int64_t rows = 0, cols = 0;
+    int n_planes = 0, group = 0, n_classes = 1;
+    int64_t ngroups = 0;
+    uint32_t flags = 0;
+    const uint8_t *planes = nullptr;        // [rows][ngroups][N][G/8]
+    const uint16_t *scales_f16 = nullptr;   // [rows][ngroups][C][S], S = N or 1 (POW2)
+    const uint16_t *offsets_f16 = nullptr;  // [rows][ngroups][C] or null
+    const uint8_t *colmask = nullptr;       // [ngroups][G/8] or null
+    const uint8_t *elemclass = nullptr;     // [rows][ngroups][G/8] or null
+    const uint8_t *sparse_mask = nullptr;   // [rows][ngroups][G/8] or null
+    const uint8_t *sparse_codes = nullptr;  // [nnz] u8
+    const uint16_t *sparse_zs = nullptr;    // [rows][2] f16 (scale, min)
+    const uint16_t *colscale_f16 = nullptr; // [cols] or null
+
+    // prepared by bb_prepare()
+    std::vector<float> scales;              // [rows][ngroups][C][N], POW2 expanded
+    std::vector<float> offsets;             // [rows][ngroups][C] (empty without F_OFFSET)
+    std::vector<float> colscale;            // [cols] (empty without F_COLSCALE)
+    std::vector<int64_t> sparse_row_start;  // [rows + 1] index into sparse_codes
+    std::vector<uint8_t> repacked;          // optional ISA-specific copy of the planes
+    std::string repacked_for;               // which kernel the copy is for
+};
+
+// Activations of one token, quantized per group of G columns to int8 (symmetric, d = max|x|/127),
+// zero-padded to ngroups*G. The column scale (F_COLSCALE) is applied before quantizing.
+struct QActs {
+    int group = 0;
+    int64_t cols = 0, ngroups = 0;
+    std::vector<float> x;       // [ngroups*G] float activations (after column scale), zero padded
+    std::vector<int8_t> q;      // [ngroups*G]
+    std::vector<float> d;       // [ngroups] scale: x ≈ d * q
+    std::vector<int32_t> qsum;  // [ngroups] Σ q over the group
+};
+
+void quantize_acts(const float *x, int64_t cols, int group, const float *colscale, QActs &out);
+
+// Expand f16 scales/offsets, compute sparse row starts, and optionally repack for `isa`.
+void bb_prepare(BBTensor &t, const std::string &isa);
+
+// y[r - r0] = Σ_j W[r, j] x[j] for r in [r0, r1).
+// Dense part per (row r, group g, class c): Σ_i α[r,g,c,i] · d_g · (2·Σ_{j∈c, bit_i=1} q_j − Σ_{j∈c} q_j)
+//                                             + μ[r,g,c] · d_g · Σ_{j∈c} q_j
+// Sparse elements (F_SPARSE) replace the dense value: y += (v − dense(r,j)) · x_j, with x_j the float
+// activation (not its int8 code), so the sparse weights keep their 8-bit precision.
+using GemvFn = void (*)(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
+
+// Many tokens at once (prompt processing): Y[t][r - r0] for t < n_tok; acts[t] per token.
+using GemmFn = void (*)(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy,
+                        int64_t r0, int64_t r1);
+
+struct Kernel {
+    const char *name;   // e.g. "scalar", "avx2-popcnt", "avx512-vpopcnt", "avx512-vnni", "neon-popcnt"
+    const char *isa;    // "scalar" | "avx2" | "avx512" | "neon"
+    GemvFn gemv;
+    GemmFn gemm;
+    bool (*supported)(); // CPU has the features
+};
+
+// All kernels compiled in; the first supported one for an ISA is that ISA's default.
+const std::vector<Kernel> &all_kernels();
+// Choose from BITBASIS_ISA (scalar|avx2|avx512|neon) or BITBASIS_KERNEL (a kernel name), else the
+// fastest supported default. Throws std::runtime_error naming an unsupported request.
+const Kernel &select_kernel();
+std::string cpu_features();
+
+// The scalar reference (every flag and class). Also the tail / fallback for other kernels.
+void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
+void gemm_scalar(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+
+// Sparse correction shared by every kernel (float).
+void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
+
+float f16_to_f32(uint16_t h);
+
+}  // namespace bb
