@@ -40,12 +40,13 @@ struct BBTensor {
     std::string repacked_for;               // which kernel the copy is for
 };
 
-// Activations of one token, quantized per group of G columns to int8 (symmetric, d = max|x|/127),
-// zero-padded to ngroups*G. The column scale (F_COLSCALE) is applied before quantizing.
+// Activations of one token, quantized per group of G columns to int8 (symmetric, d = max|x|/127,
+// q = round(x/d)), zero-padded to ngroups*G. The column scale (F_COLSCALE) is applied before
+// quantizing: q/d approximate x[j]·k[j]; `x` keeps the raw activations for the sparse values.
 struct QActs {
     int group = 0;
     int64_t cols = 0, ngroups = 0;
-    std::vector<float> x;       // [ngroups*G] float activations (after column scale), zero padded
+    std::vector<float> x;       // [ngroups*G] raw float activations (before column scale), zero padded
     std::vector<int8_t> q;      // [ngroups*G]
     std::vector<float> d;       // [ngroups] scale: x ≈ d * q
     std::vector<int32_t> qsum;  // [ngroups] Σ q over the group
@@ -53,14 +54,18 @@ struct QActs {
 
 void quantize_acts(const float *x, int64_t cols, int group, const float *colscale, QActs &out);
 
-// Expand f16 scales/offsets, compute sparse row starts, and optionally repack for `isa`.
-void bb_prepare(BBTensor &t, const std::string &isa);
+// Expand f16 scales/offsets, compute sparse row starts, and repack for `kernel` (a kernel name or an
+// ISA name, i.e. its default kernel; "" or "scalar": no repack). Kernels never require a repacked
+// copy: they use it when `repacked_for` names them and read the on-disk layout otherwise.
+void bb_prepare(BBTensor &t, const std::string &kernel);
+void bb_repack(BBTensor &t, const std::string &kernel);   // the repack step alone
 
 // y[r - r0] = Σ_j W[r, j] x[j] for r in [r0, r1).
 // Dense part per (row r, group g, class c): Σ_i α[r,g,c,i] · d_g · (2·Σ_{j∈c, bit_i=1} q_j − Σ_{j∈c} q_j)
 //                                             + μ[r,g,c] · d_g · Σ_{j∈c} q_j
-// Sparse elements (F_SPARSE) replace the dense value: y += (v − dense(r,j)) · x_j, with x_j the float
-// activation (not its int8 code), so the sparse weights keep their 8-bit precision.
+// Sparse elements (F_SPARSE) replace the dense value: y += v · x_j − dense(r,j) · d_g · q_j, i.e. the
+// dense contribution the integer part added is removed exactly and the sparse weight multiplies the
+// raw float activation x_j, so the (outlier) sparse weights keep their 8-bit precision.
 using GemvFn = void (*)(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
 
 // Many tokens at once (prompt processing): Y[t][r - r0] for t < n_tok; acts[t] per token.
@@ -73,6 +78,7 @@ struct Kernel {
     GemvFn gemv;
     GemmFn gemm;
     bool (*supported)(); // CPU has the features
+    void (*repack)(BBTensor &t) = nullptr;  // optional load-time repack (fills t.repacked)
 };
 
 // All kernels compiled in; the first supported one for an ISA is that ISA's default.
@@ -80,7 +86,9 @@ const std::vector<Kernel> &all_kernels();
 // Choose from BITBASIS_ISA (scalar|avx2|avx512|neon) or BITBASIS_KERNEL (a kernel name), else the
 // fastest supported default. Throws std::runtime_error naming an unsupported request.
 const Kernel &select_kernel();
-std::string cpu_features();
+std::string cpu_features();                 // e.g. "avx2 fma f16c avx512f ... " or "neon dotprod"
+bool cpu_has(const std::string &feature);   // one name from cpu_features()
+const Kernel *find_kernel(const std::string &name);  // by name; nullptr if not compiled in
 
 // The scalar reference (every flag and class). Also the tail / fallback for other kernels.
 void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);

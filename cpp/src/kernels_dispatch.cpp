@@ -1,0 +1,147 @@
+// Kernel registry and run-time selection (CPUID on x86-64, getauxval on aarch64).
+#include "kernels.h"
+
+#include <cstdlib>
+#include <sstream>
+#include <stdexcept>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#elif defined(__aarch64__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMD
+#define HWCAP_ASIMD (1 << 1)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+namespace bb {
+
+// Each per-ISA file appends its kernels, fastest first. Weak, so that a build without one of the
+// files (another architecture) still links.
+__attribute__((weak)) void add_kernels_avx512(std::vector<Kernel> &);
+__attribute__((weak)) void add_kernels_avx2(std::vector<Kernel> &);
+__attribute__((weak)) void add_kernels_neon(std::vector<Kernel> &);
+
+static bool always() { return true; }
+
+static std::vector<std::string> detect() {
+    std::vector<std::string> f;
+#if defined(__x86_64__) || defined(_M_X64)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+    const bool osxsave = c & (1u << 27);
+    uint64_t xcr0 = 0;
+    if (osxsave) {
+        uint32_t lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        xcr0 = ((uint64_t)hi << 32) | lo;
+    }
+    const bool ymm = (xcr0 & 6) == 6, zmm = (xcr0 & 0xe6) == 0xe6;  // OS saves the vector state
+    if (c & (1u << 23)) f.push_back("popcnt");
+    if (ymm && (c & (1u << 12))) f.push_back("fma");
+    if (ymm && (c & (1u << 29))) f.push_back("f16c");
+    unsigned a7 = 0, b7 = 0, c7 = 0, d7 = 0;
+    __get_cpuid_count(7, 0, &a7, &b7, &c7, &d7);
+    if (ymm && (b7 & (1u << 5))) f.push_back("avx2");
+    if (zmm && (b7 & (1u << 16))) f.push_back("avx512f");
+    if (zmm && (b7 & (1u << 30))) f.push_back("avx512bw");
+    if (zmm && (b7 & (1u << 31))) f.push_back("avx512vl");
+    if (zmm && (b7 & (1u << 17))) f.push_back("avx512dq");
+    if (zmm && (c7 & (1u << 11))) f.push_back("avx512vnni");
+    if (zmm && (c7 & (1u << 12))) f.push_back("avx512bitalg");
+    if (zmm && (c7 & (1u << 14))) f.push_back("avx512vpopcntdq");
+#elif defined(__aarch64__)
+    const unsigned long hw = getauxval(AT_HWCAP);
+    if (hw & HWCAP_ASIMD) f.push_back("neon");
+    if (hw & HWCAP_ASIMDDP) f.push_back("dotprod");
+#endif
+    return f;
+}
+
+static const std::vector<std::string> &features() {
+    static const std::vector<std::string> f = detect();
+    return f;
+}
+
+bool cpu_has(const std::string &feature) {
+    for (const auto &f : features())
+        if (f == feature) return true;
+    return false;
+}
+
+std::string cpu_features() {
+    std::string s;
+    for (const auto &f : features()) s += (s.empty() ? "" : " ") + f;
+    return s;
+}
+
+const std::vector<Kernel> &all_kernels() {
+    static const std::vector<Kernel> ks = [] {
+        std::vector<Kernel> v;
+        if (add_kernels_avx512) add_kernels_avx512(v);
+        if (add_kernels_avx2) add_kernels_avx2(v);
+        if (add_kernels_neon) add_kernels_neon(v);
+        v.push_back(Kernel{"scalar", "scalar", gemv_scalar, gemm_scalar, always, nullptr});
+        return v;
+    }();
+    return ks;
+}
+
+const Kernel *find_kernel(const std::string &name) {
+    for (const auto &k : all_kernels())
+        if (name == k.name) return &k;
+    return nullptr;
+}
+
+static std::string kernel_names() {
+    std::string s;
+    for (const auto &k : all_kernels()) s += (s.empty() ? "" : ", ") + std::string(k.name);
+    return s;
+}
+
+// The default kernel of an ISA: the first supported one of that ISA in all_kernels() order.
+static const Kernel *isa_default(const std::string &isa) {
+    for (const auto &k : all_kernels())
+        if (isa == k.isa && k.supported()) return &k;
+    return nullptr;
+}
+
+const Kernel &select_kernel() {
+    if (const char *name = std::getenv("BITBASIS_KERNEL"); name && *name) {
+        const Kernel *k = find_kernel(name);
+        if (!k) throw std::runtime_error(std::string("BITBASIS_KERNEL=") + name + ": unknown kernel (built: " +
+                                         kernel_names() + ")");
+        if (!k->supported())
+            throw std::runtime_error(std::string("BITBASIS_KERNEL=") + name + ": this CPU lacks its features (has: " +
+                                     cpu_features() + ")");
+        return *k;
+    }
+    if (const char *isa = std::getenv("BITBASIS_ISA"); isa && *isa) {
+        const std::string s = isa;
+        if (s != "scalar" && s != "avx2" && s != "avx512" && s != "neon")
+            throw std::runtime_error("BITBASIS_ISA=" + s + ": must be scalar, avx2, avx512 or neon");
+        const Kernel *k = isa_default(s);
+        if (!k) throw std::runtime_error("BITBASIS_ISA=" + s + ": not supported by this CPU/build (has: " +
+                                         cpu_features() + "; built: " + kernel_names() + ")");
+        return *k;
+    }
+    for (const auto &k : all_kernels())
+        if (k.supported()) return k;
+    return all_kernels().back();
+}
+
+void bb_repack(BBTensor &t, const std::string &kernel) {
+    t.repacked.clear();
+    t.repacked.shrink_to_fit();
+    t.repacked_for.clear();
+    if (kernel.empty() || kernel == "scalar") return;
+    const Kernel *k = find_kernel(kernel);
+    if (!k) k = isa_default(kernel);
+    if (!k) throw std::runtime_error("bb_prepare: unknown or unsupported kernel '" + kernel + "'");
+    if (k->repack) k->repack(t);
+}
+
+}  // namespace bb

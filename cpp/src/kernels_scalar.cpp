@@ -1,0 +1,166 @@
+// The scalar reference kernel: every flag and class of formats/binary_basis_v1.md, written to read
+// like the spec. SIMD kernels are tested against it and fall back to it for exotic flags.
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace bb {
+
+float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {                 // inf / nan
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {             // normal
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {             // ±0
+        bits = sign;
+    } else {                           // subnormal: renormalize
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+void quantize_acts(const float *x, int64_t cols, int group, const float *colscale, QActs &out) {
+    const int64_t ng = (cols + group - 1) / group, n = ng * group;
+    out.group = group;
+    out.cols = cols;
+    out.ngroups = ng;
+    out.x.assign(n, 0.0f);
+    out.q.assign(n, 0);
+    out.d.assign(ng, 0.0f);
+    out.qsum.assign(ng, 0);
+    std::memcpy(out.x.data(), x, cols * sizeof(float));
+    std::vector<float> xs(group);
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t c0 = g * group, c1 = std::min<int64_t>(cols, c0 + group);
+        float amax = 0.0f;
+        for (int64_t j = c0; j < c1; j++) {
+            xs[j - c0] = colscale ? x[j] * colscale[j] : x[j];
+            amax = std::max(amax, std::fabs(xs[j - c0]));
+        }
+        if (!(amax > 0.0f) || !std::isfinite(amax)) continue;  // all zero (or non-finite): q = 0, d = 0
+        const float id = 127.0f / amax;
+        int32_t s = 0;
+        for (int64_t j = c0; j < c1; j++) {
+            const int v = std::clamp((int)std::nearbyint(xs[j - c0] * id), -127, 127);
+            out.q[j] = (int8_t)v;
+            s += v;
+        }
+        out.d[g] = amax / 127.0f;
+        out.qsum[g] = s;
+    }
+}
+
+void bb_prepare(BBTensor &t, const std::string &isa) {
+    if (t.rows < 1 || t.cols < 1 || t.n_planes < 1 || t.n_planes > 8 || t.group < 64 || t.group % 64)
+        throw std::runtime_error("bb_prepare: invalid binary-basis header");
+    const int N = t.n_planes, C = t.n_classes, S = (t.flags & F_POW2) ? 1 : N;
+    t.ngroups = (t.cols + t.group - 1) / t.group;
+    const int64_t rg = t.rows * t.ngroups;
+    t.scales.resize(rg * C * N);
+    for (int64_t k = 0; k < rg * C; k++)
+        for (int i = 0; i < N; i++)   // POW2: α_i = α_0 · 2^i (exact in f32)
+            t.scales[k * N + i] = (t.flags & F_POW2) ? f16_to_f32(t.scales_f16[k]) * (float)(1u << i)
+                                                     : f16_to_f32(t.scales_f16[k * S + i]);
+    t.offsets.clear();
+    if (t.flags & F_OFFSET) {
+        t.offsets.resize(rg * C);
+        for (int64_t k = 0; k < rg * C; k++) t.offsets[k] = f16_to_f32(t.offsets_f16[k]);
+    }
+    t.colscale.clear();
+    if (t.flags & F_COLSCALE) {
+        t.colscale.resize(t.cols);
+        for (int64_t j = 0; j < t.cols; j++) t.colscale[j] = f16_to_f32(t.colscale_f16[j]);
+    }
+    t.sparse_row_start.clear();
+    if (t.flags & F_SPARSE) {
+        const int64_t nb = t.ngroups * (t.group / 8);
+        t.sparse_row_start.resize(t.rows + 1, 0);
+        for (int64_t r = 0; r < t.rows; r++) {
+            int64_t n = 0;
+            for (int64_t b = 0; b < nb; b++) n += __builtin_popcount(t.sparse_mask[r * nb + b]);
+            t.sparse_row_start[r + 1] = t.sparse_row_start[r] + n;
+        }
+    }
+    bb_repack(t, isa);
+}
+
+static inline bool bit(const uint8_t *p, int64_t j) { return (p[j >> 3] >> (j & 7)) & 1; }
+
+// Class of column j (within group g's G/8-byte runs) of row r: spec "class c = ...".
+static inline int class_of(const BBTensor &t, int64_t r, int64_t g, int j) {
+    const int64_t gb = t.group / 8;
+    if (t.colmask && bit(t.colmask + g * gb, j)) return 1;
+    if (t.elemclass && bit(t.elemclass + (r * t.ngroups + g) * gb, j)) return t.n_classes - 1;
+    return 0;
+}
+
+void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    const int N = t.n_planes, C = t.n_classes, G = t.group;
+    const int64_t gb = G / 8;
+    const bool off = !t.offsets.empty();
+    for (int64_t r = r0; r < r1; r++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < t.ngroups; g++) {
+            int32_t S[3] = {0, 0, 0}, P[3][8] = {};
+            const uint8_t *pl = t.planes + (r * t.ngroups + g) * N * gb;
+            const int8_t *q = a.q.data() + g * G;
+            for (int j = 0; j < G; j++) {
+                const int c = C == 1 ? 0 : class_of(t, r, g, j);
+                S[c] += q[j];
+                for (int i = 0; i < N; i++)
+                    if (bit(pl + i * gb, j)) P[c][i] += q[j];
+            }
+            // Σ_j (Σ_i α_i s_ij + μ) q_j = Σ_i α_i (2 P_i − S) + μ S, per class; integers exact.
+            const float *al = t.scales.data() + (r * t.ngroups + g) * C * N;
+            float part = 0.0f;
+            for (int c = 0; c < C; c++) {
+                for (int i = 0; i < N; i++) part += al[c * N + i] * (float)(2 * P[c][i] - S[c]);
+                if (off) part += t.offsets[(r * t.ngroups + g) * C + c] * (float)S[c];
+            }
+            acc += a.d[g] * part;
+        }
+        y[r - r0] = acc;
+    }
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+void gemm_scalar(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int k = 0; k < n_tok; k++) gemv_scalar(t, acts[k], Y + k * ldy, r0, r1);
+}
+
+void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    const int N = t.n_planes, C = t.n_classes, G = t.group;
+    const int64_t gb = G / 8, nb = t.ngroups * gb;
+    const bool off = !t.offsets.empty();
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *m = t.sparse_mask + r * nb;
+        int64_t idx = t.sparse_row_start[r];
+        const float zs = f16_to_f32(t.sparse_zs[2 * r]), zm = f16_to_f32(t.sparse_zs[2 * r + 1]);
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            for (uint32_t bits = m[b]; bits; bits &= bits - 1) {
+                const int64_t col = b * 8 + __builtin_ctz(bits), g = col / G;
+                const int j = (int)(col % G), c = C == 1 ? 0 : class_of(t, r, g, j);
+                const uint8_t *pl = t.planes + (r * t.ngroups + g) * N * gb;
+                const float *al = t.scales.data() + ((r * t.ngroups + g) * C + c) * N;
+                float dense = 0.0f;   // the spec's order: planes ascending, then μ
+                for (int i = 0; i < N; i++) dense += bit(pl + i * gb, j) ? al[i] : -al[i];
+                if (off) dense += t.offsets[(r * t.ngroups + g) * C + c];
+                const float v = zs * (float)t.sparse_codes[idx++] + zm;
+                acc += v * a.x[col] - dense * (a.d[g] * (float)a.q[col]);
+            }
+        }
+        y[r - r0] += acc;
+    }
+}
+
+}  // namespace bb
