@@ -1,0 +1,546 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+namespace bb {
+
+namespace {
+
+[[noreturn]] void fail(const std::string &msg) { throw std::runtime_error(msg); }
+
+const char *const BB_SUFFIXES[] = {"bbp", "bbs", "bbo", "bbc", "bbe", "bbm", "bbv", "bbz", "bbk"};
+constexpr uint32_t KNOWN_FLAGS = F_OFFSET | F_COLMASK | F_ELEMCLASS | F_SPARSE | F_POW2 | F_COLSCALE;
+constexpr int64_t BATCH = 512;  // tokens per forward chunk: bounds the activation buffers
+
+// Dense dot products. Compiled for a few x86 levels and picked at load time (ifunc), so the plain
+// -O3 build still gets AVX2/AVX-512 vectors; the fixed-width partial sums let the compiler
+// vectorize without reassociating a single float sum.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BB_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define BB_CLONES
+#endif
+
+struct BlockQ8 {
+    uint16_t d;
+    int8_t qs[32];
+};
+static_assert(sizeof(BlockQ8) == 34, "Q8_0 block is 34 bytes");
+
+}  // namespace
+
+BB_CLONES float dense_dot_f32(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks of one row (weights dequantized on the fly).
+BB_CLONES float dense_dot_q8(const uint8_t *row, const float *x, int64_t n) {
+    float total = 0;
+    for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const int8_t *q = (const int8_t *)(blk + 2);
+        const float *xb = x + b * 32;
+        float acc[16] = {0};
+        for (int j = 0; j < 16; j++) acc[j] = (float)q[j] * xb[j];
+        for (int j = 0; j < 16; j++) acc[j] += (float)q[16 + j] * xb[16 + j];
+        float s = 0;
+        for (int j = 0; j < 16; j++) s += acc[j];
+        total += f16_to_f32(dh) * s;
+    }
+    return total;
+}
+
+static void dequant_row(const Linear &w, int64_t r, float *out) {
+    const int64_t n = w.cols;
+    if (w.type == TT_F32) {
+        std::memcpy(out, w.data + r * n * 4, n * 4);
+    } else if (w.type == TT_F16) {
+        const uint16_t *p = (const uint16_t *)(w.data + r * n * 2);
+        for (int64_t j = 0; j < n; j++) out[j] = f16_to_f32(p[j]);
+    } else {  // Q8_0
+        const uint8_t *row = w.data + r * (n / 32) * 34;
+        for (int64_t b = 0; b < n / 32; b++) {
+            uint16_t dh;
+            std::memcpy(&dh, row + b * 34, 2);
+            const float d = f16_to_f32(dh);
+            const int8_t *q = (const int8_t *)(row + b * 34 + 2);
+            for (int j = 0; j < 32; j++) out[b * 32 + j] = d * (float)q[j];
+        }
+    }
+}
+
+// --- loading ------------------------------------------------------------------------------------
+
+Model::Model(const std::string &path, int n_threads, int64_t n_ctx)
+    : file_(new GGUFFile(path)), pool_(std::max(1, std::min(n_threads, 256))) {
+    try {
+        load();
+    } catch (const std::runtime_error &e) {
+        fail(path + ": " + e.what());
+    }
+    n_ctx_ = n_ctx > 0 ? n_ctx : hp_.n_ctx_train;
+    if (n_ctx_ > (1 << 24)) fail(path + ": context " + std::to_string(n_ctx_) + " too large");
+    kcache_.resize(hp_.n_layer);
+    vcache_.resize(hp_.n_layer);
+    scratch_.resize(pool_.size());
+}
+
+std::vector<float> Model::load_vector(const std::string &name, int64_t n, bool required) {
+    const GTensor *t = file_->tensor(name);
+    if (!t) {
+        if (required) fail("tensor " + name + " is missing");
+        return {};
+    }
+    if (t->n_dims != 1 || t->ne[0] != n)
+        fail("tensor " + name + " has shape [" + std::to_string(t->ne[0]) + (t->n_dims > 1 ? ", ..." : "") +
+             "], expected [" + std::to_string(n) + "]");
+    std::vector<float> v(n);
+    if (t->type == TT_F32) {
+        std::memcpy(v.data(), t->data, n * 4);
+    } else if (t->type == TT_F16) {
+        for (int64_t i = 0; i < n; i++) v[i] = f16_to_f32(((const uint16_t *)t->data)[i]);
+    } else {
+        fail("tensor " + name + " has type " + ttype_name(t->type) + ", expected F32 or F16");
+    }
+    return v;
+}
+
+// Everything format.py's validate() checks, on the component tensors in the file.
+static std::unique_ptr<BBTensor> build_bb(const GGUFFile &f, const std::string &name,
+                                          const std::vector<int64_t> &hdr) {
+    if (hdr.size() != 5)
+        fail("bitbasis.tensor." + name + " must be 5 integers [rows, cols, N, G, flags], got " +
+             std::to_string(hdr.size()));
+    for (int64_t v : hdr)
+        if (v < 0 || v > 0xffffffffLL) fail("bitbasis.tensor." + name + ": value " + std::to_string(v) + " out of range");
+    const int64_t rows = hdr[0], cols = hdr[1], n = hdr[2], g = hdr[3];
+    const uint32_t flags = (uint32_t)hdr[4];
+    if (rows < 1 || cols < 1)
+        fail(name + ": shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "] must be positive");
+    if (n < 1 || n > 8) fail(name + ": " + std::to_string(n) + " planes, must be 1..8");
+    if (g < 64 || g % 64 || g > 65536)
+        fail(name + ": group size " + std::to_string(g) + " must be a multiple of 64 in [64, 65536]");
+    if (flags & ~KNOWN_FLAGS) {
+        char buf[32];
+        snprintf(buf, sizeof buf, "%#x", flags & ~KNOWN_FLAGS);
+        fail(name + ": unknown flag bits " + buf + " (newer writer?)");
+    }
+    const int64_t ng = (cols + g - 1) / g;
+    const int64_t c = 1 + !!(flags & F_COLMASK) + !!(flags & F_ELEMCLASS);
+    const int64_t s = (flags & F_POW2) ? 1 : n;
+    struct Want {
+        const char *suf;
+        std::vector<int64_t> shape;  // numpy order
+        uint32_t type;
+    };
+    std::vector<Want> want = {{"bbp", {rows, ng, n, g / 8}, TT_I8}, {"bbs", {rows, ng, c, s}, TT_F16}};
+    if (flags & F_OFFSET) want.push_back({"bbo", {rows, ng, c}, TT_F16});
+    if (flags & F_COLMASK) want.push_back({"bbc", {ng, g / 8}, TT_I8});
+    if (flags & F_ELEMCLASS) want.push_back({"bbe", {rows, ng, g / 8}, TT_I8});
+    if (flags & F_SPARSE) {
+        want.push_back({"bbm", {rows, ng, g / 8}, TT_I8});
+        want.push_back({"bbz", {rows, 2}, TT_F16});
+    }
+    if (flags & F_COLSCALE) want.push_back({"bbk", {cols}, TT_F16});
+    for (const char *suf : BB_SUFFIXES) {
+        bool wanted = std::string(suf) == "bbv" ? (flags & F_SPARSE) != 0
+                                                : std::any_of(want.begin(), want.end(),
+                                                              [&](const Want &w) { return std::string(w.suf) == suf; });
+        bool present = f.tensor(name + "." + suf) != nullptr;
+        if (wanted != present)
+            fail(name + ": component " + suf + (present ? " is present but" : " is missing but") + " flags are " +
+                 std::to_string(flags));
+    }
+    auto tensor_of = [&](const Want &w) -> const GTensor * {
+        const GTensor *t = f.tensor(name + "." + w.suf);
+        bool ok = t->n_dims == (int)w.shape.size() && t->type == w.type;
+        for (size_t d = 0; ok && d < w.shape.size(); d++) ok = t->ne[d] == w.shape[w.shape.size() - 1 - d];
+        if (!ok) {
+            std::string got, exp;
+            for (int d = t->n_dims - 1; d >= 0; d--) got += std::to_string(t->ne[d]) + (d ? ", " : "");
+            for (size_t d = 0; d < w.shape.size(); d++) exp += std::to_string(w.shape[d]) + (d + 1 < w.shape.size() ? ", " : "");
+            fail(name + "." + w.suf + ": shape (" + got + ") " + ttype_name(t->type) + ", expected (" + exp + ") " +
+                 ttype_name(w.type));
+        }
+        return t;
+    };
+    auto bt = std::make_unique<BBTensor>();
+    bt->rows = rows, bt->cols = cols, bt->n_planes = (int)n, bt->group = (int)g, bt->n_classes = (int)c;
+    bt->ngroups = ng, bt->flags = flags;
+    for (const Want &w : want) {
+        const GTensor *t = tensor_of(w);
+        std::string suf = w.suf;
+        if (suf == "bbp") bt->planes = t->data;
+        else if (suf == "bbs") bt->scales_f16 = (const uint16_t *)t->data;
+        else if (suf == "bbo") bt->offsets_f16 = (const uint16_t *)t->data;
+        else if (suf == "bbc") bt->colmask = t->data;
+        else if (suf == "bbe") bt->elemclass = t->data;
+        else if (suf == "bbm") bt->sparse_mask = t->data;
+        else if (suf == "bbz") bt->sparse_zs = (const uint16_t *)t->data;
+        else if (suf == "bbk") bt->colscale_f16 = (const uint16_t *)t->data;
+    }
+    // Padding bits (columns past `cols` in the last group) must be zero in every bit run.
+    const int64_t pad_from = cols - (ng - 1) * g;  // first padding column inside the last group
+    const int64_t gb = g / 8;
+    auto check_pad = [&](const uint8_t *runs, int64_t n_runs, int64_t run_stride, const char *suf) {
+        if (pad_from == g) return;
+        for (int64_t k = 0; k < n_runs; k++) {
+            const uint8_t *p = runs + k * run_stride;
+            for (int64_t j = pad_from; j < g; j++)
+                if (p[j >> 3] >> (j & 7) & 1)
+                    fail(name + "." + suf + ": padding bits past column " + std::to_string(cols) + " are not zero");
+        }
+    };
+    // bbp [rows][ng][N][G/8]: the last group's N runs of each row
+    for (int64_t r = 0; r < rows; r++) check_pad(bt->planes + ((r * ng + ng - 1) * n) * gb, n, gb, "bbp");
+    if (bt->colmask) check_pad(bt->colmask + (ng - 1) * gb, 1, gb, "bbc");
+    if (bt->elemclass) check_pad(bt->elemclass + (ng - 1) * gb, rows, ng * gb, "bbe");
+    if (bt->sparse_mask) {
+        check_pad(bt->sparse_mask + (ng - 1) * gb, rows, ng * gb, "bbm");
+        int64_t nnz = 0;
+        for (int64_t i = 0; i < rows * ng * gb; i++) nnz += __builtin_popcount(bt->sparse_mask[i]);
+        const GTensor *v = f.tensor(name + ".bbv");
+        if (v->n_dims != 1 || v->type != TT_I8 || v->ne[0] != std::max<int64_t>(nnz, 1))
+            fail(name + ".bbv: " + std::to_string(v->nelements()) + " codes for " + std::to_string(nnz) +
+                 " sparse-mask bits");
+        bt->sparse_codes = v->data;
+    }
+    return bt;
+}
+
+void Model::validate_bb_headers() {
+    const std::string pre = "bitbasis.tensor.";
+    int64_t version;
+    if (file_->get_int("bitbasis.version", version) && (version < 1 || version > 1))
+        fail("bitbasis format version " + std::to_string(version) + " is not supported by this reader (1)");
+    for (const auto &kv : file_->kv()) {
+        if (kv.first.compare(0, pre.size(), pre) != 0) continue;
+        std::string name = kv.first.substr(pre.size());
+        std::vector<int64_t> hdr;
+        file_->get_int_array(kv.first, hdr);
+        if (file_->tensor(name)) fail("tensor " + name + " is stored both dense and as binary basis");
+        build_bb(*file_, name, hdr);
+    }
+    for (const GTensor &t : file_->tensors()) {
+        size_t dot = t.name.rfind('.');
+        if (dot == std::string::npos) continue;
+        std::string suf = t.name.substr(dot + 1);
+        if (std::find(std::begin(BB_SUFFIXES), std::end(BB_SUFFIXES), suf) != std::end(BB_SUFFIXES) &&
+            !file_->find(pre + t.name.substr(0, dot)))
+            fail("component tensor " + t.name + " has no bitbasis.tensor header");
+    }
+}
+
+void Model::load_linear(Linear &w, const std::string &name, int64_t rows, int64_t cols) {
+    w.name = name;
+    w.rows = rows;
+    w.cols = cols;
+    std::vector<int64_t> hdr;
+    if (file_->get_int_array("bitbasis.tensor." + name, hdr)) {
+        w.bb = build_bb(*file_, name, hdr);
+        if (w.bb->rows != rows || w.bb->cols != cols)
+            fail("tensor " + name + " has shape [" + std::to_string(w.bb->rows) + ", " + std::to_string(w.bb->cols) +
+                 "], expected [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+        bb_prepare(*w.bb, kernel_->name);
+        return;
+    }
+    const GTensor *t = file_->tensor(name);
+    if (!t) fail("tensor " + name + " is missing");
+    if (t->n_dims != 2 || t->ne[0] != cols || t->ne[1] != rows)
+        fail("tensor " + name + " has shape [" + std::to_string(t->n_dims == 2 ? t->ne[1] : -1) + ", " +
+             std::to_string(t->ne[0]) + "], expected [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+    if (t->type != TT_F32 && t->type != TT_F16 && t->type != TT_Q8_0)
+        fail("tensor " + name + " has type " + ttype_name(t->type) + ", expected F32, F16 or Q8_0");
+    w.type = t->type;
+    w.data = t->data;
+}
+
+void Model::load() {
+    const GGUFFile &f = *file_;
+    std::string arch;
+    if (!f.get_string("general.architecture", arch)) fail("missing metadata key general.architecture");
+    if (arch != "llama") fail("architecture '" + arch + "' is not supported (llama only)");
+    auto req_int = [&](const std::string &key, int64_t lo, int64_t hi, int64_t def, bool required) {
+        int64_t v = def;
+        if (!f.get_int("llama." + key, v) && required) fail("missing metadata key llama." + key);
+        if (v < lo || v > hi)
+            fail("llama." + key + " = " + std::to_string(v) + " is out of range [" + std::to_string(lo) + ", " +
+                 std::to_string(hi) + "]");
+        return v;
+    };
+    HParams &h = hp_;
+    h.n_embd = req_int("embedding_length", 1, 1 << 17, 0, true);
+    h.n_ff = req_int("feed_forward_length", 1, 1 << 20, 0, true);
+    h.n_layer = req_int("block_count", 1, 4096, 0, true);
+    h.n_head = req_int("attention.head_count", 1, 4096, 0, true);
+    h.n_head_kv = req_int("attention.head_count_kv", 1, h.n_head, h.n_head, false);
+    if (h.n_head % h.n_head_kv) fail("head count " + std::to_string(h.n_head) + " is not a multiple of the kv head count");
+    h.head_dim = req_int("attention.key_length", 2, 4096, h.n_embd / h.n_head, false);
+    req_int("attention.value_length", h.head_dim, h.head_dim, h.head_dim, false);
+    if (h.head_dim % 2) fail("head dimension " + std::to_string(h.head_dim) + " must be even");
+    h.n_rot = req_int("rope.dimension_count", 2, h.head_dim, h.head_dim, false);
+    if (h.n_rot % 2) fail("rope dimension count must be even");
+    h.n_ctx_train = req_int("context_length", 1, 1 << 24, 2048, false);
+    double eps, base = 10000.0;
+    if (!f.get_float("llama.attention.layer_norm_rms_epsilon", eps))
+        fail("missing metadata key llama.attention.layer_norm_rms_epsilon");
+    if (!(eps >= 0 && eps < 1)) fail("llama.attention.layer_norm_rms_epsilon is out of range");
+    f.get_float("llama.rope.freq_base", base);
+    if (!(base > 0 && std::isfinite(base))) fail("llama.rope.freq_base must be positive");
+    h.eps = (float)eps;
+    h.rope_base = (float)base;
+
+    kernel_ = &select_kernel();
+    validate_bb_headers();
+
+    const GTensor *te = f.tensor("token_embd.weight");
+    if (!te) fail("tensor token_embd.weight is missing");
+    if (te->n_dims != 2 || te->ne[0] != h.n_embd)
+        fail("tensor token_embd.weight must be [n_vocab, " + std::to_string(h.n_embd) + "]");
+    if (te->ne[1] > (1 << 24)) fail("vocabulary of " + std::to_string(te->ne[1]) + " tokens is too large");
+    h.n_vocab = te->ne[1];
+    if (file_->find("bitbasis.tensor.token_embd.weight")) fail("token_embd.weight must be a dense tensor");
+    load_linear(tok_embd_, "token_embd.weight", h.n_vocab, h.n_embd);
+    if (f.tensor("output.weight") || f.find("bitbasis.tensor.output.weight"))
+        load_linear(output_, "output.weight", h.n_vocab, h.n_embd);
+    output_norm_ = load_vector("output_norm.weight", h.n_embd, true);
+
+    // RoPE inverse frequencies as transformers computes them, divided by llama-3 factors.
+    std::vector<float> factors = load_vector("rope_freqs.weight", h.n_rot / 2, false);
+    inv_freq_.resize(h.n_rot / 2);
+    for (int64_t i = 0; i < h.n_rot / 2; i++) {
+        inv_freq_[i] = (float)(1.0 / std::pow((double)h.rope_base, (double)(2 * i) / (double)h.n_rot));
+        if (!factors.empty()) {
+            if (!(factors[i] > 0) || !std::isfinite(factors[i])) fail("rope_freqs.weight holds a non-positive factor");
+            inv_freq_[i] /= factors[i];
+        }
+    }
+
+    const int64_t qd = h.n_head * h.head_dim, kvd = h.n_head_kv * h.head_dim;
+    layers_.resize(h.n_layer);
+    for (int64_t l = 0; l < h.n_layer; l++) {
+        Layer &L = layers_[l];
+        const std::string p = "blk." + std::to_string(l) + ".";
+        L.attn_norm = load_vector(p + "attn_norm.weight", h.n_embd, true);
+        L.ffn_norm = load_vector(p + "ffn_norm.weight", h.n_embd, true);
+        load_linear(L.wq, p + "attn_q.weight", qd, h.n_embd);
+        load_linear(L.wk, p + "attn_k.weight", kvd, h.n_embd);
+        load_linear(L.wv, p + "attn_v.weight", kvd, h.n_embd);
+        load_linear(L.wo, p + "attn_output.weight", h.n_embd, qd);
+        load_linear(L.wgate, p + "ffn_gate.weight", h.n_ff, h.n_embd);
+        load_linear(L.wup, p + "ffn_up.weight", h.n_ff, h.n_embd);
+        load_linear(L.wdown, p + "ffn_down.weight", h.n_embd, h.n_ff);
+    }
+}
+
+// --- forward ------------------------------------------------------------------------------------
+
+std::vector<QActs> &Model::acts_for(const BBTensor &t, ActsCache &ac) {
+    const float *cs = t.colscale.empty() ? nullptr : t.colscale.data();
+    for (size_t i = 0; i < ac.used; i++)
+        if (ac.entries[i].group == t.group && ac.entries[i].colscale == cs) return ac.entries[i].acts;
+    if (ac.used == ac.entries.size()) ac.entries.push_back({});
+    ActsCache::Entry &e = ac.entries[ac.used++];
+    e.group = t.group;
+    e.colscale = cs;
+    if ((int)e.acts.size() < ac.n_tok) e.acts.resize(ac.n_tok);
+    pool_.parallel_for(ac.n_tok, 1, [&](int64_t a, int64_t b, int) {
+        for (int64_t i = a; i < b; i++) quantize_acts(ac.x + i * ac.cols, ac.cols, t.group, cs, e.acts[i]);
+    });
+    return e.acts;
+}
+
+void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
+    const int n = ac.n_tok;
+    const int64_t rows = w.rows, cols = w.cols;
+    if (w.bb) {
+        const BBTensor &t = *w.bb;
+        std::vector<QActs> &acts = acts_for(t, ac);
+        const Kernel &k = *kernel_;
+        if (n == 1)
+            pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, acts[0], y + r0, r0, r1); });
+        else
+            pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) {
+                k.gemm(t, acts.data(), n, y + r0, rows, r0, r1);
+            });
+        return;
+    }
+    const float *x = ac.x;
+    pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1, int) {
+        thread_local std::vector<float> buf;
+        if (n == 1 && w.type != TT_F16) {
+            for (int64_t r = r0; r < r1; r++)
+                y[r] = w.type == TT_F32 ? dense_dot_f32((const float *)w.data + r * cols, x, cols)
+                                        : dense_dot_q8(w.data + r * (cols / 32) * 34, x, cols);
+            return;
+        }
+        buf.resize(cols);
+        for (int64_t r = r0; r < r1; r++) {
+            const float *row = (const float *)w.data + r * cols;
+            if (w.type != TT_F32) {
+                dequant_row(w, r, buf.data());
+                row = buf.data();
+            }
+            for (int t = 0; t < n; t++) y[(int64_t)t * rows + r] = dense_dot_f32(row, x + (int64_t)t * cols, cols);
+        }
+    });
+}
+
+void Model::embed(const int32_t *tokens, int64_t n, float *x) {
+    for (int64_t i = 0; i < n; i++) dequant_row(tok_embd_, tokens[i], x + i * hp_.n_embd);
+}
+
+static void rms_norm(const float *x, const float *w, float *out, int64_t n_tok, int64_t n, float eps) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *xt = x + t * n;
+        float *ot = out + t * n;
+        double ss = 0;
+        for (int64_t i = 0; i < n; i++) ss += (double)xt[i] * xt[i];
+        const float scale = (float)(1.0 / std::sqrt(ss / (double)n + (double)eps));
+        for (int64_t i = 0; i < n; i++) ot[i] = xt[i] * scale * w[i];
+    }
+}
+
+// Adjacent-pair rotation (llama.cpp's normal RoPE mode) of the first n_rot dims of every head.
+static void rope(float *v, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t pos0,
+                 const std::vector<float> &inv_freq) {
+    std::vector<float> cs(n_rot);
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float pos = (float)(pos0 + t);
+        for (int64_t i = 0; i < n_rot / 2; i++) {
+            const float a = pos * inv_freq[i];
+            cs[2 * i] = std::cos(a);
+            cs[2 * i + 1] = std::sin(a);
+        }
+        for (int64_t h = 0; h < n_heads; h++) {
+            float *p = v + (t * n_heads + h) * head_dim;
+            for (int64_t i = 0; i < n_rot / 2; i++) {
+                const float c = cs[2 * i], s = cs[2 * i + 1];
+                const float x0 = p[2 * i], x1 = p[2 * i + 1];
+                p[2 * i] = x0 * c - x1 * s;
+                p[2 * i + 1] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+void Model::forward(const int32_t *tokens, int64_t n, float *logits, bool all_logits) {
+    const HParams &h = hp_;
+    const int64_t E = h.n_embd, hd = h.head_dim, qd = h.n_head * hd, kvd = h.n_head_kv * hd, F = h.n_ff;
+    const int64_t pos0 = n_past_, n_kv = pos0 + n;
+    std::vector<float> x(n * E), hb(n * E), o(n * E), q(n * qd), k(n * kvd), v(n * kvd), att(n * qd), g(n * F),
+        u(n * F);
+    embed(tokens, n, x.data());
+    for (auto &s : scratch_) s.resize(n_kv);
+    const float kq_scale = 1.0f / std::sqrt((float)hd);
+    const int64_t group = h.n_head / h.n_head_kv;
+
+    for (int64_t l = 0; l < h.n_layer; l++) {
+        Layer &L = layers_[l];
+        rms_norm(x.data(), L.attn_norm.data(), hb.data(), n, E, h.eps);
+        ac_[0].reset(hb.data(), (int)n, E);
+        matmul(L.wq, ac_[0], q.data());
+        matmul(L.wk, ac_[0], k.data());
+        matmul(L.wv, ac_[0], v.data());
+        rope(q.data(), n, h.n_head, hd, h.n_rot, pos0, inv_freq_);
+        rope(k.data(), n, h.n_head_kv, hd, h.n_rot, pos0, inv_freq_);
+        std::vector<float> &kc = kcache_[l], &vc = vcache_[l];
+        if ((int64_t)kc.size() < n_kv * kvd) {
+            kc.resize(n_kv * kvd);
+            vc.resize(n_kv * kvd);
+        }
+        std::memcpy(kc.data() + pos0 * kvd, k.data(), n * kvd * 4);
+        std::memcpy(vc.data() + pos0 * kvd, v.data(), n * kvd * 4);
+
+        // Causal attention: query t sees positions [0, pos0 + t].
+        pool_.parallel_for(n * h.n_head, 1, [&](int64_t a, int64_t b, int tid) {
+            float *sc = scratch_[tid].data();
+            for (int64_t idx = a; idx < b; idx++) {
+                const int64_t t = idx / h.n_head, hh = idx % h.n_head, kvh = hh / group;
+                const float *qv = q.data() + t * qd + hh * hd;
+                const int64_t len = pos0 + t + 1;
+                float mx = -INFINITY;
+                for (int64_t p = 0; p < len; p++) {
+                    sc[p] = dense_dot_f32(qv, kc.data() + p * kvd + kvh * hd, hd) * kq_scale;
+                    mx = std::max(mx, sc[p]);
+                }
+                float sum = 0;
+                for (int64_t p = 0; p < len; p++) {
+                    sc[p] = std::exp(sc[p] - mx);
+                    sum += sc[p];
+                }
+                float *out = att.data() + t * qd + hh * hd;
+                std::fill(out, out + hd, 0.f);
+                const float inv = 1.0f / sum;
+                for (int64_t p = 0; p < len; p++) {
+                    const float wgt = sc[p] * inv;
+                    const float *vv = vc.data() + p * kvd + kvh * hd;
+                    for (int64_t i = 0; i < hd; i++) out[i] += wgt * vv[i];
+                }
+            }
+        });
+        ac_[1].reset(att.data(), (int)n, qd);
+        matmul(L.wo, ac_[1], o.data());
+        for (int64_t i = 0; i < n * E; i++) x[i] += o[i];
+
+        rms_norm(x.data(), L.ffn_norm.data(), hb.data(), n, E, h.eps);
+        ac_[0].reset(hb.data(), (int)n, E);
+        matmul(L.wgate, ac_[0], g.data());
+        matmul(L.wup, ac_[0], u.data());
+        for (int64_t i = 0; i < n * F; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // SwiGLU
+        ac_[2].reset(g.data(), (int)n, F);
+        matmul(L.wdown, ac_[2], o.data());
+        for (int64_t i = 0; i < n * E; i++) x[i] += o[i];
+    }
+    n_past_ = n_kv;
+    if (!logits) return;
+    const Linear &head = output_.rows ? output_ : tok_embd_;
+    if (all_logits) {
+        rms_norm(x.data(), output_norm_.data(), hb.data(), n, E, h.eps);
+        ac_[0].reset(hb.data(), (int)n, E);
+    } else {
+        rms_norm(x.data() + (n - 1) * E, output_norm_.data(), hb.data(), 1, E, h.eps);
+        ac_[0].reset(hb.data(), 1, E);
+    }
+    matmul(head, ac_[0], logits);
+}
+
+void Model::eval(const int32_t *tokens, int64_t n, float *logits, bool all_logits) {
+    if (n <= 0) fail("eval: no tokens");
+    for (int64_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= hp_.n_vocab)
+            fail("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
+                 std::to_string(hp_.n_vocab) + ")");
+    if (n > n_ctx_ - n_past_)
+        fail("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) + " tokens exceed n_ctx " +
+             std::to_string(n_ctx_));
+    for (int64_t i = 0; i < n; i += BATCH) {
+        const int64_t m = std::min(BATCH, n - i);
+        const bool last = i + m == n;
+        float *lg = nullptr;
+        if (logits && all_logits) lg = logits + i * hp_.n_vocab;
+        else if (logits && last) lg = logits;
+        forward(tokens + i, m, lg, all_logits);
+    }
+}
+
+void Model::set_n_past(int64_t n) {
+    if (n < 0 || n > n_past_)
+        fail("cannot set the cache position to " + std::to_string(n) + " (it holds " + std::to_string(n_past_) +
+             " tokens)");
+    n_past_ = n;
+}
+
+}  // namespace bb

@@ -1,0 +1,93 @@
+// The llama-family forward pass over a GGUF file (llama.cpp conventions): token embedding, RMSNorm,
+// RoPE on adjacent pairs (q/k rows carry llama.cpp's permutation), grouped-query attention with an
+// f32 KV cache, SwiGLU MLP, tied or untied output head. Dense weights are F32/F16/Q8_0; the block
+// linear weights may be binary-basis tensors, run through the kernel interface (kernels.h).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gguf.h"
+#include "kernels.h"
+#include "threadpool.h"
+
+namespace bb {
+
+// A linear weight W [rows, cols] (y = W x): dense ggml type, or binary basis.
+struct Linear {
+    std::string name;
+    int64_t rows = 0, cols = 0;
+    uint32_t type = 0;                 // TT_F32 / TT_F16 / TT_Q8_0, ignored when bb is set
+    const uint8_t *data = nullptr;
+    std::unique_ptr<BBTensor> bb;
+};
+
+struct Layer {
+    std::vector<float> attn_norm, ffn_norm;
+    Linear wq, wk, wv, wo, wgate, wup, wdown;
+};
+
+struct HParams {
+    int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0;
+    int64_t head_dim = 0, n_rot = 0, n_ctx_train = 0;
+    float eps = 1e-5f, rope_base = 10000.f;
+};
+
+// Quantized activations of a batch, one entry per (group size, column scale) a weight asks for.
+struct ActsCache {
+    const float *x = nullptr;
+    int n_tok = 0;
+    int64_t cols = 0;
+    struct Entry {
+        int group;
+        const float *colscale;
+        std::vector<QActs> acts;
+    };
+    std::vector<Entry> entries;
+    size_t used = 0;
+    void reset(const float *x_, int n, int64_t c) { x = x_, n_tok = n, cols = c, used = 0; }
+};
+
+class Model {
+public:
+    Model(const std::string &path, int n_threads, int64_t n_ctx);  // throws std::runtime_error
+
+    // Run `n` tokens at positions n_past.. and append them to the KV cache. logits: [n][n_vocab]
+    // when all_logits, else [n_vocab] for the last token; may be null.
+    void eval(const int32_t *tokens, int64_t n, float *logits, bool all_logits);
+    void set_n_past(int64_t n);
+
+    const HParams &hp() const { return hp_; }
+    int64_t n_ctx() const { return n_ctx_; }
+    int64_t n_past() const { return n_past_; }
+    const char *kernel_name() const { return kernel_->name; }
+    const GGUFFile &file() const { return *file_; }
+    int n_threads() const { return pool_.size(); }
+
+private:
+    void load();
+    std::vector<float> load_vector(const std::string &name, int64_t n, bool required);
+    void load_linear(Linear &w, const std::string &name, int64_t rows, int64_t cols);
+    void validate_bb_headers();
+    void matmul(const Linear &w, ActsCache &ac, float *y);
+    std::vector<QActs> &acts_for(const BBTensor &t, ActsCache &ac);
+    void embed(const int32_t *tokens, int64_t n, float *x);
+    void forward(const int32_t *tokens, int64_t n, float *logits, bool all_logits);
+
+    std::unique_ptr<GGUFFile> file_;
+    ThreadPool pool_;
+    const Kernel *kernel_ = nullptr;
+    HParams hp_;
+    int64_t n_ctx_ = 0, n_past_ = 0;
+    std::vector<float> inv_freq_;      // [n_rot/2], rope_freqs factors applied
+    std::vector<float> output_norm_;
+    Linear tok_embd_, output_;
+    std::vector<Layer> layers_;
+    std::vector<std::vector<float>> kcache_, vcache_;   // per layer [pos][n_head_kv*head_dim]
+    std::vector<std::vector<float>> scratch_;           // per thread
+    ActsCache ac_[3];
+};
+
+}  // namespace bb

@@ -1,0 +1,39 @@
+// A small fixed thread pool for splitting the rows of a matrix (or heads of attention) over N
+// threads. Idle workers sleep on a condition variable: no core is burnt between calls.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace bb {
+
+class ThreadPool {
+public:
+    explicit ThreadPool(int n_threads);
+    ~ThreadPool();
+    ThreadPool(const ThreadPool &) = delete;
+    ThreadPool &operator=(const ThreadPool &) = delete;
+
+    int size() const { return n_threads_; }
+    // Run fn(i0, i1, thread_id) over [0, n) split into contiguous chunks, one per thread; chunk
+    // boundaries are multiples of `align` (except the end). The caller's thread does chunk 0.
+    // Returns when every chunk is done. Not reentrant.
+    void parallel_for(int64_t n, int64_t align, const std::function<void(int64_t, int64_t, int)> &fn);
+
+private:
+    void worker(int id);
+    int n_threads_;
+    std::vector<std::thread> threads_;
+    std::mutex mu_;
+    std::condition_variable cv_start_, cv_done_;
+    const std::function<void(int64_t, int64_t, int)> *job_ = nullptr;
+    int64_t n_ = 0, align_ = 1;
+    uint64_t generation_ = 0;
+    int pending_ = 0;
+    bool stop_ = false;
+};
+
+}  // namespace bb
