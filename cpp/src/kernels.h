@@ -36,6 +36,8 @@ struct BBTensor {
     std::vector<float> offsets;             // [rows][ngroups][C] (empty without F_OFFSET)
     std::vector<float> colscale;            // [cols] (empty without F_COLSCALE)
     std::vector<int64_t> sparse_row_start;  // [rows + 1] index into sparse_codes
+    std::vector<float> bias;                // [rows][ngroups] μ − Σ_i α_i (only when C == 1), so that
+                                            // Σ_j w_j q_j = Σ_i 2 α_i P_i + bias · S
     std::vector<uint8_t> repacked;          // optional ISA-specific copy of the planes
     std::string repacked_for;               // which kernel the copy is for
 };

@@ -80,6 +80,15 @@ void bb_prepare(BBTensor &t, const std::string &isa) {
         t.colscale.resize(t.cols);
         for (int64_t j = 0; j < t.cols; j++) t.colscale[j] = f16_to_f32(t.colscale_f16[j]);
     }
+    t.bias.clear();
+    if (C == 1) {
+        t.bias.resize(rg);
+        for (int64_t k = 0; k < rg; k++) {
+            float b = t.offsets.empty() ? 0.0f : t.offsets[k];
+            for (int i = 0; i < N; i++) b -= t.scales[k * N + i];
+            t.bias[k] = b;
+        }
+    }
     t.sparse_row_start.clear();
     if (t.flags & F_SPARSE) {
         const int64_t nb = t.ngroups * (t.group / 8);

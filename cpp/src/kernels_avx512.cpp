@@ -1,0 +1,232 @@
+// AVX-512 kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vpopcntdq).
+//
+// Both handle the common case (one class: no COLMASK / ELEMCLASS), any N, G, OFFSET, POW2,
+// COLSCALE (folded into the activations) and SPARSE (add_sparse); other tensors go to the scalar
+// reference. Both use Σ_j w_j q_j = Σ_i 2 α_i P_i + (μ − Σ_i α_i) S with P_i = Σ_{bit_i=1} q_j,
+// S = Σ q_j: the per-group integers P_i are exact, the (μ − Σα)·S part is one dot product per row.
+//
+//  avx512-vnni    masked select + vpdpbusd: a plane's 64 bits are a k-mask choosing the int8
+//                 activations, vpdpbusd sums them into 16 int32 lanes (POW2: weights 2^i fold
+//                 every plane into one accumulator).
+//  avx512-vpopcnt bit-serial: activations as 8 bit planes (two's complement, bit 7 weighs −128),
+//                 P = Σ_k ±2^k popcount(w & x_k), 64 columns per int64 lane, streaming the row's
+//                 planes in on-disk order (the activation planes are laid out to match).
+#include "kernels.h"
+
+// GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_ps); not our code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace bb {
+
+static bool has_vnni() {
+    return cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") && cpu_has("avx512vnni");
+}
+static bool has_vpopcnt() {
+    return cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") && cpu_has("avx512vpopcntdq");
+}
+
+// Kernels below need one class; everything else is the scalar reference's job.
+static inline bool common_case(const BBTensor &t) { return t.n_classes == 1 && !t.bias.empty(); }
+
+static inline uint64_t load_u64(const void *p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+// dS[g] = d_g · S_g for the bias term.
+static void token_ds(const QActs &a, std::vector<float> &dS) {
+    dS.resize(a.ngroups);
+    for (int64_t g = 0; g < a.ngroups; g++) dS[g] = a.d[g] * (float)a.qsum[g];
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// ---- avx512-vnni --------------------------------------------------------------------------------
+
+template <int N, bool POW2>
+static void vnni_rows(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
+    const int G = t.group, s = G / 64;
+    const int64_t ng = t.ngroups;
+    __m512i wplane[N];
+    for (int i = 0; i < N; i++) wplane[i] = _mm512_set1_epi8(POW2 ? (char)(1u << i) : 1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *pl = t.planes + r * ng * N * (G / 8);
+        const float *al = t.scales.data() + r * ng * N;
+        __m512 fv = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            constexpr int NA = POW2 ? 1 : N;
+            __m512i acc[NA];
+            for (int i = 0; i < NA; i++) acc[i] = _mm512_setzero_si512();
+            const int8_t *q = a.q.data() + g * G;
+            const uint8_t *pg = pl + g * N * (G / 8);
+            for (int c = 0; c < s; c++) {
+                const __m512i qv = _mm512_loadu_si512(q + c * 64);
+                for (int i = 0; i < N; i++) {
+                    const __mmask64 k = _cvtu64_mask64(load_u64(pg + (i * s + c) * 8));
+                    acc[POW2 ? 0 : i] = _mm512_dpbusd_epi32(acc[POW2 ? 0 : i], wplane[i], _mm512_maskz_mov_epi8(k, qv));
+                }
+            }
+            const float d2 = 2.0f * a.d[g];
+            for (int i = 0; i < NA; i++)   // POW2: Σ_i α_i P_i = α_0 Σ_i 2^i P_i
+                fv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(al[g * N + i] * d2), fv);
+        }
+        y[r - r0] = _mm512_reduce_add_ps(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
+    }
+}
+
+using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
+
+template <bool POW2>
+static RowsFn vnni_pick(int n) {
+    switch (n) {
+        case 1: return vnni_rows<1, POW2>;
+        case 2: return vnni_rows<2, POW2>;
+        case 3: return vnni_rows<3, POW2>;
+        case 4: return vnni_rows<4, POW2>;
+        case 5: return vnni_rows<5, POW2>;
+        case 6: return vnni_rows<6, POW2>;
+        case 7: return vnni_rows<7, POW2>;
+        default: return vnni_rows<8, POW2>;
+    }
+}
+
+static RowsFn vnni_fn(const BBTensor &t) {
+    return (t.flags & F_POW2) ? vnni_pick<true>(t.n_planes) : vnni_pick<false>(t.n_planes);
+}
+
+static void gemv_vnni(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    if (!common_case(t)) return gemv_scalar(t, a, y, r0, r1);
+    thread_local std::vector<float> dS;
+    token_ds(a, dS);
+    vnni_fn(t)(t, a, dS.data(), y, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+// Prompt processing: a block of rows is read from memory once and stays in L1 while every token
+// passes over it (the token's activations are reused by all rows of the block).
+static constexpr int64_t ROW_BLOCK = 16;
+
+static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (!common_case(t)) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
+    thread_local std::vector<float> dS;
+    dS.resize(n_tok * t.ngroups);
+    for (int k = 0; k < n_tok; k++)
+        for (int64_t g = 0; g < t.ngroups; g++) dS[k * t.ngroups + g] = acts[k].d[g] * (float)acts[k].qsum[g];
+    const RowsFn fn = vnni_fn(t);
+    for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
+        const int64_t re = std::min(r1, rb + ROW_BLOCK);
+        for (int k = 0; k < n_tok; k++) {
+            fn(t, acts[k], dS.data() + k * t.ngroups, Y + k * ldy + (rb - r0), rb, re);
+            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
+        }
+    }
+}
+
+// ---- avx512-vpopcnt -----------------------------------------------------------------------------
+
+// A token's activations in the layout the bit-serial loop streams: the row's planes are M = ng·N·s
+// qwords in on-disk order (qword m: group m/(N s), plane (m/s) % N, chunk m % s), so for each block
+// of 8 qwords we store the 8 activation bit planes of the matching 64-column chunks, [M/8][8 k][8].
+struct BitActs {
+    std::vector<uint64_t> x;  // [M8/8][8 k][8 qwords]
+    std::vector<float> d2;    // [M8] 2·d_g of each qword's group
+    std::vector<int32_t> ai;  // [M8] α index of each qword within the row (= m / s)
+    std::vector<float> dS;    // [ng]
+    int64_t M = 0, M8 = 0;
+};
+
+static void bit_acts(const BBTensor &t, const QActs &a, BitActs &b) {
+    const int N = t.n_planes, s = t.group / 64;
+    const int64_t ng = t.ngroups;
+    b.M = ng * N * s;
+    b.M8 = (b.M + 7) / 8 * 8;
+    b.x.assign(b.M8 * 8, 0);
+    b.d2.assign(b.M8, 0.0f);
+    b.ai.assign(b.M8, 0);
+    uint64_t *xq = b.x.data();
+    for (int64_t g = 0; g < ng; g++)
+        for (int c = 0; c < s; c++) {
+            const __m512i qv = _mm512_loadu_si512(a.q.data() + (g * s + c) * 64);
+            uint64_t planes[8];
+            for (int k = 0; k < 8; k++) planes[k] = _cvtmask64_u64(_mm512_test_epi8_mask(qv, _mm512_set1_epi8((char)(1u << k))));
+            for (int i = 0; i < N; i++) {
+                const int64_t m = (g * N + i) * s + c;
+                for (int k = 0; k < 8; k++) xq[(m / 8) * 64 + k * 8 + m % 8] = planes[k];
+                b.d2[m] = 2.0f * a.d[g];
+                b.ai[m] = (int32_t)(m / s);
+            }
+        }
+    token_ds(a, b.dS);
+}
+
+static void vpopcnt_rows(const BBTensor &t, const BitActs &b, float *y, int64_t r0, int64_t r1) {
+    const int N = t.n_planes, s = t.group / 64;
+    const int64_t ng = t.ngroups, M = b.M;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *pl = t.planes + r * M * 8;
+        const float *al = t.scales.data() + r * ng * N;
+        __m256 fv = _mm256_setzero_ps();
+        for (int64_t m = 0; m < M; m += 8) {
+            const __m512i w = m + 8 <= M ? _mm512_loadu_si512(pl + m * 8)
+                                         : _mm512_maskz_loadu_epi64((__mmask8)((1u << (M - m)) - 1), pl + m * 8);
+            const uint64_t *x = b.x.data() + m * 8;
+            // Horner over the activation bits: P = −128·pc_7 + Σ_{k<7} 2^k pc_k
+            __m512i p = _mm512_sub_epi64(_mm512_setzero_si512(), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 56))));
+            for (int k = 6; k >= 0; k--)
+                p = _mm512_add_epi64(_mm512_add_epi64(p, p), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 8 * k))));
+            const __m256 f = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(p));
+            __m256 alpha;   // α of each qword's (group, plane): al[m / s]
+            if (s == 1)
+                alpha = m + 8 <= M ? _mm256_loadu_ps(al + m) : _mm256_maskz_loadu_ps((__mmask8)((1u << (M - m)) - 1), al + m);
+            else
+                alpha = _mm256_i32gather_ps(al, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b.ai.data() + m)), 4);
+            fv = _mm256_fmadd_ps(f, _mm256_mul_ps(alpha, _mm256_loadu_ps(b.d2.data() + m)), fv);
+        }
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(fv), _mm256_extractf128_ps(fv, 1));
+        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        y[r - r0] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + dot_f32(t.bias.data() + r * ng, b.dS.data(), ng);
+    }
+}
+
+static void gemv_vpopcnt(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    if (!common_case(t)) return gemv_scalar(t, a, y, r0, r1);
+    thread_local BitActs b;
+    bit_acts(t, a, b);
+    vpopcnt_rows(t, b, y, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (!common_case(t)) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
+    thread_local std::vector<BitActs> bs;
+    if ((int)bs.size() < n_tok) bs.resize(n_tok);
+    for (int k = 0; k < n_tok; k++) bit_acts(t, acts[k], bs[k]);
+    for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
+        const int64_t re = std::min(r1, rb + ROW_BLOCK);
+        for (int k = 0; k < n_tok; k++) {
+            vpopcnt_rows(t, bs[k], Y + k * ldy + (rb - r0), rb, re);
+            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
+        }
+    }
+}
+
+void add_kernels_avx512(std::vector<Kernel> &v) {
+    v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
+    v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, nullptr});
+}
+
+}  // namespace bb

@@ -1,0 +1,313 @@
+// Every compiled-in kernel equals the scalar reference, and the scalar reference equals the spec's
+// formula evaluated naively (dense W from formats/binary_basis_v1.md, then W·x in double).
+//   test_kernels            all cases, exit code 0 when every check passed
+//   test_kernels --quick    fewer random shapes
+#include "kernels.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace bb;
+
+static int g_fail = 0, g_checks = 0;
+#define CHECK(cond, ...)                                                  \
+    do {                                                                  \
+        g_checks++;                                                       \
+        if (!(cond)) {                                                    \
+            if (g_fail++ < 30) { std::printf("FAIL: " __VA_ARGS__); std::printf("\n"); } \
+        }                                                                 \
+    } while (0)
+
+// f32 -> f16 bits for values that are exactly representable or close (round to nearest even).
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    int exp = (int)((x >> 23) & 0xff) - 127 + 15;
+    uint32_t man = x & 0x7fffff;
+    if (exp <= 0) return (uint16_t)sign;  // tests never need subnormals
+    if (exp >= 31) return (uint16_t)(sign | 0x7c00);
+    uint32_t h = sign | (exp << 10) | (man >> 13);
+    const uint32_t rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)h;
+}
+
+// A random binary-basis tensor that owns its component arrays.
+struct Owned {
+    std::vector<uint8_t> planes, colmask, elemclass, smask, scodes;
+    std::vector<uint16_t> scales, offsets, zs, colscale;
+    BBTensor t;
+};
+
+static void rand_bits(std::vector<uint8_t> &v, int64_t nrows, int64_t cols, int G, double p, std::mt19937_64 &rng,
+                      int64_t runs_per_row = 1) {
+    // nrows independent [runs_per_row][ngroups][G/8] runs; bits past `cols` stay zero (spec: padding).
+    const int64_t ng = (cols + G - 1) / G, gb = G / 8;
+    v.assign(nrows * runs_per_row * ng * gb, 0);
+    std::bernoulli_distribution bern(p);
+    for (int64_t r = 0; r < nrows; r++)
+        for (int64_t g = 0; g < ng; g++)
+            for (int64_t k = 0; k < runs_per_row; k++)
+                for (int j = 0; j < G && g * G + j < cols; j++)
+                    if (bern(rng)) v[((r * ng + g) * runs_per_row + k) * gb + j / 8] |= 1 << (j % 8);
+}
+
+// exact: every value a small integer, so every kernel must agree bit for bit.
+static void make(Owned &o, int64_t rows, int64_t cols, int N, int G, uint32_t flags, bool exact, std::mt19937_64 &rng) {
+    const int C = 1 + !!(flags & F_COLMASK) + !!(flags & F_ELEMCLASS), S = (flags & F_POW2) ? 1 : N;
+    const int64_t ng = (cols + G - 1) / G;
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::uniform_int_distribution<int> ui(-2, 2);
+    auto val = [&]() { return exact ? (float)ui(rng) : u(rng); };
+    // planes: [rows][ng][N][G/8]
+    {
+        std::vector<uint8_t> tmp;
+        rand_bits(tmp, rows, cols, G, 0.5, rng, N);
+        o.planes = tmp;
+    }
+    o.scales.resize(rows * ng * C * S);
+    for (auto &s : o.scales) s = f32_to_f16(val() * (exact ? 1.0f : 0.05f));
+    if (flags & F_OFFSET) {
+        o.offsets.resize(rows * ng * C);
+        for (auto &s : o.offsets) s = f32_to_f16(val() * (exact ? 1.0f : 0.02f));
+    }
+    if (flags & F_COLMASK) rand_bits(o.colmask, 1, cols, G, 0.2, rng);
+    if (flags & F_ELEMCLASS) rand_bits(o.elemclass, rows, cols, G, 0.3, rng);
+    if (flags & F_SPARSE) {
+        rand_bits(o.smask, rows, cols, G, 0.03, rng);
+        int64_t nnz = 0;
+        for (uint8_t b : o.smask) nnz += __builtin_popcount(b);
+        o.scodes.resize(std::max<int64_t>(nnz, 1));
+        for (auto &c : o.scodes) c = (uint8_t)(rng() & 255);
+        o.zs.resize(rows * 2);
+        for (int64_t r = 0; r < rows; r++) {
+            o.zs[2 * r] = f32_to_f16(exact ? 1.0f : 0.01f * (1 + u(rng)));
+            o.zs[2 * r + 1] = f32_to_f16(exact ? -128.0f : -1.0f + 0.1f * u(rng));
+        }
+    }
+    if (flags & F_COLSCALE) {
+        o.colscale.resize(cols);
+        for (auto &k : o.colscale) k = f32_to_f16(exact ? ((rng() & 1) ? 1.0f : -1.0f) : 0.5f + u(rng) * 0.4f);
+    }
+    BBTensor &t = o.t;
+    t = BBTensor{};
+    t.rows = rows; t.cols = cols; t.n_planes = N; t.group = G; t.n_classes = C; t.flags = flags;
+    t.planes = o.planes.data();
+    t.scales_f16 = o.scales.data();
+    t.offsets_f16 = (flags & F_OFFSET) ? o.offsets.data() : nullptr;
+    t.colmask = (flags & F_COLMASK) ? o.colmask.data() : nullptr;
+    t.elemclass = (flags & F_ELEMCLASS) ? o.elemclass.data() : nullptr;
+    t.sparse_mask = (flags & F_SPARSE) ? o.smask.data() : nullptr;
+    t.sparse_codes = (flags & F_SPARSE) ? o.scodes.data() : nullptr;
+    t.sparse_zs = (flags & F_SPARSE) ? o.zs.data() : nullptr;
+    t.colscale_f16 = (flags & F_COLSCALE) ? o.colscale.data() : nullptr;
+}
+
+static std::vector<float> rand_x(int64_t cols, int G, bool exact, std::mt19937_64 &rng) {
+    std::vector<float> x(cols);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::uniform_int_distribution<int> ui(-127, 127);
+    for (auto &v : x) v = exact ? (float)ui(rng) : nd(rng);
+    if (exact)  // one ±127 per group: d = 1 exactly and q = x
+        for (int64_t g = 0; g * G < cols; g++) x[g * G + (rng() % std::min<int64_t>(G, cols - g * G))] = (rng() & 1) ? 127.0f : -127.0f;
+    if (!exact && cols > 3) x[rng() % cols] = 0.0f;
+    return x;
+}
+
+// The spec evaluated literally: dense W then Σ W·x, with x the int8-quantized activations for dense
+// elements and the raw activations for sparse ones.
+static std::vector<double> naive(const BBTensor &t, const QActs &a) {
+    const int N = t.n_planes, C = t.n_classes, G = t.group;
+    const int64_t gb = G / 8, ng = t.ngroups;
+    auto bit = [](const uint8_t *p, int64_t j) { return (p[j >> 3] >> (j & 7)) & 1; };
+    std::vector<double> y(t.rows, 0.0);
+    for (int64_t r = 0; r < t.rows; r++) {
+        int64_t sp = t.sparse_row_start.empty() ? 0 : t.sparse_row_start[r];
+        for (int64_t col = 0; col < t.cols; col++) {
+            const int64_t g = col / G;
+            const int j = (int)(col % G);
+            int c = 0;
+            if (t.colmask && bit(t.colmask + g * gb, j)) c = 1;
+            else if (t.elemclass && bit(t.elemclass + (r * ng + g) * gb, j)) c = C - 1;
+            const uint8_t *pl = t.planes + (r * ng + g) * N * gb;
+            double w = 0;
+            for (int i = 0; i < N; i++) {
+                const double al = (t.flags & F_POW2) ? f16_to_f32(t.scales_f16[(r * ng + g) * C + c]) * std::ldexp(1.0, i)
+                                                     : f16_to_f32(t.scales_f16[((r * ng + g) * C + c) * N + i]);
+                w += bit(pl + i * gb, j) ? al : -al;
+            }
+            if (t.offsets_f16) w += f16_to_f32(t.offsets_f16[(r * ng + g) * C + c]);
+            const double xq = (double)a.d[g] * a.q[col];   // = colscale·x, quantized
+            if (t.sparse_mask && bit(t.sparse_mask + (r * ng) * gb, col)) {
+                const double v = f16_to_f32(t.sparse_zs[2 * r]) * (double)t.sparse_codes[sp++] + f16_to_f32(t.sparse_zs[2 * r + 1]);
+                y[r] += v * a.x[col];
+            } else {
+                y[r] += w * xq;
+            }
+        }
+    }
+    return y;
+}
+
+static const char *flag_str(uint32_t f) {
+    static char buf[64];
+    std::snprintf(buf, sizeof buf, "%s%s%s%s%s%s", f & F_OFFSET ? "O" : "", f & F_COLMASK ? "C" : "", f & F_ELEMCLASS ? "E" : "",
+                  f & F_SPARSE ? "S" : "", f & F_POW2 ? "P" : "", f & F_COLSCALE ? "K" : "");
+    return buf;
+}
+
+// Compare `got` with `ref` (double): |got − ref| ≤ tol · (|ref| + scale), scale = mean |ref| of the
+// rows, so rows that cancel to ~0 are judged on the tensor's magnitude, not on their own.
+static bool close(const float *got, const double *ref, int64_t n, double tol, double *worst) {
+    double scale = 0;
+    for (int64_t i = 0; i < n; i++) scale += std::fabs(ref[i]);
+    scale = scale / n + 1e-30;
+    bool ok = true;
+    *worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const double e = std::fabs(got[i] - ref[i]) / (std::fabs(ref[i]) + scale);
+        if (!(e <= tol)) ok = false;
+        if (!(e <= *worst)) *worst = e;
+    }
+    return ok;
+}
+
+static void run_case(int64_t rows, int64_t cols, int N, int G, uint32_t flags, bool exact, std::mt19937_64 &rng) {
+    Owned o;
+    make(o, rows, cols, N, G, flags, exact, rng);
+    bb_prepare(o.t, "");
+    const int ntok = 3;
+    std::vector<QActs> acts(ntok);
+    for (int k = 0; k < ntok; k++) {
+        const auto x = rand_x(cols, G, exact, rng);
+        quantize_acts(x.data(), cols, G, o.t.colscale.empty() ? nullptr : o.t.colscale.data(), acts[k]);
+    }
+    char what[160];
+    std::snprintf(what, sizeof what, "[%lldx%lld] N=%d G=%d flags=%s %s", (long long)rows, (long long)cols, N, G,
+                  flag_str(flags), exact ? "exact" : "random");
+    // scalar reference vs the spec evaluated naively
+    std::vector<float> yref(rows * ntok);
+    gemm_scalar(o.t, acts.data(), ntok, yref.data(), rows, 0, rows);
+    for (int k = 0; k < ntok; k++) {
+        const auto yn = naive(o.t, acts[k]);
+        double worst;
+        if (exact) {
+            bool eq = true;
+            for (int64_t r = 0; r < rows; r++) eq &= (double)yref[k * rows + r] == yn[r];
+            CHECK(eq, "scalar != naive (exact) %s", what);
+        } else {
+            CHECK(close(yref.data() + k * rows, yn.data(), rows, 1e-4, &worst), "scalar vs naive %s: rel err %.3g", what, worst);
+        }
+    }
+    std::vector<double> yrefd(yref.begin(), yref.end());
+    for (const Kernel &kern : all_kernels()) {
+        if (!kern.supported() || std::string(kern.name) == "scalar") continue;
+        for (int rp = 0; rp < 2; rp++) {          // on-disk layout, then the kernel's repacked copy
+            bb_repack(o.t, rp ? kern.name : "");
+            if (rp && o.t.repacked_for.empty()) continue;
+            // gemv over a split row range, as threads call it
+            std::vector<float> y(rows * ntok, NAN);
+            const int64_t mid = rows / 3;
+            for (int k = 0; k < ntok; k++) {
+                kern.gemv(o.t, acts[k], y.data() + k * rows, 0, mid);
+                kern.gemv(o.t, acts[k], y.data() + k * rows + mid, mid, rows);
+            }
+            std::vector<float> Y(rows * ntok, NAN);
+            kern.gemm(o.t, acts.data(), ntok, Y.data(), rows, 0, mid);
+            kern.gemm(o.t, acts.data(), ntok, Y.data() + mid, rows, mid, rows);
+            for (int which = 0; which < 2; which++) {
+                const std::vector<float> &got = which ? Y : y;
+                double worst = 0;
+                if (exact) {
+                    bool eq = true;
+                    for (int64_t i = 0; i < rows * ntok; i++) eq &= got[i] == yref[i];
+                    CHECK(eq, "%s %s%s != scalar (exact) %s", kern.name, which ? "gemm" : "gemv", rp ? " repacked" : "", what);
+                } else {
+                    CHECK(close(got.data(), yrefd.data(), rows * ntok, 1e-5, &worst), "%s %s%s vs scalar %s: rel err %.3g",
+                          kern.name, which ? "gemm" : "gemv", rp ? " repacked" : "", what, worst);
+                }
+            }
+        }
+    }
+}
+
+static void test_dispatch() {
+    unsetenv("BITBASIS_KERNEL");
+    setenv("BITBASIS_ISA", "scalar", 1);
+    CHECK(std::string(select_kernel().name) == "scalar", "BITBASIS_ISA=scalar picks %s", select_kernel().name);
+    for (const char *isa : {"avx2", "avx512", "neon"}) {
+        setenv("BITBASIS_ISA", isa, 1);
+        bool any = false;
+        for (const auto &k : all_kernels()) any |= (std::string(k.isa) == isa && k.supported());
+        try {
+            const Kernel &k = select_kernel();
+            CHECK(any && std::string(k.isa) == isa, "BITBASIS_ISA=%s picked %s", isa, k.name);
+        } catch (const std::exception &e) {
+            CHECK(!any, "BITBASIS_ISA=%s threw although supported: %s", isa, e.what());
+        }
+    }
+    setenv("BITBASIS_ISA", "mmx", 1);
+    bool threw = false;
+    try { select_kernel(); } catch (const std::exception &) { threw = true; }
+    CHECK(threw, "BITBASIS_ISA=mmx accepted");
+    unsetenv("BITBASIS_ISA");
+    setenv("BITBASIS_KERNEL", "no-such-kernel", 1);
+    threw = false;
+    try { select_kernel(); } catch (const std::exception &) { threw = true; }
+    CHECK(threw, "BITBASIS_KERNEL=no-such-kernel accepted");
+    for (const auto &k : all_kernels()) {
+        if (!k.supported()) continue;
+        setenv("BITBASIS_KERNEL", k.name, 1);
+        CHECK(std::string(select_kernel().name) == k.name, "BITBASIS_KERNEL=%s", k.name);
+    }
+    unsetenv("BITBASIS_KERNEL");
+    CHECK(select_kernel().supported(), "default kernel unsupported");
+}
+
+static void test_f16() {
+    CHECK(f16_to_f32(0x3c00) == 1.0f, "f16 1.0");
+    CHECK(f16_to_f32(0xc000) == -2.0f, "f16 -2.0");
+    CHECK(f16_to_f32(0x0001) == std::ldexp(1.0f, -24), "f16 smallest subnormal");
+    CHECK(f16_to_f32(0x7bff) == 65504.0f, "f16 max");
+    CHECK(std::isinf(f16_to_f32(0x7c00)), "f16 inf");
+    CHECK(std::isnan(f16_to_f32(0x7e00)), "f16 nan");
+    for (uint32_t h = 0; h < 0x7c00; h++) {  // every finite positive value round-trips through f32
+        if (f32_to_f16(f16_to_f32((uint16_t)h)) != h && h >= 0x0400) { CHECK(false, "f16 round trip %x", h); break; }
+    }
+}
+
+int main(int argc, char **argv) {
+    const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+    std::printf("cpu: %s\nkernels:", cpu_features().c_str());
+    for (const auto &k : all_kernels()) std::printf(" %s%s", k.name, k.supported() ? "" : "(unsupported)");
+    std::printf("\n");
+    test_f16();
+    test_dispatch();
+    std::mt19937_64 rng(42);
+    // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
+    for (uint32_t flags = 0; flags < 64; flags++)
+        for (int N : {1, 3, 8})
+            for (bool exact : {true, false})
+                run_case(1 + rng() % 37, exact ? 1 + rng() % 200 : 1 + rng() % 700, N, 64 * (1 + rng() % 3), flags, exact, rng);
+    // the fast kernels' common cases: N = 1..8, offsets and POW2, many shapes and group sizes
+    const int reps = quick ? 1 : 3;
+    for (int rep = 0; rep < reps; rep++)
+        for (int N = 1; N <= 8; N++)
+            for (uint32_t flags : {0u, (uint32_t)F_OFFSET, (uint32_t)(F_OFFSET | F_POW2), (uint32_t)F_POW2})
+                for (int G : {64, 128, 192, 256, 576, 1024}) {
+                    run_case(1 + rng() % 70, 1 + rng() % 1500, N, G, flags, false, rng);
+                    run_case(1 + rng() % 20, 1 + rng() % 200, N, G, flags, true, rng);
+                }
+    // shapes that are exact multiples (no padding) and a wide one
+    run_case(64, 4096, 2, 128, F_OFFSET, false, rng);
+    run_case(33, 1536, 1, 64, 0, false, rng);
+    run_case(17, 2048, 4, 2048, F_OFFSET | F_POW2, false, rng);
+    std::printf("%d checks, %d failed\n", g_checks, g_fail);
+    return g_fail ? 1 : 0;
+}
