@@ -190,10 +190,16 @@ static void vpopcnt_rows(const BBTensor &t, const BitActs &b, float *y, int64_t 
                 p = _mm512_add_epi64(_mm512_add_epi64(p, p), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 8 * k))));
             const __m256 f = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(p));
             __m256 alpha;   // α of each qword's (group, plane): al[m / s]
-            if (s == 1)
+            if (s == 1) {
                 alpha = m + 8 <= M ? _mm256_loadu_ps(al + m) : _mm256_maskz_loadu_ps((__mmask8)((1u << (M - m)) - 1), al + m);
-            else
+            } else if (s == 2 || s == 4) {   // 4 or 2 scales, each repeated s times
+                const __m256 a = _mm256_maskz_loadu_ps((__mmask8)((1u << (8 / s)) - 1), al + m / s);
+                alpha = _mm256_permutevar8x32_ps(a, s == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+            } else if (s % 8 == 0) {          // 8 qwords inside one (group, plane)
+                alpha = _mm256_set1_ps(al[m / s]);
+            } else {
                 alpha = _mm256_i32gather_ps(al, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b.ai.data() + m)), 4);
+            }
             fv = _mm256_fmadd_ps(f, _mm256_mul_ps(alpha, _mm256_loadu_ps(b.d2.data() + m)), fv);
         }
         const __m128 h = _mm_add_ps(_mm256_castps256_ps128(fv), _mm256_extractf128_ps(fv, 1));
@@ -225,8 +231,10 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
 }
 
 void add_kernels_avx512(std::vector<Kernel> &v) {
-    v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
+    // fastest first (bitbasis bench kernels): the bit-serial kernel stays near memory bandwidth at
+    // G = 64..128 where the masked-select one pays a float reduction per (group, plane)
     v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, nullptr});
+    v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
 }
 
 }  // namespace bb

@@ -1,0 +1,195 @@
+// C entry points for testing and benchmarking the kernels from Python (bitbasis.bench,
+// tests/test_kernels.py). Not part of the model API in bitbasis.h; Python declares them itself.
+#include "kernels.h"
+#include "threadpool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using namespace bb;
+
+static thread_local std::string g_err;
+
+extern "C" const char *bbk_error(void) { return g_err.c_str(); }
+
+// "name isa supported;..." for every compiled-in kernel, then the default one.
+extern "C" const char *bbk_kernels(void) {
+    static thread_local std::string s;
+    s.clear();
+    for (const auto &k : all_kernels()) s += std::string(k.name) + " " + k.isa + " " + (k.supported() ? "1" : "0") + ";";
+    return s.c_str();
+}
+
+extern "C" const char *bbk_default_kernel(void) {
+    try {
+        return select_kernel().name;
+    } catch (const std::exception &e) {
+        g_err = e.what();
+        return nullptr;
+    }
+}
+
+extern "C" const char *bbk_cpu_features(void) {
+    static const std::string s = cpu_features();
+    return s.c_str();
+}
+
+extern "C" const char *bbk_compiler(void) {
+#if defined(__clang__)
+    return "clang " __clang_version__;
+#elif defined(__GNUC__)
+    return "gcc " __VERSION__;
+#else
+    return "unknown";
+#endif
+}
+
+static const Kernel &kernel_by_name(const char *name) {
+    if (!name || !*name) return select_kernel();
+    const Kernel *k = find_kernel(name);
+    if (!k) throw std::runtime_error(std::string("unknown kernel ") + name);
+    if (!k->supported()) throw std::runtime_error(std::string("kernel ") + name + " is not supported by this CPU");
+    return *k;
+}
+
+// Y[t][r] = Σ_j W[r,j] x[t][j] for a tensor given as its component arrays (numpy buffers, the
+// on-disk layout; absent components NULL). repack: also run the kernel's load-time repack.
+// Returns 0, or -1 with bbk_error() set.
+extern "C" int bbk_matmul(const char *kernel, int repack, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags,
+                          const uint8_t *planes, const uint16_t *scales, const uint16_t *offsets, const uint8_t *colmask,
+                          const uint8_t *elemclass, const uint8_t *smask, const uint8_t *scodes, const uint16_t *zs,
+                          const uint16_t *colscale, const float *x, int n_tok, float *y) {
+    try {
+        const Kernel &k = kernel_by_name(kernel);
+        BBTensor t;
+        t.rows = rows; t.cols = cols; t.n_planes = n_planes; t.group = group; t.flags = flags;
+        t.n_classes = 1 + !!(flags & F_COLMASK) + !!(flags & F_ELEMCLASS);
+        t.planes = planes; t.scales_f16 = scales; t.offsets_f16 = offsets; t.colmask = colmask;
+        t.elemclass = elemclass; t.sparse_mask = smask; t.sparse_codes = scodes; t.sparse_zs = zs; t.colscale_f16 = colscale;
+        bb_prepare(t, repack ? k.name : "");
+        std::vector<QActs> acts(n_tok);
+        for (int i = 0; i < n_tok; i++)
+            quantize_acts(x + i * cols, cols, group, t.colscale.empty() ? nullptr : t.colscale.data(), acts[i]);
+        if (n_tok == 1) k.gemv(t, acts[0], y, 0, rows);
+        else k.gemm(t, acts.data(), n_tok, y, rows, 0, rows);
+        return 0;
+    } catch (const std::exception &e) {
+        g_err = e.what();
+        return -1;
+    }
+}
+
+// ---- benchmark ----------------------------------------------------------------------------------
+
+template <class T>
+struct Aligned {   // 64-byte aligned array, like an mmapped tensor
+    T *p = nullptr;
+    explicit Aligned(size_t n) { p = static_cast<T *>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
+    ~Aligned() { std::free(p); }
+};
+
+static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Time one kernel on a random tensor: n_tok = 1 is GEMV, more is GEMM. Writes the best and the
+// median seconds per call and the bytes of the weight (every component). Returns 0 / -1.
+extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
+                         int n_threads, double min_seconds, double *best, double *median, double *weight_bytes) {
+    try {
+        if (flags & (F_COLMASK | F_ELEMCLASS | F_SPARSE | F_COLSCALE))
+            throw std::runtime_error("bench: only OFFSET and POW2 flags");
+        const Kernel &k = kernel_by_name(kernel);
+        const int64_t ng = (cols + group - 1) / group, S = (flags & F_POW2) ? 1 : n_planes;
+        const int64_t pbytes = rows * ng * n_planes * (group / 8);
+        Aligned<uint8_t> planes(pbytes);
+        Aligned<uint16_t> scales(rows * ng * S), offsets(rows * ng);
+        std::mt19937_64 rng(7);
+        for (int64_t i = 0; i < pbytes; i += 8) {
+            const uint64_t v = rng();
+            std::memcpy(planes.p + i, &v, 8);
+        }
+        // padding columns must be zero (spec); clear them
+        for (int64_t r = 0; r < rows; r++)
+            for (int i = 0; i < n_planes; i++)
+                for (int64_t c = cols - (ng - 1) * group; c < group; c++)
+                    planes.p[((r * ng + ng - 1) * n_planes + i) * (group / 8) + c / 8] &= (uint8_t)~(1u << (c % 8));
+        for (int64_t i = 0; i < rows * ng * S; i++) scales.p[i] = (uint16_t)(0x2000 + (rng() & 0x3ff));   // ~0.01
+        for (int64_t i = 0; i < rows * ng; i++) offsets.p[i] = (uint16_t)(0x1c00 + (rng() & 0x3ff));
+        BBTensor t;
+        t.rows = rows; t.cols = cols; t.n_planes = n_planes; t.group = group; t.flags = flags; t.n_classes = 1;
+        t.planes = planes.p; t.scales_f16 = scales.p; t.offsets_f16 = (flags & F_OFFSET) ? offsets.p : nullptr;
+        bb_prepare(t, k.name);
+        *weight_bytes = (double)(pbytes + rows * ng * S * 2 + ((flags & F_OFFSET) ? rows * ng * 2 : 0));
+        std::vector<QActs> acts(n_tok);
+        std::normal_distribution<float> nd;
+        std::vector<float> x(cols);
+        for (int i = 0; i < n_tok; i++) {
+            for (auto &v : x) v = nd(rng);
+            quantize_acts(x.data(), cols, group, nullptr, acts[i]);
+        }
+        std::vector<float> y((size_t)rows * n_tok);
+        ThreadPool pool(n_threads);
+        auto call = [&] {
+            if (n_tok == 1)
+                pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, acts[0], y.data() + r0, r0, r1); });
+            else
+                pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemm(t, acts.data(), n_tok, y.data() + r0, rows, r0, r1); });
+        };
+        call();   // warm up (thread_local buffers, page faults)
+        std::vector<double> ts;
+        const double start = now();
+        while (ts.size() < 3 || (now() - start < min_seconds && ts.size() < 100000)) {
+            const double t0 = now();
+            call();
+            ts.push_back(now() - t0);
+        }
+        std::sort(ts.begin(), ts.end());
+        *best = ts.front();
+        *median = ts[ts.size() / 2];
+        return 0;
+    } catch (const std::exception &e) {
+        g_err = e.what();
+        return -1;
+    }
+}
+
+// STREAM-style read bandwidth: every thread sums its slice of a buffer much larger than the caches.
+// Returns the best GB/s over the repetitions, or -1.
+extern "C" double bbk_read_bandwidth(int64_t bytes, int n_threads, double min_seconds) {
+    try {
+        const int64_t n = bytes / 8 / 64 * 64;
+        Aligned<uint64_t> buf(n);
+        ThreadPool pool(n_threads);
+        std::vector<uint64_t> sink(n_threads * 8);
+        pool.parallel_for(n, 64, [&](int64_t a, int64_t b, int) {   // first touch by the reading thread
+            for (int64_t i = a; i < b; i++) buf.p[i] = (uint64_t)i;
+        });
+        double best = 1e30;
+        const double start = now();
+        for (int rep = 0; rep < 3 || (now() - start < min_seconds && rep < 1000); rep++) {
+            const double t0 = now();
+            pool.parallel_for(n, 64, [&](int64_t a, int64_t b, int tid) {
+                uint64_t s[8] = {};
+                for (int64_t i = a; i < b; i += 8)
+                    for (int u = 0; u < 8; u++) s[u] += buf.p[i + u];
+                for (int u = 0; u < 8; u++) sink[tid * 8 + u] += s[u];
+            });
+            best = std::min(best, now() - t0);
+        }
+        static std::atomic<uint64_t> keep{0};
+        for (auto v : sink) keep += v;
+        return (double)n * 8 / best / 1e9;
+    } catch (const std::exception &e) {
+        g_err = e.what();
+        return -1;
+    }
+}
