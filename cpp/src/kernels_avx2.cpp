@@ -4,6 +4,7 @@
 //                 mask (broadcast, vpshufb, compare), the mask selects the int8 activations and
 //                 vpmaddubsw sums them. Common case only (one class); the rest goes to the scalar
 //                 reference. See kernels_avx512.cpp for the shared algebra (bias = μ − Σ α).
+#if defined(__x86_64__) || defined(_M_X64)
 #include "kernels.h"
 
 #include <immintrin.h>
@@ -125,3 +126,4 @@ void add_kernels_avx2(std::vector<Kernel> &v) {
 }
 
 }  // namespace bb
+#endif  // x86-64

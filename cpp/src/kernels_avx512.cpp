@@ -11,6 +11,7 @@
 //  avx512-vpopcnt bit-serial: activations as 8 bit planes (two's complement, bit 7 weighs −128),
 //                 P = Σ_k ±2^k popcount(w & x_k), 64 columns per int64 lane, streaming the row's
 //                 planes in on-disk order (the activation planes are laid out to match).
+#if defined(__x86_64__) || defined(_M_X64)
 #include "kernels.h"
 
 // GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_ps); not our code.
@@ -238,3 +239,4 @@ void add_kernels_avx512(std::vector<Kernel> &v) {
 }
 
 }  // namespace bb
+#endif  // x86-64

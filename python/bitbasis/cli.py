@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_engine_commands(sub) -> None:
     """generate / chat / bench live in their own modules once the engine exists."""
-    for modname in ("bitbasis.cli_engine",):
+    for modname in ("bitbasis.cli_engine", "bitbasis.cli_bench"):
         try:
             mod = __import__(modname, fromlist=["add_commands"])
         except ModuleNotFoundError as e:

@@ -218,7 +218,10 @@ def validate(p: Packed, name: str = "tensor") -> None:
     if pad:
         for suf in ("bbp", "bbc", "bbe", "bbm"):
             if suf in p.parts:
-                tail = unpack_bits(p.parts[suf].view(np.uint8), ng * g)[..., cols:]
+                a = p.parts[suf].view(np.uint8)
+                if suf == "bbp":  # [rows, ng, N, G/8] -> [rows, N, ng, G/8]
+                    a = a.transpose(0, 2, 1, 3)
+                tail = unpack_bits(a, ng * g)[..., cols:]
                 if tail.any():
                     raise FormatError(f"{name}.{suf}: padding bits past column {cols} are not zero")
     if flags & SPARSE:

@@ -65,7 +65,7 @@ def torch_model_from_gguf(path: str | Path):
         expect = tuple(model.state_dict()[hf_name].shape)
         if tuple(w.shape) != expect:
             raise GGUFFileError(f"{path}: tensor {g} has shape {tuple(w.shape)}, expected {expect}")
-        sd[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
+        sd[hf_name] = torch.from_numpy(np.array(w, np.float32, copy=True))
     model.load_state_dict(sd, strict=False)
     if "rope_freqs.weight" in mf.dense:
         rot = model.model.rotary_emb

@@ -1,0 +1,144 @@
+// NEON kernels (aarch64). Same algebra as the x86 kernels (see kernels_avx512.cpp):
+// Σ_j w_j q_j = Σ_i 2 α_i P_i + (μ − Σ_i α_i) S, P_i = Σ_{bit_i=1} q_j exact in int32.
+//
+//  neon-dotprod   16 plane bits -> byte mask (vtst), selects the int8 activations, sdot with ones
+//                 sums them into 4 int32 lanes (needs the Armv8.2 dot product extension).
+//  neon-bytemask  the same selection, summed with pairwise widening adds (plain ASIMD).
+// Common case only (one class); everything else goes to the scalar reference.
+#if defined(__aarch64__)
+#include "kernels.h"
+
+#include <arm_neon.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace bb {
+
+static bool has_neon() { return cpu_has("neon"); }
+static bool has_dotprod() { return cpu_has("neon") && cpu_has("dotprod"); }
+
+static inline uint16_t load_u16(const void *p) {
+    uint16_t v;
+    std::memcpy(&v, p, 2);
+    return v;
+}
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(a + i), vld1q_f32(b + i));
+    float s = vaddvq_f32(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// Byte mask of 16 plane bits: byte j is 0xff when bit j is set.
+static inline int8x16_t bitmask16(uint16_t bits) {
+    static const uint8_t sel[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x16_t vb = vcombine_u8(vdup_n_u8((uint8_t)bits), vdup_n_u8((uint8_t)(bits >> 8)));
+    return vreinterpretq_s8_u8(vtstq_u8(vb, vld1q_u8(sel)));
+}
+
+// One (group, plane) partial sum P = Σ_{bit=1} q over G columns, as 4 int32 lanes.
+struct SumPadal {   // plain ASIMD: int8 -> int16 pairwise, widened to int32 every 64 chunks
+    static inline int32x4_t sum(const uint8_t *bits, const int8_t *q, int G) {
+        int32x4_t acc32 = vdupq_n_s32(0);
+        int16x8_t acc16 = vdupq_n_s16(0);
+        for (int c = 0; c < G / 16; c++) {
+            acc16 = vpadalq_s8(acc16, vandq_s8(bitmask16(load_u16(bits + 2 * c)), vld1q_s8(q + 16 * c)));
+            if ((c & 63) == 63) {   // int16 lanes gain ≤ 2·127 per chunk
+                acc32 = vpadalq_s16(acc32, acc16);
+                acc16 = vdupq_n_s16(0);
+            }
+        }
+        return vpadalq_s16(acc32, acc16);
+    }
+};
+
+template <class Sum>
+static void rows_impl(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
+    const int N = t.n_planes, G = t.group;
+    const int64_t ng = t.ngroups;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *pl = t.planes + r * ng * N * (G / 8);
+        const float *al = t.scales.data() + r * ng * N;
+        float32x4_t fv = vdupq_n_f32(0.0f);
+        for (int64_t g = 0; g < ng; g++) {
+            const float d2 = 2.0f * a.d[g];
+            for (int i = 0; i < N; i++) {
+                const int32x4_t p = Sum::sum(pl + (g * N + i) * (G / 8), a.q.data() + g * G, G);
+                fv = vfmaq_f32(fv, vcvtq_f32_s32(p), vdupq_n_f32(al[g * N + i] * d2));
+            }
+        }
+        y[r - r0] = vaddvq_f32(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
+    }
+}
+
+// sdot without compiling the whole file for Armv8.2 (the plain kernel must run on Armv8.0 CPUs):
+// the instruction is emitted directly and only executed when the CPU reports dotprod.
+static inline int32x4_t sdot(int32x4_t acc, int8x16_t a, int8x16_t b) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return vdotq_s32(acc, a, b);
+#else
+    __asm__(".arch_extension dotprod\n\tsdot %0.4s, %1.16b, %2.16b" : "+w"(acc) : "w"(a), "w"(b));
+    return acc;
+#endif
+}
+
+struct SumDot {     // sdot with ones: 16 selected int8 -> 4 int32 lanes per instruction
+    static inline int32x4_t sum(const uint8_t *bits, const int8_t *q, int G) {
+        const int8x16_t ones = vdupq_n_s8(1);
+        int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
+        for (int c = 0; c < G / 16; c += 2) {   // G is a multiple of 64: chunks come in pairs
+            acc0 = sdot(acc0, vandq_s8(bitmask16(load_u16(bits + 2 * c)), vld1q_s8(q + 16 * c)), ones);
+            acc1 = sdot(acc1, vandq_s8(bitmask16(load_u16(bits + 2 * c + 2)), vld1q_s8(q + 16 * c + 16)), ones);
+        }
+        return vaddq_s32(acc0, acc1);
+    }
+};
+static void rows_dot(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
+    rows_impl<SumDot>(t, a, dS, y, r0, r1);
+}
+
+static void rows_padal(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
+    rows_impl<SumPadal>(t, a, dS, y, r0, r1);
+}
+
+using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
+
+template <RowsFn FN>
+static void gemv_neon(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    if (t.n_classes != 1 || t.bias.empty()) return gemv_scalar(t, a, y, r0, r1);
+    thread_local std::vector<float> dS;
+    dS.resize(a.ngroups);
+    for (int64_t g = 0; g < a.ngroups; g++) dS[g] = a.d[g] * (float)a.qsum[g];
+    FN(t, a, dS.data(), y, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+// Prompt processing: a block of rows stays in L1 while every token passes over it.
+template <RowsFn FN>
+static void gemm_neon(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (t.n_classes != 1 || t.bias.empty()) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
+    constexpr int64_t ROW_BLOCK = 16;
+    thread_local std::vector<float> dS;
+    dS.resize(n_tok * t.ngroups);
+    for (int k = 0; k < n_tok; k++)
+        for (int64_t g = 0; g < t.ngroups; g++) dS[k * t.ngroups + g] = acts[k].d[g] * (float)acts[k].qsum[g];
+    for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
+        const int64_t re = std::min(r1, rb + ROW_BLOCK);
+        for (int k = 0; k < n_tok; k++) {
+            FN(t, acts[k], dS.data() + k * t.ngroups, Y + k * ldy + (rb - r0), rb, re);
+            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
+        }
+    }
+}
+
+void add_kernels_neon(std::vector<Kernel> &v) {
+    v.push_back(Kernel{"neon-dotprod", "neon", gemv_neon<rows_dot>, gemm_neon<rows_dot>, has_dotprod, nullptr});
+    v.push_back(Kernel{"neon-bytemask", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, has_neon, nullptr});
+}
+
+}  // namespace bb
+#endif  // __aarch64__

@@ -1,0 +1,201 @@
+"""Calibration: GPTQ's layer-by-layer pipeline for every Hessian-based quantizer.
+
+Capture the inputs of block 0 on `samples` random windows of `seqlen` calibration tokens; then for each
+block k: hooks accumulate H = 2/n Σ x xᵀ over the n calibration tokens for every linear (q, k, v share
+one input, so one Hessian; gate and up share another), each linear is quantized, the weights the file
+will hold (pack → unpack → dequantize) are written back into the block, and block k is re-run with
+them to give the inputs of block k+1. Only one block's activations (inputs and outputs) are held.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import format as bbf
+
+# Linears whose input is the same tensor as another's: they reuse its Hessian.
+SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+MAX_CHUNK_TOKENS = 4096  # tokens per forward chunk (bounds attention and MLP activation memory)
+
+
+class CalibrationError(ValueError):
+    """Calibration input that cannot be used (empty or short text, bad options, NaN weights)."""
+
+
+def resolve_device(spec: str | None) -> str:
+    import torch
+    if spec in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError("--device cuda: no CUDA device available (use --device cpu)")
+    if spec not in ("cpu", "cuda"):
+        raise CalibrationError(f"--device {spec!r}: must be cpu or cuda")
+    return spec
+
+
+def calibration_tokens(tokenizer, text_spec: str | None) -> np.ndarray:
+    from . import data
+    if text_spec:
+        p = Path(text_spec)
+        if not p.is_file():
+            raise CalibrationError(f"calibration text {p} does not exist")
+        text = p.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = data.read_text("calib")
+    if not text.strip():
+        raise CalibrationError(f"calibration text {text_spec or 'calib'} is empty")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, np.int64)
+
+
+def sample_windows(tokens: np.ndarray, samples: int, seqlen: int, seed: int) -> np.ndarray:
+    """`samples` windows of `seqlen` tokens at random offsets (GPTQ's get_wikitext2 sampling)."""
+    if samples < 1 or seqlen < 2:
+        raise CalibrationError(f"calibration needs samples >= 1 and seqlen >= 2 (got {samples}, {seqlen})")
+    if len(tokens) < seqlen:
+        raise CalibrationError(f"calibration text has {len(tokens)} tokens, fewer than one sample of "
+                               f"{seqlen} (use a longer text or a smaller --calib-seqlen)")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(tokens) - seqlen + 1, size=samples)
+    return np.stack([tokens[s:s + seqlen] for s in starts])
+
+
+class _Captured(Exception):
+    pass
+
+
+def _block0_inputs(model, ids, dev, chunk):
+    """Run the model up to block 0 and keep what block 0 receives (GPTQ's Catcher)."""
+    import torch
+    layers = model.model.layers
+    inps, kw = [], {}
+    orig = layers[0]
+
+    class Catcher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+
+        def forward(self, x, *args, **kwargs):
+            inps.append(x.detach())
+            kw.update(kwargs)
+            raise _Captured
+
+    layers[0] = Catcher()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), chunk):
+                try:
+                    model(torch.as_tensor(ids[i:i + chunk], device=dev), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        layers[0] = orig
+    kw.pop("past_key_values", None)
+    kw["use_cache"] = False
+    return torch.cat(inps), kw
+
+
+def _run_block(layer, inps, kw, chunk):
+    import torch
+    outs = torch.empty_like(inps)
+    with torch.no_grad():
+        for i in range(0, len(inps), chunk):
+            y = layer(inps[i:i + chunk], **kw)
+            outs[i:i + chunk] = y[0] if isinstance(y, tuple) else y
+    return outs
+
+
+def _linears(layer):
+    import torch
+    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _hessian_source(name: str, lins: dict) -> str:
+    """The linear whose input (and so Hessian) `name` shares: q for k and v, gate for up."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in SHARED_INPUT:
+        src = (parent + "." if parent else "") + SHARED_INPUT[leaf]
+        if src in lins:
+            return src
+    return name
+
+
+def relative_error(w, wq, H) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² through the Hessian: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
+    d = w - wq
+    return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp(min=1e-30))
+
+
+def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True) -> dict[str, bbf.BinaryBasis]:
+    import torch
+    from tqdm import tqdm
+    from . import hf
+
+    samples = int(calib_opts.get("samples") or 128)
+    seqlen = int(calib_opts.get("seqlen") or 2048)
+    seed = int(calib_opts.get("seed") or 0)
+    dev = resolve_device(calib_opts.get("device"))
+    model_dir = Path(model_dir)
+    model = hf.load_torch_model(model_dir)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise CalibrationError(f"{model_dir}: weight {name} holds NaN or Inf values")
+    tok = hf.load_tokenizer(model_dir)
+    ids = sample_windows(calibration_tokens(tok, calib_opts.get("text")), samples, seqlen, seed)
+    chunk = max(1, MAX_CHUNK_TOKENS // seqlen)
+
+    model.to(dev)
+    inps, kw = _block0_inputs(model, ids, dev, chunk)
+    layers = model.model.layers
+    n_tok = samples * seqlen
+    out: dict[str, bbf.BinaryBasis] = {}
+    n_lin = sum(len(_linears(l)) for l in layers)
+    bar = tqdm(total=n_lin, desc=f"calibrate {quantizer.name}", disable=not progress, unit="linear")
+    t0 = time.time()
+    for k, layer in enumerate(layers):
+        lins = _linears(layer)
+        # Hessians: H = 2/n Σ x xᵀ, one per distinct input
+        sums: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name, m in lins.items():
+            if _hessian_source(name, lins) != name:
+                continue
+
+            def hook(mod, args, _out, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if name not in sums:
+                    sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                sums[name].addmm_(x.t(), x)
+            hooks.append(m.register_forward_hook(hook))
+        try:
+            _run_block(layer, inps, kw, chunk)
+        finally:
+            for h in hooks:
+                h.remove()
+        errs = []
+        for name, m in lins.items():
+            H = sums[_hessian_source(name, lins)] * (2.0 / n_tok)
+            if not torch.isfinite(H).all():
+                raise CalibrationError(f"block {k} {name}: calibration activations overflowed (NaN/Inf)")
+            W = m.weight.data.float()
+            bb = bbf.round_trip(quantizer.quantize(W, H))       # exactly what the file will hold
+            Wq = torch.from_numpy(bbf.dequantize(bb)).to(W.device)
+            err = relative_error(W, Wq, H)
+            m.weight.data = Wq.to(m.weight.dtype)
+            out[f"model.layers.{k}.{name}.weight"] = bb
+            errs.append(f"{name.rsplit('.', 1)[-1].replace('_proj', '')} {err:.4f}")
+            bar.update(1)
+            bar.set_postfix(blk=k, layer=name.rsplit(".", 1)[-1], err=f"{err:.4f}")
+        if progress:
+            bar.write(f"blk {k:3d} rel. err tr(ΔW H ΔWᵀ)/tr(W H Wᵀ): " + ", ".join(errs))
+        del sums
+        inps = _run_block(layer, inps, kw, chunk)               # inputs of block k+1 (quantized)
+        if not torch.isfinite(inps).all():
+            raise CalibrationError(f"block {k}: outputs hold NaN or Inf after quantization")
+    bar.close()
+    if progress:
+        print(f"calibrated {n_lin} linears in {time.time() - t0:.1f} s "
+              f"({samples} samples x {seqlen} tokens, {dev})")
+    return out

@@ -1,0 +1,42 @@
+"""`bitbasis bench kernels`: the CLI hook of bitbasis.bench (add_commands(sub) is called by cli.py).
+
+If another module already registered `bench`, the `kernels` subcommand is added to its subparsers
+when it has them; otherwise `bench` is created here with `kernels` as its first subcommand.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _add_kernels(bsub) -> None:
+    p = bsub.add_parser("kernels", help="time the binary-basis GEMV/GEMM kernels against memory bandwidth")
+    p.add_argument("--kernels", default=None, help="comma-separated kernel names (default: every supported one)")
+    p.add_argument("--planes", default="1,2,3,4", help="plane counts N (default 1,2,3,4)")
+    p.add_argument("--groups", default="64,128", help="group sizes G (default 64,128)")
+    p.add_argument("--shapes", default="smollm2,llama2-7b", help="shape sets: smollm2, llama2-7b")
+    p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens of the GEMM (prompt) case (default 128)")
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds of repetitions per case (default 0.2)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--lib", default=None, help="libbitbasis.so to load (default: BITBASIS_LIB or the built package)")
+    p.add_argument("--smoke", action="store_true", help="a tiny subset in seconds (checks the output format)")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    def _run(args):
+        from . import bench
+        return bench.main_kernels(args)
+    p.set_defaults(func=_run)
+
+
+def add_commands(sub) -> None:
+    bench = sub.choices.get("bench") if hasattr(sub, "choices") else None
+    if bench is None:
+        bench = sub.add_parser("bench", help="benchmarks (bench kernels: the binary-basis kernels)")
+    bsub = None
+    for action in bench._actions:   # reuse an existing subparsers action of `bench`
+        if isinstance(action, argparse._SubParsersAction):
+            bsub = action
+    if bsub is None:
+        bsub = bench.add_subparsers(dest="bench_what", metavar="WHAT")
+        bsub.required = True
+    _add_kernels(bsub)
