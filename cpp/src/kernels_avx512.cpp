@@ -194,7 +194,8 @@ static void vpopcnt_rows(const BBTensor &t, const BitActs &b, float *y, int64_t 
             if (s == 1) {
                 alpha = m + 8 <= M ? _mm256_loadu_ps(al + m) : _mm256_maskz_loadu_ps((__mmask8)((1u << (M - m)) - 1), al + m);
             } else if (s == 2 || s == 4) {   // 4 or 2 scales, each repeated s times
-                const __m256 a = _mm256_maskz_loadu_ps((__mmask8)((1u << (8 / s)) - 1), al + m / s);
+                const int64_t na = std::min<int64_t>(8 / s, (M - m + s - 1) / s);   // never past the row's α
+                const __m256 a = _mm256_maskz_loadu_ps((__mmask8)((1u << na) - 1), al + m / s);
                 alpha = _mm256_permutevar8x32_ps(a, s == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
             } else if (s % 8 == 0) {          // 8 qwords inside one (group, plane)
                 alpha = _mm256_set1_ps(al[m / s]);

@@ -75,30 +75,32 @@ static void rows_impl(const BBTensor &t, const QActs &a, const float *dS, float 
     }
 }
 
-// sdot without compiling the whole file for Armv8.2 (the plain kernel must run on Armv8.0 CPUs):
-// the instruction is emitted directly and only executed when the CPU reports dotprod.
-static inline int32x4_t sdot(int32x4_t acc, int8x16_t a, int8x16_t b) {
-#if defined(__ARM_FEATURE_DOTPROD)
-    return vdotq_s32(acc, a, b);
-#else
-    __asm__(".arch_extension dotprod\n\tsdot %0.4s, %1.16b, %2.16b" : "+w"(acc) : "w"(a), "w"(b));
-    return acc;
-#endif
-}
-
-struct SumDot {     // sdot with ones: 16 selected int8 -> 4 int32 lanes per instruction
-    static inline int32x4_t sum(const uint8_t *bits, const int8_t *q, int G) {
-        const int8x16_t ones = vdupq_n_s8(1);
-        int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
-        for (int c = 0; c < G / 16; c += 2) {   // G is a multiple of 64: chunks come in pairs
-            acc0 = sdot(acc0, vandq_s8(bitmask16(load_u16(bits + 2 * c)), vld1q_s8(q + 16 * c)), ones);
-            acc1 = sdot(acc1, vandq_s8(bitmask16(load_u16(bits + 2 * c + 2)), vld1q_s8(q + 16 * c + 16)), ones);
+// The dot-product kernel is compiled for Armv8.2+dotprod per function, so that the file (and the
+// plain kernel) still runs on Armv8.0 CPUs; it is only called when the CPU reports dotprod.
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void rows_dot(const BBTensor &t, const QActs &a, const float *dS, float *y,
+                                                          int64_t r0, int64_t r1) {
+    const int N = t.n_planes, G = t.group;
+    const int64_t ng = t.ngroups;
+    const int8x16_t ones = vdupq_n_s8(1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *pl = t.planes + r * ng * N * (G / 8);
+        const float *al = t.scales.data() + r * ng * N;
+        float32x4_t fv = vdupq_n_f32(0.0f);
+        for (int64_t g = 0; g < ng; g++) {
+            const float d2 = 2.0f * a.d[g];
+            const int8_t *q = a.q.data() + g * G;
+            for (int i = 0; i < N; i++) {
+                const uint8_t *bits = pl + (g * N + i) * (G / 8);
+                int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
+                for (int c = 0; c < G / 16; c += 2) {   // G is a multiple of 64: chunks come in pairs
+                    acc0 = vdotq_s32(acc0, vandq_s8(bitmask16(load_u16(bits + 2 * c)), vld1q_s8(q + 16 * c)), ones);
+                    acc1 = vdotq_s32(acc1, vandq_s8(bitmask16(load_u16(bits + 2 * c + 2)), vld1q_s8(q + 16 * c + 16)), ones);
+                }
+                fv = vfmaq_f32(fv, vcvtq_f32_s32(vaddq_s32(acc0, acc1)), vdupq_n_f32(al[g * N + i] * d2));
+            }
         }
-        return vaddq_s32(acc0, acc1);
+        y[r - r0] = vaddvq_f32(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
     }
-};
-static void rows_dot(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
-    rows_impl<SumDot>(t, a, dS, y, r0, r1);
 }
 
 static void rows_padal(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
