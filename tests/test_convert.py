@@ -178,3 +178,14 @@ def test_interrupted_convert_leaves_nothing(tmp_path, tiny_dir):
         pytest.skip("conversion finished before the signal arrived")
     assert not out.exists()
     assert not list(tmp_path.glob(".o.gguf.*"))
+
+
+def test_existing_output_needs_force(tmp_path, tiny_dir):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"precious")
+    r = run_cli("convert", tiny_dir, "-o", out, "-q", "--method", "rtn", "--bases", "1")
+    assert r.returncode != 0 and "--force" in r.stderr
+    assert out.read_bytes() == b"precious"
+    r = run_cli("convert", tiny_dir, "-o", out, "-q", "--method", "rtn", "--bases", "1", "--force")
+    assert r.returncode == 0, r.stderr
+    assert read_model(out).packed

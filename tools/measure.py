@@ -59,7 +59,7 @@ def main() -> int:
         calib = {"samples": a.calib_samples, "seqlen": a.calib_seqlen, "seed": 0}
         t0 = time.time()
         summary = convert(model_dir, path, ConvertOptions(method=method, bases=bases, group=group,
-                                                          extra=extra or None, calib=calib), progress=True)
+                                                          extra=extra or None, calib=calib, force=True), progress=True)
         qtime = time.time() - t0
         row = {"setting": s, "method": method, "bases": bases, "group": group, "extra": extra,
                "file": str(path), "file_bytes": summary["file_bytes"], "block_bpw": summary["block_bpw"],

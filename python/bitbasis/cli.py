@@ -86,7 +86,8 @@ def cmd_demo(a) -> int:
     from .perplexity import run_perplexity
     model_dir = hf.default_model_dir()
     out = a.output or str(hf.cache_dir() / f"smollm2-{a.method}-n{a.bases}-g{a.group}.gguf")
-    s = convert(model_dir, out, ConvertOptions(method=a.method, bases=a.bases, group=a.group), progress=True)
+    s = convert(model_dir, out, ConvertOptions(method=a.method, bases=a.bases, group=a.group, force=True),
+                progress=True)
     print(f"wrote {out}")
     print_summary(s)
     text = data.text_file("eval")
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. salient=0.1")
-    c.add_argument("--force", action="store_true", default=True, help=argparse.SUPPRESS)
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
 

@@ -28,7 +28,7 @@ class ConvertOptions:
     embed_type: str = "Q8_0"       # token embedding and output head
     calib: dict | None = None      # calibration options for methods that need a Hessian
     extra: dict | None = None      # method-specific options (salient fraction, ...)
-    force: bool = True
+    force: bool = False            # never overwrite an existing output unless asked
 
 
 def is_block_linear(gguf_name: str) -> bool:
@@ -41,6 +41,8 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
     from .quant import get_quantizer, QuantizerError
 
     model_dir = Path(model_dir)
+    if Path(out).exists() and not opts.force:
+        raise FileExistsError(f"{out} exists (use --force to overwrite)")
     if opts.embed_type not in ("F32", "F16", "Q8_0"):
         raise ConvertError(f"--embed-type {opts.embed_type}: must be F32, F16 or Q8_0")
     cfg = hf.load_config(model_dir)
