@@ -1,0 +1,31 @@
+"""`bitbasis bench kernels --smoke`: output format only (speed lives in the benchmark, not in tests)."""
+from __future__ import annotations
+
+import json
+
+from bitbasis import cli
+from test_kernels import kbuild, klib  # noqa: F401  (session fixtures: the cmake build)
+
+
+def test_bench_kernels_smoke(klib, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "kernels", "--smoke", "--json", str(out), "--lib", klib]) == 0
+    res = json.loads(out.read_text())
+    meta = res["meta"]
+    for key in ("cpu_model", "cpu_features", "compiler", "git_commit", "threads", "default_kernel"):
+        assert key in meta
+    assert set(res["bandwidth_gbs"]) == {"1"} and res["bandwidth_gbs"]["1"] > 0
+    kernels = {c["kernel"] for c in res["cases"]}
+    assert "scalar" in kernels and meta["default_kernel"] in kernels
+    assert {c["op"] for c in res["cases"]} == {"gemv", "gemm"}
+    for c in res["cases"]:
+        assert c["time_s"] > 0 and c["median_s"] >= c["time_s"]
+        assert abs(c["gops"] - 2 * c["shape"][0] * c["shape"][1] * c["tokens"] / c["time_s"] / 1e9) < 1e-6 * c["gops"]
+        assert abs(c["pct_bandwidth"] - 100 * c["weight_gbs"] / res["bandwidth_gbs"]["1"]) < 1e-6 * c["pct_bandwidth"]
+    printed = capsys.readouterr().out
+    assert "GB/s" in printed and "%bw" in printed and "gemv" in printed
+
+
+def test_bench_kernels_unknown_kernel(klib, capsys):  # noqa: F811
+    assert cli.main(["bench", "kernels", "--smoke", "--kernels", "nope", "--lib", klib]) == 1
+    assert "unknown kernel" in capsys.readouterr().err
