@@ -44,7 +44,10 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
         float amax = 0.0f;
         for (int64_t j = c0; j < c1; j++) {
             xs[j - c0] = colscale ? x[j] * colscale[j] : x[j];
-            amax = std::max(amax, std::fabs(xs[j - c0]));
+            // NaN must reach amax (std::max would drop it) so the group is zeroed below: a NaN
+            // left in xs would make the int conversion undefined.
+            const float a = std::fabs(xs[j - c0]);
+            if (a > amax || std::isnan(a)) amax = a;
         }
         if (!(amax > 0.0f) || !std::isfinite(amax)) continue;  // all zero (or non-finite): q = 0, d = 0
         const float id = 127.0f / amax;
