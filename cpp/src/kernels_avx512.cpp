@@ -29,6 +29,7 @@ static bool has_vnni() {
 static bool has_vpopcnt() {
     return cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") && cpu_has("avx512vpopcntdq");
 }
+static bool has_vpopcnt_vnni() { return has_vpopcnt() && has_vnni(); }
 
 // Kernels below need one class; everything else is the scalar reference's job.
 static inline bool common_case(const BBTensor &t) { return t.n_classes == 1 && !t.bias.empty(); }
@@ -232,11 +233,172 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
     }
 }
 
+// ---- GEMM: tokens in the lanes (vpdpbusd) ---------------------------------------------------------
+//
+// For 4 columns j..j+3 one zmm holds 16 tokens × 4 activation bytes u = q + 128 (u8), and a row's
+// ±1 signs of those columns are one dword broadcast from memory (s8): one vpdpbusd adds
+// Σ_j s_j u_j for 16 tokens. Σ s_j u_j = Σ s_j q_j + 128 Σ s_j with Σ s_j = 2·popcount − G per
+// (row, group, plane), token-independent, so D_i = Σ_j s_j q_j is exact and
+// dense = Σ_i α_i D_i + μ S. The signs of a block of rows are unpacked to bytes once and reused by
+// every tile of 16 tokens; a tile's activations are reused by every row and plane of the block.
+
+struct TokTiles {
+    int ntiles = 0;
+    std::vector<uint8_t> x;   // [tile][cols_pad/4][16 tokens][4]
+    std::vector<float> d, S;  // [tile][ng][16]
+};
+
+static void build_tiles(const BBTensor &t, const QActs *acts, int n_tok, TokTiles &tt) {
+    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4;
+    tt.ntiles = (n_tok + 15) / 16;
+    tt.x.assign((size_t)tt.ntiles * cp * 16, 128);   // padding tokens: q = 0
+    tt.d.assign((size_t)tt.ntiles * ng * 16, 0.0f);
+    tt.S.assign((size_t)tt.ntiles * ng * 16, 0.0f);
+    for (int k = 0; k < n_tok; k++) {
+        const int tile = k / 16, lane = k % 16;
+        const int8_t *q = acts[k].q.data();
+        uint8_t *x = tt.x.data() + (size_t)tile * cp * 16 + lane * 4;
+        for (int64_t c4 = 0; c4 < c4n; c4++) {
+            uint32_t v;
+            std::memcpy(&v, q + c4 * 4, 4);
+            v ^= 0x80808080u;   // q + 128 as u8
+            std::memcpy(x + c4 * 64, &v, 4);
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            tt.d[(tile * ng + g) * 16 + lane] = acts[k].d[g];
+            tt.S[(tile * ng + g) * 16 + lane] = (float)acts[k].qsum[g];
+        }
+    }
+}
+
+// Row stride of the unpacked signs: cols_pad + 64, so that the R·N sign streams of a block do not
+// all map to the same L1 sets (cols_pad is often a multiple of 4 KiB).
+static inline int64_t sign_stride(const BBTensor &t) { return t.ngroups * t.group + 64; }
+
+// Signs of rows [r, r + nr) as ±1 bytes [nr][N][stride], and 128·(2·popcount − G) per (row, group, plane).
+static void unpack_signs(const BBTensor &t, int64_t r, int nr, int8_t *B, int32_t *corr) {
+    const int N = t.n_planes, G = t.group, s = G / 64;
+    const int64_t ng = t.ngroups, cp = sign_stride(t);
+    const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+    for (int rr = 0; rr < nr; rr++) {
+        const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
+        for (int64_t g = 0; g < ng; g++)
+            for (int i = 0; i < N; i++) {
+                int pc = 0;
+                for (int c = 0; c < s; c++) {
+                    const uint64_t bits = load_u64(pl + ((g * N + i) * s + c) * 8);
+                    pc += (int)_mm_popcnt_u64(bits);
+                    _mm512_storeu_si512(B + (rr * N + i) * cp + g * G + c * 64, _mm512_mask_blend_epi8(_cvtu64_mask64(bits), minus, plus));
+                }
+                corr[(rr * ng + g) * N + i] = 128 * (2 * pc - G);
+            }
+    }
+}
+
+template <int N, int R>
+static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const int8_t *B, const int32_t *corr, int64_t r,
+                      float *out /* [R][16] */) {
+    const int G = t.group;
+    const int64_t ng = t.ngroups, cp = sign_stride(t);
+    const uint8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
+    const bool off = !t.offsets.empty();
+    __m512 fv[R];
+    for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i acc[R][N];
+        for (int rr = 0; rr < R; rr++)
+            for (int i = 0; i < N; i++) acc[rr][i] = _mm512_setzero_si512();
+        for (int64_t c4 = g * G / 4; c4 < (g + 1) * G / 4; c4++) {
+            const __m512i xv = _mm512_loadu_si512(X + c4 * 64);
+            for (int rr = 0; rr < R; rr++)
+                for (int i = 0; i < N; i++) {
+                    int32_t w;
+                    std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
+                    acc[rr][i] = _mm512_dpbusd_epi32(acc[rr][i], xv, _mm512_set1_epi32(w));
+                }
+        }
+        const __m512 dv = _mm512_loadu_ps(tt.d.data() + (tile * ng + g) * 16);
+        const __m512 Sv = _mm512_loadu_ps(tt.S.data() + (tile * ng + g) * 16);
+        for (int rr = 0; rr < R; rr++) {
+            const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
+            __m512 gs = off ? _mm512_mul_ps(_mm512_set1_ps(t.offsets[(r + rr) * ng + g]), Sv) : _mm512_setzero_ps();
+            for (int i = 0; i < N; i++) {
+                const __m512i D = _mm512_sub_epi32(acc[rr][i], _mm512_set1_epi32(corr[(rr * ng + g) * N + i]));
+                gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), _mm512_set1_ps(al[i]), gs);
+            }
+            fv[rr] = _mm512_fmadd_ps(gs, dv, fv[rr]);
+        }
+    }
+    for (int rr = 0; rr < R; rr++) _mm512_storeu_ps(out + rr * 16, fv[rr]);
+}
+
+using TokFn = void (*)(const BBTensor &, const TokTiles &, int, const int8_t *, const int32_t *, int64_t, float *);
+
+// Rows per block: R·N accumulators + R sums stay in the 32 zmm registers.
+template <int N>
+static constexpr int rows_for() { return N == 1 ? 8 : N <= 4 ? 4 : 2; }
+
+template <int N>
+static void tok_pick(TokFn &full, TokFn &one, int &R) {
+    full = tok_block<N, rows_for<N>()>;
+    one = tok_block<N, 1>;
+    R = rows_for<N>();
+}
+
+static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (!common_case(t) || n_tok < 2) {
+        for (int k = 0; k < n_tok; k++) gemv_vnni(t, acts[k], Y + k * ldy, r0, r1);
+        return;
+    }
+    TokFn full = nullptr, one = nullptr;
+    int R = 1;
+    switch (t.n_planes) {
+        case 1: tok_pick<1>(full, one, R); break;
+        case 2: tok_pick<2>(full, one, R); break;
+        case 3: tok_pick<3>(full, one, R); break;
+        case 4: tok_pick<4>(full, one, R); break;
+        case 5: tok_pick<5>(full, one, R); break;
+        case 6: tok_pick<6>(full, one, R); break;
+        case 7: tok_pick<7>(full, one, R); break;
+        default: tok_pick<8>(full, one, R); break;
+    }
+    thread_local TokTiles tt;
+    thread_local std::vector<int8_t> B;
+    thread_local std::vector<int32_t> corr;
+    build_tiles(t, acts, n_tok, tt);
+    const int64_t cp = sign_stride(t);
+    B.resize((size_t)R * t.n_planes * cp);
+    corr.resize((size_t)R * t.ngroups * t.n_planes);
+    alignas(64) float out[8 * 16];
+    for (int64_t rb = r0; rb < r1; rb += R) {
+        const int nr = (int)std::min<int64_t>(R, r1 - rb);
+        unpack_signs(t, rb, nr, B.data(), corr.data());
+        for (int tile = 0; tile < tt.ntiles; tile++) {
+            if (nr == R) {
+                full(t, tt, tile, B.data(), corr.data(), rb, out);
+            } else {   // last rows: one at a time (B/corr rows are laid out for nr rows)
+                for (int rr = 0; rr < nr; rr++)
+                    one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, corr.data() + (size_t)rr * t.ngroups * t.n_planes,
+                        rb + rr, out + rr * 16);
+            }
+            const int nt = std::min(16, n_tok - tile * 16);
+            for (int rr = 0; rr < nr; rr++)
+                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 16 + lane) * ldy + (rb + rr - r0)] = out[rr * 16 + lane];
+        }
+    }
+    if (t.flags & F_SPARSE)
+        for (int k = 0; k < n_tok; k++) add_sparse(t, acts[k], Y + k * ldy, r0, r1);
+}
+
 void add_kernels_avx512(std::vector<Kernel> &v) {
     // fastest first (bitbasis bench kernels): the bit-serial kernel stays near memory bandwidth at
     // G = 64..128 where the masked-select one pays a float reduction per (group, plane)
-    v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, nullptr});
-    v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
+    // gemm: tokens-in-lanes vpdpbusd; the "-rows" variants keep each kernel's own row loop per token
+    // (the alternative GEMM strategy, measured by bench kernels)
+    v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_tokens, has_vpopcnt_vnni, nullptr});
+    v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_tokens, has_vnni, nullptr});
+    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, nullptr});
+    v.push_back(Kernel{"avx512-vnni-rows", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
 }
 
 }  // namespace bb

@@ -130,6 +130,19 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _shape_list(spec: str) -> list[tuple[int, int]]:
+    """A named shape set (SHAPES) or one explicit ROWSxCOLS."""
+    if spec in SHAPES:
+        return SHAPES[spec]
+    try:
+        rows, cols = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise KernelError(f"unknown shape {spec!r}: a set ({', '.join(SHAPES)}) or ROWSxCOLS") from None
+    if rows < 1 or cols < 1:
+        raise KernelError(f"shape {spec!r} must be positive")
+    return [(rows, cols)]
+
+
 def run(kernel_names: list[str] | None = None, planes=(1, 2, 3, 4), groups=(64, 128), shapes=("smollm2", "llama2-7b"),
         threads=(1, 2), tokens: int = 128, min_time: float = 0.2, bw_bytes: int = 256 << 20, flags: int = fmt.OFFSET,
         skip_slow_gemm: bool = True, path: str | None = None, log=print) -> dict:
@@ -164,7 +177,7 @@ def run(kernel_names: list[str] | None = None, planes=(1, 2, 3, 4), groups=(64, 
     cases = []
     best, med, wbytes = ffi.new("double *"), ffi.new("double *"), ffi.new("double *")
     for shape_set in shapes:
-        for rows, cols in SHAPES[shape_set]:
+        for rows, cols in _shape_list(shape_set):
             for name in kernel_names:
                 for n in planes:
                     for g in groups:
@@ -215,8 +228,7 @@ def main_kernels(args) -> int:
         opts = dict(planes=ints(args.planes), groups=ints(args.groups), shapes=tuple(args.shapes.split(",")),
                     threads=ints(args.threads), tokens=args.tokens, min_time=args.min_time)
     for s in opts["shapes"]:
-        if s not in SHAPES:
-            raise KernelError(f"unknown shape set {s!r} (choose from {', '.join(SHAPES)})")
+        _shape_list(s)   # fail before the bandwidth test
     names = args.kernels.split(",") if args.kernels else None
     quiet = args.quiet
     t0 = time.time()

@@ -13,7 +13,7 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--kernels", default=None, help="comma-separated kernel names (default: every supported one)")
     p.add_argument("--planes", default="1,2,3,4", help="plane counts N (default 1,2,3,4)")
     p.add_argument("--groups", default="64,128", help="group sizes G (default 64,128)")
-    p.add_argument("--shapes", default="smollm2,llama2-7b", help="shape sets: smollm2, llama2-7b")
+    p.add_argument("--shapes", default="smollm2,llama2-7b", help="shape sets (smollm2, llama2-7b) or ROWSxCOLS, comma-separated")
     p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     p.add_argument("--tokens", type=int, default=128, help="tokens of the GEMM (prompt) case (default 128)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of repetitions per case (default 0.2)")
