@@ -51,6 +51,7 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
         }
         if (!(amax > 0.0f) || !std::isfinite(amax)) continue;  // all zero (or non-finite): q = 0, d = 0
         const float id = 127.0f / amax;
+        if (!std::isfinite(id)) continue;  // amax so tiny (subnormal) that 127/amax overflows: q = 0, d = 0
         int32_t s = 0;
         for (int64_t j = c0; j < c1; j++) {
             const int v = std::clamp((int)std::nearbyint(xs[j - c0] * id), -127, 127);
