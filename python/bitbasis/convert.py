@@ -60,7 +60,9 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
 
     names = {k: hf.gguf_name(k, n_layers) for k in sd if not k.endswith("rotary_emb.inv_freq")}
     quantized: dict[str, bbf.BinaryBasis] = {}
-    if quantizer is not None and quantizer.needs_hessian:
+    if quantizer is not None and hasattr(quantizer, "quantize_model"):  # whole-model methods (QBB)
+        quantized = quantizer.quantize_model(model_dir, opts.calib or {}, progress=progress)
+    elif quantizer is not None and quantizer.needs_hessian:
         from .calibrate import quantize_model
         quantized = quantize_model(model_dir, quantizer, opts.calib or {}, progress=progress)
 

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..format import BinaryBasis
+from ..format import BinaryBasis, dequantize
 from .base import Quantizer, QuantizerError, groups_view, register
 from .simple import residual_cascade
 
 INITS = ("int4", "gptq4", "cascade")
-PRESETS = {"": {}, "fast": {"iters": 100}, "paper": {"iters": 15000}}
+PRESETS = {"": {}, "fast": {"rounds": 4, "iters": 0}, "paper": {"iters": 15000}}
 
 
 # --- step 1: initialisation ----------------------------------------------------------------------
@@ -53,65 +54,69 @@ def rtn4(w: torch.Tensor, group: int) -> BinaryBasis:
 
 
 def basis_tensors(bb: BinaryBasis, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A one-class BinaryBasis -> signs bool [N, rows, cols], α [rows, ng, N], μ [rows, ng] or None."""
+    """A one-class BinaryBasis -> grouped signs ±1 [N, rows, ng, G] (0 in padding), α [rows, ng, N],
+    μ [rows, ng] or None."""
     from ..format import full_scales
     if bb.n_classes != 1 or bb.sparse_mask is not None or bb.colscale is not None:
         raise QuantizerError("a QBB initialisation must be a plain planes + scales (+ offset) code")
-    signs = torch.from_numpy(np.asarray(bb.signs, bool)).to(device)
+    signs = grouped_signs(torch.from_numpy(np.asarray(bb.signs, bool)).to(device), bb.group)
     alpha = torch.from_numpy(full_scales(bb)[:, :, 0, :].copy()).to(device)
     mu = None if bb.offsets is None else torch.from_numpy(np.asarray(bb.offsets, np.float32)[:, :, 0].copy()).to(device)
     return signs, alpha, mu
 
 
-def pm1(signs: torch.Tensor) -> torch.Tensor:
-    return torch.where(signs, 1.0, -1.0)
+# Every step works on the grouped layout [rows, ngroups, G] (columns past `cols` are zero padding,
+# where the signs are 0 so that padding never counts), so α and μ broadcast over the last axis.
 
-
-def reconstruct(signs: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, group: int) -> torch.Tensor:
-    """Σ α_i s_i + μ as float32 [rows, cols] (the same sum as format.dequantize)."""
+def grouped_signs(signs: torch.Tensor, group: int) -> torch.Tensor:
+    """bool [N, rows, cols] -> float ±1 [N, rows, ng, G], 0 in the padding."""
     n, rows, cols = signs.shape
-    gidx = torch.arange(cols, device=signs.device) // group
-    w = torch.zeros(rows, cols, device=signs.device)
-    for i in range(n):
-        w += alpha[:, gidx, i] * pm1(signs[i])
-    if mu is not None:
-        w += mu[:, gidx]
-    return w
+    return groups_view(torch.where(signs, 1.0, -1.0).reshape(n * rows, cols), group)[0].reshape(n, rows, -1, group)
 
 
-def layer_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """‖ΔW‖² (or tr(ΔW H ΔWᵀ)) per weight: the objective of step 2."""
-    e = w - w_hat
+def flat_signs(s: torch.Tensor, cols: int) -> torch.Tensor:
+    """float ±1 [N, rows, ng, G] -> bool [N, rows, cols]."""
+    return (s > 0).reshape(s.shape[0], s.shape[1], -1)[:, :, :cols]
+
+
+def reconstruct(s: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
+    """Σ α_i s_i + μ, grouped [rows, ng, G] (the same sum as format.dequantize; μ also lands on the
+    padding, which the losses mask out)."""
+    w = alpha[..., 0, None] * s[0]
+    for i in range(1, len(s)):
+        w = w + alpha[..., i, None] * s[i]
+    return w if mu is None else w + mu[..., None]
+
+
+def layer_loss(wg: torch.Tensor, w_hat: torch.Tensor, valid: torch.Tensor, hessian: torch.Tensor | None = None):
+    """‖ΔW‖² (or tr(ΔW H ΔWᵀ)) per weight: the objective of step 2 (a 0-d tensor)."""
+    e = (wg - w_hat) * valid
     if hessian is None:
-        return float((e * e).mean())
-    return float(((e @ hessian) * e).sum() / e.numel())
+        return (e * e).sum() / valid.sum() / wg.shape[0]
+    rows, cols = wg.shape[0], hessian.shape[0]
+    e = e.reshape(rows, -1)[:, :cols]
+    return ((e @ hessian) * e).sum() / e.numel()
 
 
-def refit(w: torch.Tensor, signs: torch.Tensor, group: int, offset: bool,
+def refit(wg: torch.Tensor, s: torch.Tensor, valid: torch.Tensor, offset: bool,
           col_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Closed-form least squares of the scales for fixed signs, per row and group:
     min_{α, μ} Σ_j c_j (w_j − Σ_i α_i s_ij − μ)²  ⇒  (AᵀCA) [α; μ] = AᵀC w  with A = [s_1 … s_N 1]."""
-    n, rows, cols = signs.shape
-    wg, valid = groups_view(w.float(), group)                       # [rows, ng, G]
-    c = valid.float().expand_as(wg)
-    if col_weight is not None:
-        c = c * groups_view(col_weight.float()[None], group)[0]
-    a = [groups_view(pm1(signs[i]), group)[0] for i in range(n)]
-    if offset:
-        a.append(torch.ones_like(wg))
-    a = torch.stack(a, -1)                                          # [rows, ng, G, K]
-    ca = a * c[..., None]
-    gram = ca.transpose(-1, -2) @ a                                 # [rows, ng, K, K]
-    rhs = (ca * wg[..., None]).sum(-2)                              # [rows, ng, K]
-    k = gram.shape[-1]
+    n = s.shape[0]
+    c = valid if col_weight is None else valid * col_weight            # [ng, G]
+    a = list(s) + ([valid.expand_as(wg)] if offset else [])
+    k = len(a)
+    ca = [x * c for x in a]
+    gram = torch.stack([torch.stack([(ca[i] * a[j]).sum(-1) for j in range(k)], -1) for i in range(k)], -2)
+    rhs = torch.stack([(x * wg).sum(-1) for x in ca], -1)             # [rows, ng, K]
     # A tiny ridge keeps groups with repeated planes (or a constant plane next to μ) solvable.
     ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
-    gram = gram + ridge[..., None, None] * torch.eye(k, device=w.device)
+    gram = gram + ridge[..., None, None] * torch.eye(k, device=wg.device)
     sol = torch.linalg.solve(gram, rhs[..., None])[..., 0]
     return sol[..., :n].contiguous(), (sol[..., n].contiguous() if offset else None)
 
 
-# --- step 2: gradient descent with a straight-through sign ---------------------------------------
+# --- step 2: gradient descent with a straight-through sign, and exact alternation ------------------
 
 class _SignSTE(torch.autograd.Function):
     """sign in the forward pass, identity in the backward pass (BinaryConnect's straight-through
@@ -125,35 +130,38 @@ class _SignSTE(torch.autograd.Function):
         return g
 
 
-def descend(w: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, group: int,
-            iters: int, lr: float, scale_lr: float, hessian: torch.Tensor | None = None,
-            progress=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[float]]:
-    """QBB step 2. Returns the signs / scales of the lowest loss seen (the straight-through updates
-    oscillate, so the last iterate is not always the best) and the loss history."""
-    n, rows, cols = signs.shape
-    gidx = torch.arange(cols, device=w.device) // group
-    latent = [torch.nn.Parameter(pm1(signs[i]) * 0.5) for i in range(n)]
+def descend(wg, s, alpha, mu, valid, iters: int, lr: float, scale_lr: float, hessian=None, progress=None):
+    """QBB step 2: Adam on ‖W − Σ α_i STE(U_i) − μ‖², the latent U_k of ONE basis per step (k = t mod N),
+    every scale every step. U_k starts at s_k · min(1, |T_k| / α_k) with T_k = W − Σ_{i≠k} α_i s_i − μ
+    (the target basis k fits): elements whose sign barely matters start near 0 and flip first. With a
+    constant start Adam moves every latent at the same speed and flips them all at once.
+    Returns the signs / scales of the lowest loss seen (straight-through steps oscillate) and the
+    loss history."""
+    n = s.shape[0]
+    full = reconstruct(s, alpha, mu)
+    latent = []
+    for k in range(n):
+        ak = alpha[..., k, None]
+        target = wg - full + ak * s[k]
+        latent.append(torch.nn.Parameter(s[k] * (target.abs() / ak.abs().clamp(min=1e-12)).clamp(max=1)))
+    del full, target
     a = torch.nn.Parameter(alpha.clone())
     m = torch.nn.Parameter(mu.clone()) if mu is not None else None
     step_scale = scale_lr * float(alpha.abs().mean())               # lr relative to the scales' size
     opt_s = torch.optim.Adam([p for p in (a, m) if p is not None], lr=step_scale)
     opt_b = [torch.optim.Adam([u], lr=lr) for u in latent]          # one state per basis
-    best = (math.inf, signs.clone(), alpha.clone(), None if mu is None else mu.clone())
+    cur = s.clone()                                                 # the signs of the latents, ±1 / 0
+    best = (math.inf, s, alpha, mu)
     hist = []
     for t in range(iters + 1):
         k = t % n                                                   # the basis updated this step
-        with torch.no_grad():
-            fixed = sum(a[:, gidx, i] * pm1(latent[i] >= 0) for i in range(n) if i != k)
-        w_hat = fixed + a[:, gidx, k] * _SignSTE.apply(latent[k])
-        if m is not None:
-            w_hat = w_hat + m[:, gidx]
-        e = w - w_hat
-        loss = (e * e).mean() if hessian is None else ((e @ hessian) * e).sum() / e.numel()
-        lv = float(loss)
+        sk = _SignSTE.apply(latent[k]) * valid                     # the others are frozen signs
+        w_hat = reconstruct([sk if i == k else cur[i] for i in range(n)], a, m)
+        loss = layer_loss(wg, w_hat, valid, hessian)
+        lv = float(loss.detach())
         hist.append(lv)
         if lv < best[0]:                                            # loss of the current signs/scales
-            best = (lv, torch.stack([u.detach() >= 0 for u in latent]), a.detach().clone(),
-                    None if m is None else m.detach().clone())
+            best = (lv, cur.clone(), a.detach().clone(), None if m is None else m.detach().clone())
         if t == iters:
             break
         opt_s.zero_grad(set_to_none=True)
@@ -163,9 +171,42 @@ def descend(w: torch.Tensor, signs: torch.Tensor, alpha: torch.Tensor, mu: torch
         opt_b[k].step()
         with torch.no_grad():
             latent[k].clamp_(-1, 1)
+            cur[k] = torch.where(latent[k] >= 0, 1.0, -1.0) * valid
         if progress is not None:
             progress(t, lv)
     return best[1], best[2], best[3], hist
+
+
+def nearest_signs(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    """For fixed scales, the signs that put every weight on its nearest of the 2^N levels
+    Σ_i ±α_i + μ of its group (exact minimiser of ‖W − Ŵ‖² over the signs; LQ-Net's QEM step)."""
+    n = alpha.shape[-1]
+    code = torch.arange(2 ** n, device=wg.device)
+    combos = torch.where((code[:, None] >> torch.arange(n, device=wg.device)) & 1 == 1, 1.0, -1.0)  # bit i = s_i
+    levels = alpha @ combos.T                                                  # [rows, ng, 2^N]
+    if mu is not None:
+        levels = levels + mu[..., None]
+    vals, order = levels.sort(-1)
+    mids = ((vals[..., 1:] + vals[..., :-1]) / 2).contiguous()
+    c = order.gather(-1, torch.searchsorted(mids, wg.contiguous()))           # [rows, ng, G]
+    return torch.stack([torch.where((c >> i) & 1 == 1, valid, -valid) for i in range(n)])
+
+
+def alternate(wg, s, alpha, mu, valid, rounds: int, hessian=None):
+    """Alternating exact minimisation: nearest-level signs for the scales, then least-squares scales
+    for the signs. Each half-step can only lower ‖ΔW‖²; with a Hessian a round is kept only when it
+    lowers tr(ΔW H ΔWᵀ) too. Stops early when a round gains less than 1e-4 relative."""
+    cur = float(layer_loss(wg, reconstruct(s, alpha, mu), valid, hessian))
+    for _ in range(rounds):
+        s2 = nearest_signs(wg, alpha, mu, valid)
+        a2, m2 = refit(wg, s2, valid, mu is not None)
+        new = float(layer_loss(wg, reconstruct(s2, a2, m2), valid, hessian))
+        if new >= cur:
+            break
+        s, alpha, mu, cur, old = s2, a2, m2, new, cur
+        if old - new < 1e-4 * old:
+            break
+    return s, alpha, mu
 
 
 # --- the quantizer -------------------------------------------------------------------------------
@@ -176,7 +217,8 @@ class QBB(Quantizer):
     """QBB: N binary bases with per-row, per-group scales (module docstring)."""
     name = "qbb"
     init: str = "int4"           # int4 | gptq4 | cascade
-    iters: int = 300             # gradient steps per layer (step 2); preset=paper: 15000
+    rounds: int = 8              # exact alternation rounds (nearest-level signs / least-squares scales)
+    iters: int = 50              # gradient steps per layer (step 2); preset=paper: 15000
     lr: float = 0.02             # Adam lr of the latent signs (latents live in [−1, 1])
     scale_lr: float = 0.01       # Adam lr of α, μ relative to mean |α| of the layer
     offset: bool | None = None   # store μ per group (OFFSET); default: only when N ≥ 4 (int4 is lossless then)
@@ -199,8 +241,8 @@ class QBB(Quantizer):
             raise QuantizerError(f"preset={self.preset}: must be one of {', '.join(p for p in PRESETS if p)}")
         for k, v in PRESETS[self.preset].items():
             setattr(self, k, v)
-        if self.iters < 0 or self.distill_steps < 0:
-            raise QuantizerError("iters and distill_steps must be >= 0")
+        if self.iters < 0 or self.rounds < 0 or self.distill_steps < 0:
+            raise QuantizerError("iters, rounds and distill_steps must be >= 0")
         if not (self.lr > 0 and self.scale_lr >= 0 and self.distill_lr > 0):
             raise QuantizerError("lr and distill_lr must be > 0, scale_lr >= 0")
         if self.distill_steps and (self.distill_seqs < 1 or self.distill_len < 8 or self.distill_batch < 1):
@@ -221,63 +263,105 @@ class QBB(Quantizer):
 
     # step 1
     def initialise(self, w: torch.Tensor, hessian: torch.Tensor | None):
+        """Step 1: grouped signs, α, μ, and whether the scales still need a least-squares fit."""
         n, g, dev = self.bases, self.group, w.device
+        wg, valid = groups_view(w, g)
+        valid = valid.float()
         if self.init == "cascade":
             mu = None
             r = w
             if self.offset:                                        # μ = group mean, cascade on W − μ
-                wg, valid = groups_view(w, g)
                 mu = (wg * valid).sum(-1) / valid.sum(-1).clamp(min=1)
                 r = w - mu[:, torch.arange(w.shape[1], device=dev) // g]
             signs, alpha = residual_cascade(r, n, g)
-            return signs, alpha, mu, True
+            return grouped_signs(signs.to(dev), g), alpha.to(dev), mu, True
         if self.init == "gptq4":
             from . import get_quantizer
             bb4 = get_quantizer("gptq", bases=4, group=g).quantize(w, hessian)
         else:
             bb4 = rtn4(w, g)
         from ..format import round_trip
-        signs, alpha, mu = basis_tensors(round_trip(bb4), dev)     # the 4-bit model as its file holds it
+        s, alpha, mu = basis_tensors(round_trip(bb4), dev)         # the 4-bit model as its file holds it
         if n < 4:                                                  # keep the most significant planes
-            signs, alpha = signs[4 - n:], alpha[..., 4 - n:]
+            s, alpha = s[4 - n:], alpha[..., 4 - n:]
         elif n > 4:                                                # cascade planes on the residual
-            res = w - reconstruct(signs, alpha, mu, g)
+            res = (wg - reconstruct(s, alpha, mu)).reshape(w.shape[0], -1)[:, :w.shape[1]]
             s2, a2 = residual_cascade(res, n - 4, g)
-            signs, alpha = torch.cat([signs, s2.to(dev)]), torch.cat([alpha, a2.to(dev)], -1)
+            s, alpha = torch.cat([s, grouped_signs(s2.to(dev), g)]), torch.cat([alpha, a2.to(dev)], -1)
         if not self.offset:
             mu = None
-        return signs, alpha, mu, n != 4 or not self.offset        # scales to refit before step 2?
+        return s, alpha, mu, n != 4 or not self.offset
 
     def quantize(self, w, hessian=None, progress=None) -> BinaryBasis:
+        return self.to_basis(*self.stages(w, hessian, progress)[-1][1:], cols=w.shape[1])
+
+    def stages(self, w, hessian=None, progress=None) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """[(stage, grouped signs, α, μ)] after init, alternation, gradient descent (the last is the result)."""
         dev = self.torch_device()
         torch.manual_seed(self.seed)
         w = w.to(dev, torch.float32)
         h = None if hessian is None else hessian.to(dev, torch.float32)
-        signs, alpha, mu, stale = self.initialise(w, h)
-        signs, alpha = signs.to(dev), alpha.to(dev)
-        cw = None if h is None else h.diagonal()                   # refit weights: diag(H)
+        wg, valid = groups_view(w, self.group)
+        valid = valid.float()
+        cw = None if h is None else groups_view(h.diagonal()[None], self.group)[0][0]   # refit weights diag(H)
+        s, alpha, mu, stale = self.initialise(w, h)
         if stale and self.refit:                                   # truncated / cascaded: fit the scales first
-            alpha, mu = self._refit_if_better(w, h, signs, alpha, mu, cw)
+            alpha, mu = self._refit_if_better(wg, valid, h, s, alpha, mu, cw)
+        out = [("init", s, alpha, mu)]
+        if self.rounds:
+            s, alpha, mu = alternate(wg, s, alpha, mu, valid, self.rounds, h)
+            out.append(("alternate", s, alpha, mu))
         if self.iters:
-            s2, a2, m2, _ = descend(w, signs, alpha, mu, self.group, self.iters, self.lr, self.scale_lr, h, progress)
+            s2, a2, m2, _ = descend(wg, s, alpha, mu, valid, self.iters, self.lr, self.scale_lr, h, progress)
             if self.refit:
-                a2, m2 = self._refit_if_better(w, h, s2, a2, m2, cw)
-            before = layer_loss(w, reconstruct(signs, alpha, mu, self.group), h)
-            if layer_loss(w, reconstruct(s2, a2, m2, self.group), h) <= before:
-                signs, alpha, mu = s2, a2, m2
-        elif self.refit:
-            alpha, mu = self._refit_if_better(w, h, signs, alpha, mu, cw)
-        return self.to_basis(signs, alpha, mu)
+                a2, m2 = self._refit_if_better(wg, valid, h, s2, a2, m2, cw)
+            before = layer_loss(wg, reconstruct(s, alpha, mu), valid, h)
+            if layer_loss(wg, reconstruct(s2, a2, m2), valid, h) <= before:
+                s, alpha, mu = s2, a2, m2
+            out.append(("descend", s, alpha, mu))
+        elif self.refit and not stale and not self.rounds:         # the bare initialisation, refitted
+            alpha, mu = self._refit_if_better(wg, valid, h, s, alpha, mu, cw)
+            out.append(("refit", s, alpha, mu))
+        return out
 
-    def _refit_if_better(self, w, h, signs, alpha, mu, cw):
-        a2, m2 = refit(w, signs, self.group, mu is not None, cw)
+    def _refit_if_better(self, wg, valid, h, s, alpha, mu, cw):
+        a2, m2 = refit(wg, s, valid, mu is not None, cw)
         if h is None:                                              # exact least squares: never worse
             return a2, m2
-        old = layer_loss(w, reconstruct(signs, alpha, mu, self.group), h)
-        new = layer_loss(w, reconstruct(signs, a2, m2, self.group), h)
+        old = layer_loss(wg, reconstruct(s, alpha, mu), valid, h)
+        new = layer_loss(wg, reconstruct(s, a2, m2), valid, h)
         return (a2, m2) if new <= old else (alpha, mu)             # diag(H) is only an approximation
 
-    def to_basis(self, signs, alpha, mu) -> BinaryBasis:
-        return BinaryBasis(signs=signs.cpu().numpy(), scales=alpha[:, :, None, :].cpu().numpy().astype(np.float32),
-                           group=self.group,
+    def to_basis(self, s, alpha, mu, cols: int) -> BinaryBasis:
+        return BinaryBasis(signs=flat_signs(s, cols).cpu().numpy(),
+                           scales=alpha[:, :, None, :].cpu().numpy().astype(np.float32), group=self.group,
                            offsets=None if mu is None else mu[:, :, None].cpu().numpy().astype(np.float32))
+
+    # whole model: convert() calls this when a quantizer has it
+    def quantize_model(self, model_dir, calib: dict | None = None, progress: bool = True) -> dict[str, BinaryBasis]:
+        """{hf_name: BinaryBasis} for every block linear: per layer (data-free, or through calibration
+        for init=gptq4), then step 3, the data-free distillation of the scales, when distill_steps > 0."""
+        from tqdm import tqdm
+        from .. import hf
+        from ..convert import is_block_linear
+        model_dir = Path(model_dir)
+        if self.needs_hessian:
+            from ..calibrate import quantize_model as calibrated
+            quantized = calibrated(model_dir, self, calib or {}, progress=progress)
+        else:
+            cfg = hf.load_config(model_dir)
+            n_layers = int(cfg["num_hidden_layers"])
+            sd = hf.load_state_dict(model_dir)
+            names = [k for k in sd if is_block_linear(hf.gguf_name(k, n_layers))]
+            quantized = {}
+            bar = tqdm(names, desc=f"qbb N={self.bases} per layer", disable=not progress, unit="linear")
+            for k in bar:
+                w = torch.from_numpy(sd[k])
+                quantized[k] = self.quantize(w)
+                if progress:
+                    rel = float(((torch.from_numpy(dequantize(quantized[k])) - w) ** 2).mean() / (w ** 2).mean())
+                    bar.set_postfix(rel_err=f"{rel:.4f}")
+        if self.distill_steps:
+            from ..distill import distill
+            quantized = distill(model_dir, quantized, self, progress=progress)
+        return quantized

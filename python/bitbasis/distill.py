@@ -1,0 +1,212 @@
+"""QBB step 3: data-free distillation of the scales (QBB, NeurIPS 2024, sec. 3.2).
+
+The full-precision model writes its own training text: each sequence starts from a random token,
+continues greedily for a few tokens, then by sampling. The student is the same model whose block
+linears are W = Σ α_i B_i + μ (`BasisLinear`); only α and μ train, the signs stay frozen. The loss is
+KL(teacher ‖ student) over the next-token distributions plus the MSE of the logits. Teacher blocks are
+swapped for student blocks progressively (first block first) over the first half of the steps, then
+every block is the student's. Small models diverge easily (an outside reproduction on TinyLlama did),
+so the scales train as relative corrections α = α₀·(1 + a), μ = μ₀ + |α₀|·m with a small learning
+rate and clipped gradients. A checkpoint (.pt) is written every few steps; a rerun with the same
+settings resumes from it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .format import BinaryBasis, full_scales
+from .quant.base import groups_view
+
+GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
+CKPT_EVERY = 10          # steps between checkpoints
+MSE_WEIGHT = 1.0         # loss = KL + MSE_WEIGHT · MSE(logits)
+CLIP = 1.0               # gradient-norm clip
+
+
+class DistillError(ValueError):
+    pass
+
+
+class BasisLinear(torch.nn.Module):
+    """y = x Wᵀ with W = Σ_i α_i ⊙ B_i + μ per row and group (signs frozen, scales trainable)."""
+
+    def __init__(self, bb: BinaryBasis):
+        super().__init__()
+        if bb.n_classes != 1 or bb.sparse_mask is not None or bb.colscale is not None:
+            raise DistillError("distillation handles plain planes + scales (+ offset) only")
+        n, rows, cols = bb.signs.shape
+        self.cols, self.group = cols, bb.group
+        s = torch.from_numpy(np.where(bb.signs, 1, -1).astype(np.int8)).reshape(n * rows, cols)
+        self.register_buffer("signs", groups_view(s, bb.group)[0].reshape(n, rows, -1, bb.group))  # int8 ±1, 0 pad
+        alpha0 = torch.from_numpy(full_scales(bb)[:, :, 0, :].copy())                  # [rows, ng, N]
+        self.register_buffer("alpha0", alpha0)
+        self.a = torch.nn.Parameter(torch.zeros_like(alpha0))
+        self.has_mu = bb.offsets is not None
+        if self.has_mu:
+            self.register_buffer("mu0", torch.from_numpy(np.asarray(bb.offsets, np.float32)[:, :, 0].copy()))
+            self.register_buffer("mu_unit", alpha0.abs().mean(-1))
+            self.m = torch.nn.Parameter(torch.zeros_like(self.mu0))
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        alpha = self.alpha0 * (1 + self.a)
+        mu = self.mu0 + self.mu_unit * self.m if self.has_mu else None
+        return alpha, mu
+
+    def weight(self) -> torch.Tensor:
+        alpha, mu = self.scales()
+        w = alpha[..., 0, None] * self.signs[0]
+        for i in range(1, self.signs.shape[0]):
+            w = w + alpha[..., i, None] * self.signs[i]
+        if mu is not None:
+            w = w + mu[..., None]
+        return w.reshape(w.shape[0], -1)[:, :self.cols]
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight())
+
+    def export(self, bb: BinaryBasis) -> BinaryBasis:
+        alpha, mu = self.scales()
+        return BinaryBasis(signs=bb.signs, scales=alpha.detach().cpu().numpy()[:, :, None, :].astype(np.float32),
+                           group=bb.group,
+                           offsets=None if mu is None else mu.detach().cpu().numpy()[:, :, None].astype(np.float32))
+
+
+def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, device, progress=True) -> torch.Tensor:
+    """[n_seqs, length] token ids written by the teacher from random first tokens."""
+    from tqdm import tqdm
+    g = torch.Generator().manual_seed(seed)
+    vocab = teacher.config.vocab_size
+    out = []
+    bar = tqdm(range(0, n_seqs, batch), desc="distill: teacher writes data", disable=not progress, unit="batch")
+    for b0 in bar:
+        nb = min(batch, n_seqs - b0)
+        ids = torch.randint(0, vocab, (nb, 1), generator=g).to(device)
+        cache = None
+        pos = ids
+        for t in range(length - 1):
+            with torch.no_grad():
+                o = teacher(pos, past_key_values=cache, use_cache=True)
+            cache = o.past_key_values
+            logits = o.logits[:, -1].float()
+            if t < GREEDY_TOKENS:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                p = torch.softmax(logits, -1).cpu()
+                nxt = torch.multinomial(p, 1, generator=g).to(device)
+            ids = torch.cat([ids, nxt], 1)
+            pos = nxt
+        out.append(ids.cpu())
+    return torch.cat(out)
+
+
+def _loss(t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """KL(teacher ‖ student) per token + MSE_WEIGHT · MSE of the logits."""
+    t_logp = torch.log_softmax(t_logits.float(), -1)
+    s_logp = torch.log_softmax(s_logits.float(), -1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    mse = ((t_logits - s_logits) ** 2).mean()
+    return kl + MSE_WEIGHT * mse, float(kl.detach()), float(mse.detach())
+
+
+def _linear_parent(model, hf_name: str):
+    """'model.layers.3.self_attn.q_proj.weight' -> (module holding q_proj, 'q_proj', block index)."""
+    parts = hf_name.split(".")[:-1]
+    mod = model
+    for p in parts[:-1]:
+        mod = getattr(mod, p) if not p.isdigit() else mod[int(p)]
+    return mod, parts[-1], int(parts[2])
+
+
+def _settings_key(model_dir: Path, quantized: dict[str, BinaryBasis], q) -> str:
+    h = hashlib.sha256()
+    h.update(str(Path(model_dir).resolve()).encode())
+    h.update(json.dumps({k: v for k, v in q.settings().items() if k != "distill_ckpt"}, sort_keys=True,
+                        default=str).encode())
+    for k in sorted(quantized)[:4]:                      # the starting point too (cheap digest)
+        h.update(np.ascontiguousarray(quantized[k].scales, np.float32).tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def distill(model_dir, quantized: dict[str, BinaryBasis], q, progress: bool = True) -> dict[str, BinaryBasis]:
+    """Train the scales of `quantized` (hf_name -> BinaryBasis) against the FP model; return the
+    updated bases. q: the QBB quantizer (distill_* options, seed, device)."""
+    from tqdm import tqdm
+    from . import hf
+    model_dir = Path(model_dir)
+    steps = int(q.distill_steps)
+    if steps <= 0 or not quantized:
+        return quantized
+    dev = q.torch_device()
+    key = _settings_key(model_dir, quantized, q)
+    ckpt = Path(q.distill_ckpt) if q.distill_ckpt else hf.cache_dir() / f"qbb-distill-{key}.pt"
+    torch.manual_seed(q.seed)
+
+    teacher = hf.load_torch_model(model_dir).to(dev)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher)                    # frozen too: only the scales below train
+    modules: dict[str, BasisLinear] = {}
+    for name, bb in quantized.items():
+        parent, attr, _ = _linear_parent(student, name)
+        modules[name] = BasisLinear(bb).to(dev)
+        setattr(parent, attr, modules[name])
+    n_blocks = len(student.model.layers)
+    fp_layers = list(teacher.model.layers)
+    q_layers = list(student.model.layers)
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=q.distill_lr)
+
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None and state.get("key") != key:
+        raise DistillError(f"{ckpt}: checkpoint of other settings; remove it or set distill_ckpt")
+    if state is None:
+        data = generate_data(teacher, q.distill_seqs, q.distill_len, max(q.distill_batch, 8), q.seed, dev, progress)
+        state = {"key": key, "step": 0, "data": data, "history": []}
+        _save(ckpt, state)
+    else:
+        student.load_state_dict(state["student"], strict=False)
+        opt.load_state_dict(state["opt"])
+    data = state["data"]
+    g = torch.Generator().manual_seed(q.seed + 1)          # batch order: one permutation per epoch
+    epochs = -(-steps * q.distill_batch // len(data))
+    order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(epochs)])
+
+    swap_steps = max(1, steps // 2)
+    bar = tqdm(range(state["step"], steps), desc=f"distill scales ({n_blocks} blocks swapped in over {swap_steps} steps)",
+               disable=not progress, unit="step", initial=state["step"], total=steps)
+    for t in bar:
+        n_student = min(n_blocks, math.ceil(n_blocks * (t + 1) / swap_steps))   # progressive swap
+        student.model.layers = torch.nn.ModuleList(q_layers[:n_student] + fp_layers[n_student:])
+        idx = order[t * q.distill_batch:(t + 1) * q.distill_batch]
+        ids = data[idx].to(dev)
+        with torch.no_grad():
+            t_logits = teacher(ids).logits
+        s_logits = student(ids).logits
+        loss, kl, mse = _loss(t_logits, s_logits)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        state["history"].append((kl, mse))
+        if progress:
+            bar.set_postfix(blocks=n_student, kl=f"{kl:.4f}", mse=f"{mse:.3f}")
+        if (t + 1) % CKPT_EVERY == 0 or t + 1 == steps:
+            state.update(step=t + 1, opt=opt.state_dict(),
+                         student={k: v for k, v in student.state_dict().items() if k.endswith((".a", ".m"))})
+            _save(ckpt, state)
+    student.model.layers = torch.nn.ModuleList(q_layers)
+    return {name: modules[name].export(bb) for name, bb in quantized.items()}

@@ -1,0 +1,80 @@
+"""QBB step 3 (bitbasis/distill.py) and the whole-model path through convert."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitbasis import distill as D
+from bitbasis import format as bbf
+from bitbasis.convert import ConvertOptions, convert
+from bitbasis.quant import get_quantizer
+
+SMALL = dict(iters=3, rounds=2, distill_seqs=4, distill_len=16, distill_batch=2)
+
+
+def test_basis_linear_starts_exactly_at_the_quantized_weights():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 100, generator=g) * 0.05
+    for n in (2, 4):
+        bb = get_quantizer("qbb", bases=n, group=64, iters=3).quantize(w)
+        m = D.BasisLinear(bb)
+        np.testing.assert_array_equal(m.weight().detach().numpy(), bbf.dequantize(bb))
+        for k, v in bbf.pack(m.export(bb)).parts.items():     # untrained scales export byte-identical
+            assert v.tobytes() == bbf.pack(bb).parts[k].tobytes()
+
+
+def test_zero_distill_steps_leave_the_file_unchanged(tiny_dir, tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    convert(tiny_dir, a, ConvertOptions(method="qbb", bases=2, group=64, extra=dict(SMALL)), progress=False)
+    convert(tiny_dir, b, ConvertOptions(method="qbb", bases=2, group=64, extra=dict(SMALL, distill_steps=0)),
+            progress=False)
+    assert a.read_bytes() == b.read_bytes()
+    # and the whole-model path equals the per-layer quantizer
+    from bitbasis import hf
+    from bitbasis.gguf_io import read_model
+    q = get_quantizer("qbb", bases=2, group=64, **SMALL)
+    sd = hf.load_state_dict(tiny_dir)
+    bb = q.quantize(torch.from_numpy(sd["model.layers.1.mlp.down_proj.weight"]))
+    np.testing.assert_array_equal(read_model(a).weight("blk.1.ffn_down.weight"), bbf.dequantize(bbf.round_trip(bb)))
+
+
+def _distilled(tiny_dir, ckpt, steps=4):
+    q = get_quantizer("qbb", bases=2, group=64, distill_steps=steps, distill_ckpt=str(ckpt), distill_lr=1e-2, **SMALL)
+    return q, q.quantize_model(tiny_dir, progress=False)
+
+
+def test_distillation_trains_scales_only_and_resumes(tiny_dir, tmp_path, monkeypatch):
+    q0 = get_quantizer("qbb", bases=2, group=64, **SMALL)
+    base = q0.quantize_model(tiny_dir, progress=False)
+    _, full = _distilled(tiny_dir, tmp_path / "full.pt")
+    for k, bb in base.items():
+        np.testing.assert_array_equal(full[k].signs, bb.signs)       # signs frozen
+    assert any(not np.array_equal(full[k].scales, bb.scales) for k, bb in base.items())
+    hist = torch.load(tmp_path / "full.pt", weights_only=False)["history"]
+    assert len(hist) == 4 and all(np.isfinite(hist).ravel())
+
+    # interrupt after two steps (checkpoint every step), then rerun: same result as uninterrupted
+    monkeypatch.setattr(D, "CKPT_EVERY", 1)
+    calls = {"n": 0}
+    orig = D._loss
+
+    def flaky(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return orig(*a)
+    monkeypatch.setattr(D, "_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _distilled(tiny_dir, tmp_path / "cut.pt")
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(D, "_loss", orig)
+    _, resumed = _distilled(tiny_dir, tmp_path / "cut.pt")
+    for k in full:
+        np.testing.assert_allclose(resumed[k].scales, full[k].scales, rtol=1e-5, atol=1e-8)
+
+
+def test_checkpoint_of_other_settings_is_refused(tiny_dir, tmp_path):
+    _distilled(tiny_dir, tmp_path / "c.pt", steps=2)
+    with pytest.raises(ValueError, match="other settings"):
+        _distilled(tiny_dir, tmp_path / "c.pt", steps=3)
