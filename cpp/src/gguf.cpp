@@ -102,11 +102,11 @@ const char *ttype_name(uint32_t t) {
 
 GGUFFile::GGUFFile(const std::string &path) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) fail(path + ": cannot open (" + std::strerror(errno) + ")");
+    if (fd_ < 0) fail(std::string("cannot open (") + std::strerror(errno) + ")");
     struct stat st;
     if (fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
         ::close(fd_);
-        fail(path + ": not a regular file");
+        fail("not a regular file");
     }
     size_ = (size_t)st.st_size;
     if (size_ < 24) {
@@ -116,7 +116,7 @@ GGUFFile::GGUFFile(const std::string &path) : path_(path) {
     void *p = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_, 0);
     if (p == MAP_FAILED) {
         ::close(fd_);
-        fail(path + ": mmap failed (" + std::strerror(errno) + ")");
+        fail(std::string("mmap failed (") + std::strerror(errno) + ")");
     }
     base_ = (const uint8_t *)p;
     try {
@@ -171,7 +171,8 @@ void GGUFFile::parse() {
             v.data = base_ + c.pos;
             if (v.elem == GT_STRING) {
                 if (v.n > c.left() / 8)
-                    fail("metadata key '" + key + "': array of " + std::to_string(v.n) + " strings exceeds the file");
+                    fail("truncated file: metadata key '" + key + "': array of " + std::to_string(v.n) +
+                         " strings exceeds the file");
                 for (uint64_t j = 0; j < v.n; j++) {
                     uint64_t l;
                     c.str(l, c.left());
@@ -179,8 +180,8 @@ void GGUFFile::parse() {
             } else {
                 size_t es = gtype_size(v.elem);
                 if (v.n > c.left() / es)
-                    fail("metadata key '" + key + "': array of " + std::to_string(v.n) + " " + gtype_name(v.elem) +
-                         " exceeds the file");
+                    fail("truncated file: metadata key '" + key + "': array of " + std::to_string(v.n) + " " +
+                         gtype_name(v.elem) + " exceeds the file");
                 c.pos += v.n * es;
             }
         } else {

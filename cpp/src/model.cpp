@@ -84,8 +84,9 @@ static void dequant_row(const Linear &w, int64_t r, float *out) {
 // --- loading ------------------------------------------------------------------------------------
 
 Model::Model(const std::string &path, int n_threads, int64_t n_ctx)
-    : file_(new GGUFFile(path)), pool_(std::max(1, std::min(n_threads, 256))) {
+    : pool_(std::max(1, std::min(n_threads, 256))) {
     try {
+        file_.reset(new GGUFFile(path));
         load();
     } catch (const std::runtime_error &e) {
         fail(path + ": " + e.what());
@@ -160,8 +161,8 @@ static std::unique_ptr<BBTensor> build_bb(const GGUFFile &f, const std::string &
                                                               [&](const Want &w) { return std::string(w.suf) == suf; });
         bool present = f.tensor(name + "." + suf) != nullptr;
         if (wanted != present)
-            fail(name + ": component " + suf + (present ? " is present but" : " is missing but") + " flags are " +
-                 std::to_string(flags));
+            fail(name + ": component " + suf + (present ? " is present but flags " : " is missing but flags ") +
+                 std::to_string(flags) + (present ? " do not use it" : " require it"));
     }
     auto tensor_of = [&](const Want &w) -> const GTensor * {
         const GTensor *t = f.tensor(name + "." + w.suf);
@@ -225,14 +226,6 @@ void Model::validate_bb_headers() {
     int64_t version;
     if (file_->get_int("bitbasis.version", version) && (version < 1 || version > 1))
         fail("bitbasis format version " + std::to_string(version) + " is not supported by this reader (1)");
-    for (const auto &kv : file_->kv()) {
-        if (kv.first.compare(0, pre.size(), pre) != 0) continue;
-        std::string name = kv.first.substr(pre.size());
-        std::vector<int64_t> hdr;
-        file_->get_int_array(kv.first, hdr);
-        if (file_->tensor(name)) fail("tensor " + name + " is stored both dense and as binary basis");
-        build_bb(*file_, name, hdr);
-    }
     for (const GTensor &t : file_->tensors()) {
         size_t dot = t.name.rfind('.');
         if (dot == std::string::npos) continue;
@@ -240,6 +233,14 @@ void Model::validate_bb_headers() {
         if (std::find(std::begin(BB_SUFFIXES), std::end(BB_SUFFIXES), suf) != std::end(BB_SUFFIXES) &&
             !file_->find(pre + t.name.substr(0, dot)))
             fail("component tensor " + t.name + " has no bitbasis.tensor header");
+    }
+    for (const auto &kv : file_->kv()) {
+        if (kv.first.compare(0, pre.size(), pre) != 0) continue;
+        std::string name = kv.first.substr(pre.size());
+        std::vector<int64_t> hdr;
+        file_->get_int_array(kv.first, hdr);
+        if (file_->tensor(name)) fail("tensor " + name + " is stored both dense and as binary basis");
+        build_bb(*file_, name, hdr);
     }
 }
 

@@ -184,6 +184,7 @@ class Model:
         if len(toks) >= self.n_ctx:
             raise EngineError(f"prompt of {len(toks)} tokens does not fit the context of {self.n_ctx}")
         rng = np.random.default_rng(seed)
+        self.tokenizer  # loaded before any timing starts
         eos = self.eos_ids if stop_at_eos else set()
         if not reuse_cache:
             self.reset()
@@ -195,7 +196,9 @@ class Model:
         self.last_tokens = out
         printed = ""
         t1 = time.perf_counter()
-        self.last_stats = {"prompt_tokens": n_prompt, "prompt_s": t_prompt, "gen_tokens": 0, "gen_s": 0.0}
+        self.last_stats = {"prompt_tokens": n_prompt, "prompt_s": t_prompt, "gen_tokens": 0, "gen_s": 0.0,
+                           "gen_evals": 0, "gen_eval_s": 0.0}
+        stats = self.last_stats
         try:
             for _ in range(max_tokens):
                 tok = self.sample(logits, temperature, top_k, top_p, rng)
@@ -208,7 +211,10 @@ class Model:
                     yield piece
                 if len(out) >= max_tokens or len(self.tokens) >= self.n_ctx:
                     break
+                te = time.perf_counter()
                 logits = self.eval([tok])
+                stats["gen_eval_s"] += time.perf_counter() - te
+                stats["gen_evals"] += 1
         finally:
             self.last_stats.update(gen_tokens=len(out), gen_s=time.perf_counter() - t1)
         text = self.detokenize(out)

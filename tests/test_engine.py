@@ -1,0 +1,125 @@
+"""The C++ engine against transformers (f32 export) and against the PyTorch reference forward of
+the same bitbasis file (binary-basis exports)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cffi")
+from bitbasis.engine import EngineError, Model, engine_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not engine_available(), reason="libbitbasis not built")
+
+
+@pytest.fixture(scope="module")
+def hf_model(smol_dir):
+    from bitbasis import hf
+    return hf.load_torch_model(smol_dir)
+
+
+@pytest.fixture(scope="module")
+def f32_model(model_files):
+    return Model(model_files("f32"), threads=2)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(smol_dir, eval_text):
+    from bitbasis import hf
+    tok = hf.load_tokenizer(smol_dir)
+    return tok(eval_text[:4000], add_special_tokens=False)["input_ids"]
+
+
+def _torch_logits(model, ids):
+    import torch
+    with torch.inference_mode():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def test_f32_logits_match_transformers(f32_model, hf_model, prompt_ids):
+    ids = prompt_ids[:64]
+    lg = f32_model.logits(ids)
+    ref = _torch_logits(hf_model, ids)
+    assert lg.shape == ref.shape == (64, f32_model.n_vocab)
+    diff = float(np.abs(lg - ref).max())
+    assert diff <= 1e-3, f"max |engine - transformers| = {diff}"
+
+
+def test_f32_greedy_matches_transformers(f32_model, hf_model, prompt_ids):
+    """64 greedy tokens from the engine (batched prompt, then one token per step with the KV cache)
+    are exactly the tokens transformers' greedy decoding picks: each one is the argmax of
+    transformers' logits given the prompt and the tokens before it."""
+    prompt = prompt_ids[:16]
+    text = "".join(f32_model.generate(prompt, max_tokens=64, temperature=0, stop_at_eos=False))
+    gen = list(f32_model.last_tokens)
+    assert len(gen) == 64 and text
+    ref = _torch_logits(hf_model, prompt + gen)
+    hf_greedy = ref[len(prompt) - 1:-1].argmax(-1).tolist()
+    first_diff = next((i for i, (a, b) in enumerate(zip(gen, hf_greedy)) if a != b), None)
+    assert gen == hf_greedy, f"first mismatch at generated token {first_diff}"
+
+
+def test_incremental_equals_batched(f32_model, prompt_ids):
+    """Prefill + single-token steps (gemv, growing KV cache) give the batched (gemm) logits."""
+    ids = prompt_ids[:24]
+    full = f32_model.logits(ids)
+    f32_model.reset()
+    part = [f32_model.eval(ids[:10], all_logits=True)]
+    part += [f32_model.eval([t], all_logits=True) for t in ids[10:]]
+    assert np.abs(np.concatenate(part) - full).max() < 1e-3
+    f32_model.rewind(5)
+    again = f32_model.eval(ids[5:9], all_logits=True)
+    assert np.abs(again - full[5:9]).max() < 1e-3
+
+
+@pytest.mark.parametrize("bases", [1, 2, 3])
+def test_binary_basis_perplexity_matches_reference(model_files, eval_text, bases):
+    from bitbasis.perplexity import perplexity, torch_logits_fn
+    from bitbasis.reference import torch_model_from_gguf
+    path = model_files("residual", bases)
+    m = Model(path, threads=2)
+    tokens = np.asarray(m.tokenize(eval_text[:20000]), np.int64)
+    ours = perplexity(m.logits, tokens, "llamacpp", ctx=128, max_windows=3, progress=False)["ppl"]
+    ref_model, _ = torch_model_from_gguf(path)
+    ref = perplexity(torch_logits_fn(ref_model), tokens, "llamacpp", ctx=128, max_windows=3, progress=False)["ppl"]
+    assert abs(ours / ref - 1) <= 0.005, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {m.kernel})"
+
+
+def test_binary_basis_incremental_equals_batched(model_files, prompt_ids):
+    m = Model(model_files("residual", 2), threads=2)
+    ids = prompt_ids[:12]
+    full = m.logits(ids)
+    m.reset()
+    steps = [m.eval(ids[:4], all_logits=True)] + [m.eval([t], all_logits=True) for t in ids[4:]]
+    assert np.abs(np.concatenate(steps) - full).max() < 1e-3 * max(1.0, float(np.abs(full).max()))
+
+
+def test_streaming_keeps_multibyte_characters(f32_model, monkeypatch):
+    """Tokens that split a UTF-8 character come out as whole characters."""
+    text = "naïve café — 世界 🎉 ok"
+    ids = f32_model.tokenize(text)
+    it = iter(ids)
+    monkeypatch.setattr(f32_model, "sample", lambda *a, **k: next(it))
+    pieces = list(f32_model.generate("Hi", max_tokens=len(ids), temperature=0, stop_at_eos=False))
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_context_limit_and_errors(model_files):
+    m = Model(model_files("residual", 2), threads=1, n_ctx=8)
+    assert m.n_ctx == 8
+    m.eval([1, 2, 3, 4, 5, 6])
+    with pytest.raises(EngineError, match="context full"):
+        m.eval([1, 2, 3])
+    with pytest.raises(EngineError, match="cache position"):
+        m.rewind(7)
+    m.rewind(2)
+    assert m.eval([1, 2]).shape == (m.n_vocab,)
+    with pytest.raises(EngineError, match="no such file"):
+        Model("/nonexistent/x.gguf")
+
+
+def test_threads_agree(model_files, prompt_ids):
+    path = model_files("residual", 1)
+    a = Model(path, threads=1).logits(prompt_ids[:8])
+    b = Model(path, threads=3).logits(prompt_ids[:8])
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, float(np.abs(a).max()))
