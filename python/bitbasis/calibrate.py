@@ -8,6 +8,7 @@ them to give the inputs of block k+1. Only one block's activations (inputs and o
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -112,14 +113,15 @@ def _linears(layer):
     return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def _quantize_1thread(quantizer, W, H):
+@contextlib.contextmanager
+def _one_thread():
     """Column-by-column quantizers issue many tiny ops: on the CPU, thread hand-offs cost far
     more than they save (20x slower with 2 busy threads), so they run on one thread."""
     import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return quantizer.quantize(W, H)
+        yield
     finally:
         torch.set_num_threads(n)
 
@@ -192,9 +194,10 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
             if not torch.isfinite(H).all():
                 raise CalibrationError(f"block {k} {name}: calibration activations overflowed (NaN/Inf)")
             W = m.weight.data.float()
-            bb = bbf.round_trip(_quantize_1thread(quantizer, W, H))  # exactly what the file will hold
-            Wq = torch.from_numpy(bbf.dequantize(bb)).to(W.device)
-            err = relative_error(W, Wq, H)
+            with _one_thread():
+                bb = bbf.round_trip(quantizer.quantize(W, H))     # exactly what the file will hold
+                Wq = torch.from_numpy(bbf.dequantize(bb)).to(W.device)
+                err = relative_error(W, Wq, H)
             m.weight.data = Wq.to(m.weight.dtype)
             out[f"model.layers.{k}.{name}.weight"] = bb
             errs.append(f"{name.rsplit('.', 1)[-1].replace('_proj', '')} {err:.4f}")
