@@ -110,8 +110,8 @@ def test_descend_with_hessian_keeps_best_and_quantize_never_loses_to_its_init():
     wg, valid = _grouped(w)
     st = q.stages(w, h)
     losses = [float(layer_loss(wg, reconstruct(s, a, m), valid, h)) for _, s, a, m in st]
-    assert [n for n, *_ in st] == ["init", "alternate", "descend"]
-    assert losses[2] <= losses[1] <= losses[0]
+    assert [n for n, *_ in st] == ["init", "alternate", "descend", "compensate"]
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
 
 
 def test_quantize_export_shapes_and_bits():
@@ -159,3 +159,15 @@ def test_gptq_init_needs_calibration():
         assert "gptq" in str(e)
     else:
         assert q2.needs_hessian
+
+
+def test_gptq_compensation_on_qbb_levels_lowers_the_weighted_error():
+    w = _w(32, 256)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1024, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g) / 16)
+    h = 2 / 1024 * x.T @ x
+    st = get_quantizer("qbb", bases=2, group=128, hessian=True, rounds=3, iters=0, compensate=2).stages(w, h)
+    assert [n for n, *_ in st] == ["init", "alternate", "compensate"]
+    wg, valid = _grouped(w)
+    before, after = (float(layer_loss(wg, reconstruct(*st[i][1:]), valid, h)) for i in (1, 2))
+    assert after < 0.9 * before

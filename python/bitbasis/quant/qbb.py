@@ -209,6 +209,37 @@ def alternate(wg, s, alpha, mu, valid, rounds: int, hessian=None):
     return s, alpha, mu
 
 
+def gptq_signs(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None,
+               group: int, percdamp: float = 0.01, blocksize: int = 128) -> torch.Tensor:
+    """GPTQ (Algorithm 1 with lazy batch updates; quant/gptq.py's preamble) with the fixed QBB levels
+    Σ_i ±α_i + μ of each group as the grid: every column goes to its nearest level, and its error
+    err = (w_q − ŵ_q)/U_qq is spread over the columns not yet quantized. Returns grouped signs."""
+    from .gptq import prepare
+    rows, cols = w.shape
+    n = alpha.shape[-1]
+    W, U = prepare(w, hessian, percdamp)
+    code = torch.arange(2 ** n, device=w.device)
+    combos = torch.where((code[:, None] >> torch.arange(n, device=w.device)) & 1 == 1, 1.0, -1.0)
+    levels = alpha @ combos.T                                                   # [rows, ng, 2^N]
+    if mu is not None:
+        levels = levels + mu[..., None]
+    codes = torch.zeros(rows, cols, dtype=torch.int64, device=w.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            lv = levels[:, (i1 + i) // group]
+            c = (W1[:, i:i + 1] - lv).abs().argmin(1)
+            codes[:, i1 + i] = c
+            err = (W1[:, i] - lv.gather(1, c[:, None])[:, 0]) / U1[i, i]
+            W1[:, i:] -= err[:, None] @ U1[i:i + 1, i:]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return grouped_signs(torch.stack([(codes >> i) & 1 == 1 for i in range(n)]), group)
+
+
 # --- the quantizer -------------------------------------------------------------------------------
 
 @register
@@ -223,6 +254,8 @@ class QBB(Quantizer):
     scale_lr: float = 0.01       # Adam lr of α, μ relative to mean |α| of the layer
     offset: bool | None = None   # store μ per group (OFFSET); default: only when N ≥ 4 (int4 is lossless then)
     refit: bool = True           # closed-form least-squares scales for the final signs
+    hessian: bool = False        # calibrate: activation-weighted objective + GPTQ compensation on QBB levels
+    compensate: int = 2          # with a Hessian: rounds of GPTQ on the levels, each followed by a refit
     preset: str = ""             # "", fast, paper
     distill_steps: int = 0       # step 3 (bitbasis.distill); 0 = off
     distill_lr: float = 1e-4
@@ -255,8 +288,8 @@ class QBB(Quantizer):
                 raise QuantizerError("init=gptq4 needs the gptq method (quant/gptq.py), which is not installed")
 
     @property
-    def needs_hessian(self) -> bool:   # GPTQ initialisation is calibrated
-        return self.init == "gptq4"
+    def needs_hessian(self) -> bool:   # GPTQ initialisation / the weighted objective are calibrated
+        return self.init == "gptq4" or bool(self.hessian)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -322,6 +355,18 @@ class QBB(Quantizer):
         elif self.refit and not stale and not self.rounds:         # the bare initialisation, refitted
             alpha, mu = self._refit_if_better(wg, valid, h, s, alpha, mu, cw)
             out.append(("refit", s, alpha, mu))
+        if h is not None and self.compensate:
+            from .gptq import f16
+            cur = float(layer_loss(wg, reconstruct(s, alpha, mu), valid, h))
+            for _ in range(self.compensate):                       # keep a round only if tr(ΔW H ΔWᵀ) drops
+                a2, m2 = f16(alpha), None if mu is None else f16(mu)
+                s2 = gptq_signs(w, h, a2, m2, self.group)
+                a2, m2 = self._refit_if_better(wg, valid, h, s2, a2, m2, cw)
+                new = float(layer_loss(wg, reconstruct(s2, a2, m2), valid, h))
+                if new >= cur:
+                    break
+                s, alpha, mu, cur = s2, a2, m2, new
+            out.append(("compensate", s, alpha, mu))
         return out
 
     def _refit_if_better(self, wg, valid, h, s, alpha, mu, cw):
