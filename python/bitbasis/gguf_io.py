@@ -156,11 +156,141 @@ def _field_value(f):
         raise GGUFFileError(f"metadata key {f.name}: {e}") from None
 
 
+# The C++ reader's limits (cpp/src/gguf.cpp), far above any real model.
+_MAX_TENSORS = _MAX_KV = 1 << 20
+_MAX_KEY_LEN, _MAX_NAME_LEN, _MAX_ALIGNMENT = 1 << 16, 1024, 1 << 16
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+_STRING, _ARRAY = 8, 9
+
+
+def check_structure(path: str) -> None:
+    """Walk the GGUF header with the limits of the C++ reader before gguf.GGUFReader sees it.
+    GGUFReader trusts what a file declares: an array count past the end of the file loops without
+    progress (a hang), a tensor offset near 2^64 wraps around and reads other bytes, and odd dims,
+    misaligned offsets, over-long names and nested arrays go through. Raises GGUFFileError."""
+    import mmap
+    import struct
+    import gguf
+
+    def fail(msg):
+        raise GGUFFileError(f"{path}: {msg}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            fail(f"truncated file: {size} bytes is smaller than a GGUF header (24)")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    pos = 0
+
+    def get(fmt, what):
+        nonlocal pos
+        n = struct.calcsize(fmt)
+        if n > size - pos:
+            fail(f"truncated file: {what} needs {n} bytes at offset {pos}")
+        pos += n
+        return struct.unpack_from(fmt, buf, pos - n)[0]
+
+    def string(cap, what):
+        nonlocal pos
+        n = get("<Q", what)
+        if n > min(cap, size - pos):
+            fail(f"{what}: string length {n} at offset {pos - 8} exceeds the limit {min(cap, size - pos)}")
+        pos += n
+        return bytes(buf[pos - n:pos])
+
+    with buf:
+        if buf[:4] != b"GGUF":
+            fail("bad magic: not a GGUF file")
+        pos = 4
+        version = get("<I", "header")
+        if version not in (2, 3):
+            fail(f"unsupported GGUF version {version} (2 and 3 are supported)")
+        n_tensors, n_kv = get("<Q", "header"), get("<Q", "header")
+        # every kv takes >= 13 bytes, every tensor info >= 32
+        if n_tensors > _MAX_TENSORS or n_tensors > (size - pos) // 32:
+            fail(f"tensor count {n_tensors} is impossible for a file of {size} bytes (limit {_MAX_TENSORS})")
+        if n_kv > _MAX_KV or n_kv > (size - pos) // 13:
+            fail(f"metadata count {n_kv} is impossible for a file of {size} bytes (limit {_MAX_KV})")
+        keys, alignment = set(), 32
+        for _ in range(n_kv):
+            key = string(_MAX_KEY_LEN, "metadata").decode("utf-8", "replace")
+            vtype = get("<I", "metadata")
+            if vtype == _STRING:
+                string(size, "metadata")
+            elif vtype == _ARRAY:
+                etype, n = get("<I", "metadata"), get("<Q", "metadata")
+                if etype == _STRING:
+                    if n > (size - pos) // 8:
+                        fail(f"truncated file: metadata key '{key}': array of {n} strings exceeds the file")
+                    for _ in range(n):
+                        string(size, "metadata")
+                elif etype in _SCALAR_SIZE:
+                    if n > (size - pos) // _SCALAR_SIZE[etype]:
+                        fail(f"truncated file: metadata key '{key}': array of {n} exceeds the file")
+                    pos += n * _SCALAR_SIZE[etype]
+                else:
+                    fail(f"metadata key '{key}': array of " + ("arrays" if etype == _ARRAY else f"unknown type {etype}")
+                         + " is not supported")
+            elif vtype in _SCALAR_SIZE:
+                if _SCALAR_SIZE[vtype] > size - pos:
+                    fail(f"truncated file: metadata needs {_SCALAR_SIZE[vtype]} bytes at offset {pos}")
+                if key == "general.alignment":
+                    if vtype != 4:
+                        fail("general.alignment must be u32")
+                    alignment = struct.unpack_from("<I", buf, pos)[0]
+                pos += _SCALAR_SIZE[vtype]
+            else:
+                fail(f"metadata key '{key}': unknown value type {vtype}")
+            if key in keys:
+                fail(f"duplicate metadata key '{key}'")
+            keys.add(key)
+        if alignment == 0 or alignment & (alignment - 1) or alignment > _MAX_ALIGNMENT:
+            fail(f"general.alignment {alignment} is not a power of two in [1, 65536]")
+        tensors, names = [], set()
+        for _ in range(n_tensors):
+            name = string(_MAX_NAME_LEN, "tensor info").decode("utf-8", "replace")
+            nd = get("<I", "tensor info")
+            if not 1 <= nd <= 4:
+                fail(f"tensor '{name}': {nd} dimensions (1..4 supported)")
+            dims = [get("<Q", "tensor info") for _ in range(nd)]
+            ttype, offset = get("<I", "tensor info"), get("<Q", "tensor info")
+            total = 1
+            for d, e in enumerate(dims):
+                if not 1 <= e < 1 << 63:
+                    fail(f"tensor '{name}': dimension {d} is {e}")
+                total *= e
+                if total >= 1 << 63:
+                    fail(f"tensor '{name}': element count overflows")
+            try:
+                blck, bbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                fail(f"tensor '{name}': unsupported tensor type {ttype}")
+            if dims[0] % blck:
+                fail(f"tensor '{name}': row of {dims[0]} elements is not a multiple of the block size {blck}")
+            nbytes = total // blck * bbytes
+            if nbytes >= 1 << 63:
+                fail(f"tensor '{name}': byte size overflows")
+            if offset % alignment:
+                fail(f"tensor '{name}': data offset {offset} is not aligned to {alignment}")
+            if name in names:
+                fail(f"duplicate tensor name '{name}'")
+            names.add(name)
+            tensors.append((name, offset, nbytes))
+        data_start = -(-pos // alignment) * alignment
+        if tensors and data_start > size:
+            fail(f"truncated file: tensor data would start at {data_start}, file has {size} bytes")
+        for name, offset, nbytes in tensors:
+            if offset + nbytes > size - data_start:
+                fail(f"tensor '{name}': data [{offset}, +{nbytes}) extends past the end of the file (data section "
+                     f"holds {size - data_start} bytes; truncated file?)")
+
+
 def read_model(path: str | os.PathLike) -> ModelFile:
     import gguf
     path = str(path)
     if not os.path.isfile(path):
         raise GGUFFileError(f"{path}: no such file")
+    check_structure(path)
     try:
         r = gguf.GGUFReader(path, "r")
     except Exception as e:
