@@ -9,7 +9,7 @@
 # up by the Python package's library search). Seeds: build/fuzz/seeds (fuzz/make_corpus.py, made
 # once) + tests/regressions; new coverage goes to build/fuzz/corpus; crashes to build/fuzz/crashes/.
 # Every crash must become a file in tests/regressions/ (tests/test_fuzz.py replays them).
-# Exit status: 0 when the run found nothing, non-zero on a crash, leak or timeout.
+# Exit status: 0 when the run found nothing, 77 without clang/libFuzzer, else a crash, leak or timeout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
@@ -21,7 +21,14 @@ if [ -z "$CXX" ]; then
     if command -v "$c" >/dev/null; then CXX=$c; break; fi
   done
 fi
-[ -n "$CXX" ] || { echo "fuzz.sh: clang++ not found (apt-get install clang libclang-rt-14-dev)" >&2; exit 2; }
+# Exit 77: no toolchain (the caller may skip).
+[ -n "$CXX" ] || { echo "fuzz.sh: clang++ not found (apt-get install clang libclang-rt-14-dev)" >&2; exit 77; }
+mkdir -p build/fuzz
+if ! echo 'extern "C" int LLVMFuzzerTestOneInput(const unsigned char *, unsigned long) { return 0; }' |
+     "$CXX" -x c++ -fsanitize=fuzzer,address,undefined - -o build/fuzz/probe 2>/dev/null; then
+  echo "fuzz.sh: $CXX lacks the libFuzzer/ASan runtime (Debian: apt-get install libclang-rt-14-dev)" >&2
+  exit 77
+fi
 
 B=build/fuzz
 mkdir -p "$B/obj" "$B/corpus" "$B/seeds" "$B/crashes"
