@@ -8,6 +8,7 @@ converted dense (F32, F16/Q8_0) and binary basis (rtn, residual), plus one file 
 flag (OFFSET, COLMASK, ELEMCLASS, SPARSE, POW2, COLSCALE and all of them) through a seed-only
 quantizer that adds random components to the residual cascade, so the validator sees every
 component tensor. ffn 96 with group 64 leaves padding columns in the last group of ffn_down.
+Two hand-written minimal models (tests/test_limits.py) put most mutations into the header.
 """
 from __future__ import annotations
 
@@ -94,6 +95,11 @@ def main(out: Path) -> None:
         runs += [(f"flag-{k}", "fuzzseed", 2, 64, "F16", {"flags": v}) for k, v in FLAG_NAMES.items()]
         runs.append(("flag-all", "fuzzseed", 3, 64, "Q8_0", {"flags": bbf.KNOWN_FLAGS & ~bbf.POW2}))
         runs.append(("flag-all-pow2", "fuzzseed", 2, 128, "F16", {"flags": bbf.KNOWN_FLAGS}))
+        # The smallest files the engine loads (tests/test_limits.py writes them byte by byte):
+        # ~1.6 kB, so nearly every mutation lands in the header, the metadata or the tensor infos.
+        from test_limits import valid_model
+        for tag, bb in (("hand-dense", False), ("hand-bb", True)):
+            (out / f"seed-{tag}").write_bytes(valid_model(bb).build())
         for tag, method, n, g, embed, extra in runs:
             f = out / f"seed-{tag}"
             convert(d, tmp / "x.gguf", ConvertOptions(method=method, bases=n, group=g, embed_type=embed,

@@ -1,10 +1,11 @@
 """Fuzzing, in CI: a short libFuzzer run of the C++ reader/validator/loader (tools/fuzz.sh, ASan +
 UBSan; the crash files in tests/regressions are part of its corpus, so they are replayed under the
-sanitizers first), and every crash file replayed through the Python API: each must end as a clean
-EngineError (or, for a file that is a valid model, load and evaluate), never as a crash.
+sanitizers first), and every crash file replayed through the Python API (engine and read_model):
+each must end as tests/regressions/expected.json says, a clean EngineError / GGUFFileError, or for
+a file that is a valid model (NaN weights, ...) a load and evaluation, never as a crash.
 
-A new crash: tools/fuzz.sh stops, leaves the input in build/fuzz/crashes/; fix the bug and copy the
-file to tests/regressions/<what-it-was>.bin."""
+A new crash: tools/fuzz.sh stops, leaves the input in build/fuzz/crashes/; fix the bug, copy the
+file to tests/regressions/<what-it-was>.bin and describe it in expected.json."""
 from __future__ import annotations
 
 import json
@@ -67,4 +68,8 @@ def test_regressions_fail_cleanly():
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"crash or unexpected exception (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(got) == len(REGRESSIONS)
+    expected = json.loads((ROOT / "tests" / "regressions" / "expected.json").read_text())
+    for p in REGRESSIONS:
+        assert p.name in expected, f"{p.name}: describe it in tests/regressions/expected.json"
+        want = [expected[p.name]["engine"], expected[p.name]["python"]]
+        assert got[str(p)] == want, f"{p.name}: engine/read_model gave {got[str(p)]}, expected {want}"
