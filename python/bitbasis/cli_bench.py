@@ -40,3 +40,5 @@ def add_commands(sub) -> None:
         bsub = bench.add_subparsers(dest="bench_what", metavar="WHAT")
         bsub.required = True
     _add_kernels(bsub)
+    from .bench_e2e import add_command as _add_e2e   # `bench e2e` lives in bench_e2e.py
+    _add_e2e(bsub)
