@@ -5,6 +5,14 @@
 // `gemv_scalar` computes: the integer part (Σ over ±1 signs of int8 activations) is exact, the
 // float part is summed in a fixed order per (row, group), so SIMD results equal the scalar
 // reference up to float reassociation across groups (tests allow 1e-5 relative).
+//
+// Files: kernels_scalar.cpp (reference, quantize_acts, bb_prepare), kernels_avx512.cpp (bit-serial
+// vpopcntq and masked-select vpdpbusd gemv; tokens-in-lanes vpdpbusd gemm), kernels_avx2.cpp
+// (byte-mask gemv, tokens-in-lanes vpmaddubsw gemm), kernels_neon.cpp (byte-mask gemv with sdot or
+// pairwise adds, tokens-in-lanes sdot gemm), kernels_dispatch.cpp (registry, CPU detection),
+// kernels_capi.cpp (bbk_* test/benchmark entry points used by bitbasis.bench). SIMD kernels handle
+// one class (no COLMASK/ELEMCLASS) with any N, G, OFFSET, POW2, COLSCALE, SPARSE and hand other
+// tensors to the scalar reference.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -75,7 +83,9 @@ using GemmFn = void (*)(const BBTensor &t, const QActs *acts, int n_tok, float *
                         int64_t r0, int64_t r1);
 
 struct Kernel {
-    const char *name;   // e.g. "scalar", "avx2-popcnt", "avx512-vpopcnt", "avx512-vnni", "neon-popcnt"
+    const char *name;   // "avx512-vpopcnt", "avx512-vnni", "avx2-bytemask", "neon-dotprod", "neon-bytemask",
+                        // "scalar"; "<name>-rows": same gemv, gemm = gemv's row loop per token (measured
+                        // alternative to the tokens-in-lanes gemm)
     const char *isa;    // "scalar" | "avx2" | "avx512" | "neon"
     GemvFn gemv;
     GemmFn gemm;
