@@ -71,8 +71,57 @@ def test_incremental_equals_batched(f32_model, prompt_ids):
     assert np.abs(again - full[5:9]).max() < 1e-3
 
 
+def _int8_act_hooks(model, group: int) -> None:
+    """Make the reference quantize the input of every block linear as the kernels do
+    (kernels.h QActs: per group of G columns, d = max|x|/127, q = round(x/d))."""
+    import torch
+
+    def hook(mod, args):
+        x = args[0]
+        c = x.shape[-1]
+        ng = -(-c // group)
+        xp = torch.nn.functional.pad(x, (0, ng * group - c)).reshape(*x.shape[:-1], ng, group)
+        amax = xp.abs().amax(-1, keepdim=True)
+        q = torch.round(xp * torch.where(amax > 0, 127 / amax, 0)).clamp(-127, 127)
+        return ((q * amax / 127).reshape(*x.shape[:-1], ng * group)[..., :c],)
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
+            mod.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("bases,group", [(1, 64), (2, 128), (3, 192)])
+def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group):
+    """On the tiny 2-layer model, the engine equals the PyTorch reference run with the kernels'
+    int8 activation quantization (so only float summation order differs): this pin the
+    binary-basis path (acts, gemv, gemm, padding: ffn_down has 320 columns) tightly."""
+    import torch
+    from bitbasis.convert import ConvertOptions, convert
+    from bitbasis.reference import torch_model_from_gguf
+    path = tmp_path / "tiny.gguf"
+    convert(tiny_dir, path, ConvertOptions(method="residual", bases=bases, group=group), progress=False)
+    m = Model(path, threads=2)
+    ids = list(range(300, 340))
+    lg = m.logits(ids)
+    ref_model, _ = torch_model_from_gguf(path)
+    _int8_act_hooks(ref_model, group)
+    ref = _torch_logits(ref_model, ids)
+    m.reset()
+    steps = np.stack([m.eval([t]) for t in ids])          # the gemv path
+    scale = float(np.abs(ref).max())
+    # an activation sitting on a rounding boundary may round the other way after a different
+    # float summation order: rare, so the mean is tight and the max is looser
+    for ours in (lg, steps):
+        d = np.abs(ours - ref)
+        assert d.mean() <= 1e-4 * scale and d.max() <= 1e-2 * scale, (d.mean(), d.max(), scale)
+
+
 @pytest.mark.parametrize("bases", [1, 2, 3])
-def test_binary_basis_perplexity_matches_reference(model_files, eval_text, bases):
+def test_binary_basis_perplexity_vs_reference(model_files, eval_text, bases):
+    """Real SmolLM2 files against the float PyTorch reference. The engine quantizes activations to
+    int8 per group (kernels.h) and the reference does not; on these files that alone moves the
+    perplexity by a few percent (see the report), so the bound here is 10%: it catches a broken
+    engine (which is off by orders of magnitude), not activation rounding."""
     from bitbasis.perplexity import perplexity, torch_logits_fn
     from bitbasis.reference import torch_model_from_gguf
     path = model_files("residual", bases)
@@ -81,7 +130,8 @@ def test_binary_basis_perplexity_matches_reference(model_files, eval_text, bases
     ours = perplexity(m.logits, tokens, "llamacpp", ctx=128, max_windows=3, progress=False)["ppl"]
     ref_model, _ = torch_model_from_gguf(path)
     ref = perplexity(torch_logits_fn(ref_model), tokens, "llamacpp", ctx=128, max_windows=3, progress=False)["ppl"]
-    assert abs(ours / ref - 1) <= 0.005, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {m.kernel})"
+    print(f"residual N={bases}: engine ppl {ours:.4f}, reference {ref:.4f}, ratio {ours / ref - 1:+.4%}")
+    assert abs(ours / ref - 1) <= 0.10, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {m.kernel})"
 
 
 def test_binary_basis_incremental_equals_batched(model_files, prompt_ids):
