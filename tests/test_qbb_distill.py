@@ -25,18 +25,23 @@ def test_basis_linear_starts_exactly_at_the_quantized_weights():
 
 
 def test_zero_distill_steps_leave_the_file_unchanged(tiny_dir, tmp_path):
-    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    convert(tiny_dir, a, ConvertOptions(method="qbb", bases=2, group=64, extra=dict(SMALL)), progress=False)
-    convert(tiny_dir, b, ConvertOptions(method="qbb", bases=2, group=64, extra=dict(SMALL, distill_steps=0)),
-            progress=False)
-    assert a.read_bytes() == b.read_bytes()
-    # and the whole-model path equals the per-layer quantizer
     from bitbasis import hf
     from bitbasis.gguf_io import read_model
     q = get_quantizer("qbb", bases=2, group=64, **SMALL)
+    q0 = get_quantizer("qbb", bases=2, group=64, distill_steps=0, **SMALL)
+    whole = q0.quantize_model(tiny_dir, progress=False)
+    assert D.distill(tiny_dir, whole, q0, progress=False) is whole            # zero steps: untouched
     sd = hf.load_state_dict(tiny_dir)
-    bb = q.quantize(torch.from_numpy(sd["model.layers.1.mlp.down_proj.weight"]))
-    np.testing.assert_array_equal(read_model(a).weight("blk.1.ffn_down.weight"), bbf.dequantize(bbf.round_trip(bb)))
+    for k, bb in whole.items():                                               # == the per-layer quantizer
+        ref = bbf.pack(q.quantize(torch.from_numpy(sd[k])))
+        for suf, v in bbf.pack(bb).parts.items():
+            assert v.tobytes() == ref.parts[suf].tobytes(), (k, suf)
+    # convert() takes the whole-model path and writes exactly those bases
+    out = tmp_path / "a.gguf"
+    convert(tiny_dir, out, ConvertOptions(method="qbb", bases=2, group=64, extra=dict(SMALL, distill_steps=0)),
+            progress=False)
+    np.testing.assert_array_equal(read_model(out).weight("blk.1.ffn_down.weight"),
+                                  bbf.dequantize(bbf.round_trip(whole["model.layers.1.mlp.down_proj.weight"])))
 
 
 def _distilled(tiny_dir, ckpt, steps=4):

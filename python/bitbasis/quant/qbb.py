@@ -8,11 +8,20 @@ Step 1, initialisation (`init`):
            N < 4 keeps the N most significant planes; N > 4 adds cascade planes on the residual.
   gptq4    the same, from the GPTQ 4-bit code (needs calibration: a Hessian per layer).
   cascade  the analytic residual cascade (quant.simple.residual_cascade).
-Step 2, per layer and data-free: Adam on ‖W − Σ α_i B_i − μ‖² (or tr(ΔW H ΔWᵀ) with a Hessian),
-  latent real B with a straight-through sign; one basis is updated per step (cycling) while every
-  scale updates every step (QBB eq. 4 and its iterative schedule).
-Then a closed-form least-squares refit of the scales for the final signs (never worse; checked).
+Step 2, per layer and data-free:
+  alternate  exact alternating minimisation of ‖W − Ŵ‖² (LQ-Net's QEM): every weight to its nearest of
+             the 2^N levels Σ ±α_i + μ of its group, then least-squares scales; `rounds` times.
+  descend    the paper's gradient descent: Adam on ‖W − Σ α_i B_i − μ‖² (tr(ΔW H ΔWᵀ) with a Hessian),
+             latent real B with a straight-through sign, ONE basis updated per step (cycling) while
+             every scale updates every step (QBB eq. 4); `iters` steps; the best iterate is kept.
+  Then a closed-form least-squares refit of the scales for the final signs (never worse; checked).
+  With calibration (hessian=true, or init=gptq4): `compensate` rounds of GPTQ on the fixed QBB levels
+  (each column to its nearest level, error spread over later columns), each followed by a refit; a
+  round is kept only when tr(ΔW H ΔWᵀ) drops.
 Step 3, data-free distillation of the scales: bitbasis.distill (option distill_steps).
+
+Measured on SmolLM2 layers: alternation gives almost all of the per-layer gain;
+the straight-through descent adds < 0.5 % lower error at several times the cost.
 """
 from __future__ import annotations
 
