@@ -222,8 +222,10 @@ def table(result: dict, baseline: str | None = None) -> str:
              f"loadavg {m['loadavg_start']} -> {m['loadavg_end']}"]
     if baseline:
         lines.append(f"ratios (x) against {baseline} at the same thread count; spread = (max-min)/median")
+    lines.append("MiB = file size; peak RSS = the whole measuring process; -base = minus its RSS before the engine "
+                 "is imported and the model loaded (interpreter, numpy)")
     lines.append(f"{'model':44s} {'thr':>3s} {'MiB':>7s} {'prompt t/s':>10s} {'spread':>6s} {'x':>5s} "
-                 f"{'decode t/s':>10s} {'spread':>6s} {'x':>5s} {'peak RSS':>9s}")
+                 f"{'decode t/s':>10s} {'spread':>6s} {'x':>5s} {'peak RSS':>9s} {'-base':>8s}")
     for r in rows:
         base = next((b for b in rows if b["label"] == baseline and b["threads"] == r["threads"]), None)
 
@@ -236,7 +238,8 @@ def table(result: dict, baseline: str | None = None) -> str:
         lines.append(f"{r['label'][:44]:44s} {r['threads']:3d} {r['file_bytes'] / 2**20:7.1f} "
                      f"{r['prompt_tok_s']:10.2f} {spread('prompt_tok_s', 'prompt_min', 'prompt_max')} "
                      f"{ratio('prompt_tok_s')} {dec} {spread('decode_tok_s', 'decode_min', 'decode_max')} "
-                     f"{ratio('decode_tok_s')} {r['peak_rss_bytes'] / 2**20:7.1f}Mi")
+                     f"{ratio('decode_tok_s')} {r['peak_rss_bytes'] / 2**20:7.1f}Mi "
+                     f"{(r['peak_rss_bytes'] - r['base_rss_bytes']) / 2**20:6.1f}Mi")
     return "\n".join(lines)
 
 
