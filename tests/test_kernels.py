@@ -131,9 +131,10 @@ def test_scalar_matches_python_dequantize(klib, flags):
         x = rng.normal(size=(2, cols)).astype(np.float32)
         ref = np.stack([kernel_semantics(bb, xi) for xi in x])
         for kern in ["scalar"] + [k["name"] for k in bench.kernels(klib) if k["supported"] and k["name"] != "scalar"]:
-            y = bench.matmul(p, x, kernel=kern, path=klib)
-            err, ok = _close(y, ref, 1e-5)
-            assert ok, f"{kern} [{rows}x{cols}] N={n} G={g} flags={flags}: rel err {err:.3g}"
+            for repack in (False, True):   # on-disk layout, and the kernel's load-time repack
+                y = bench.matmul(p, x, kernel=kern, repack=repack, path=klib)
+                err, ok = _close(y, ref, 1e-5)
+                assert ok, f"{kern} repack={repack} [{rows}x{cols}] N={n} G={g} flags={flags}: rel err {err:.3g}"
         # and the quantized product is close to the float one (activation quantization error only)
         err, ok = _close(bench.matmul(p, x[0], kernel="scalar", path=klib), fmt.dequantize(bb) @ x[0], 0.05)
         assert ok, f"int8 activations too far from float: {err:.3g}"

@@ -14,11 +14,31 @@
 // one class (no COLMASK/ELEMCLASS) with any N, G, OFFSET, POW2, COLSCALE, SPARSE and hand other
 // tensors to the scalar reference.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
 namespace bb {
+
+// 64-byte aligned storage for repacked planes and kernel buffers: a 512-bit load that straddles two
+// cache lines costs two.
+template <class T>
+struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <class U>
+    Aligned64(const Aligned64<U> &) {}
+    T *allocate(size_t n) { return static_cast<T *>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T *p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U>
+    bool operator==(const Aligned64<U> &) const { return true; }
+    template <class U>
+    bool operator!=(const Aligned64<U> &) const { return false; }
+};
+template <class T>
+using avec = std::vector<T, Aligned64<T>>;
 
 enum : uint32_t { F_OFFSET = 1, F_COLMASK = 2, F_ELEMCLASS = 4, F_SPARSE = 8, F_POW2 = 16, F_COLSCALE = 32 };
 
@@ -46,7 +66,7 @@ struct BBTensor {
     std::vector<int64_t> sparse_row_start;  // [rows + 1] index into sparse_codes
     std::vector<float> bias;                // [rows][ngroups] μ − Σ_i α_i (only when C == 1), so that
                                             // Σ_j w_j q_j = Σ_i 2 α_i P_i + bias · S
-    std::vector<uint8_t> repacked;          // optional ISA-specific copy of the planes
+    avec<uint8_t> repacked;                 // optional ISA-specific copy of the planes (64-byte aligned)
     std::string repacked_for;               // which kernel the copy is for
 };
 

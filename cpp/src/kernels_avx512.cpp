@@ -144,7 +144,7 @@ static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
 // qwords in on-disk order (qword m: group m/(N s), plane (m/s) % N, chunk m % s), so for each block
 // of 8 qwords we store the 8 activation bit planes of the matching 64-column chunks, [M/8][8 k][8].
 struct BitActs {
-    std::vector<uint64_t> x;  // [M8/8][8 k][8 qwords]
+    avec<uint64_t> x;         // [M8/8][8 k][8 qwords]
     std::vector<float> d2;    // [M8] 2·d_g of each qword's group
     std::vector<int32_t> ai;  // [M8] α index of each qword within the row (= m / s)
     std::vector<float> dS;    // [ng]
@@ -211,11 +211,96 @@ static void vpopcnt_rows(const BBTensor &t, const BitActs &b, float *y, int64_t 
     }
 }
 
+// Load-time repack for the bit-serial kernel ("vpopcnt-pairs"): a row's (group, plane) pairs
+// p = g·N + i are taken 8 at a time, and for each chunk c < s = G/64 the 8 pairs' qwords are stored
+// together: [row][pair block][c][8 lanes]. Lane l then always holds pair 8·pb + l, so the popcount
+// sums of a pair's s chunks add in int64 and the float step runs once per 8 pairs with α loaded
+// contiguously (no per-qword α expansion, no shuffles). Missing pairs of the last block are zero.
+// Measured on a Xeon (Sapphire Rapids), 4096x4096 and 11008x4096, N = 2: 15-40% faster GEMV at
+// G = 128 and 256. G = 64 is left unrepacked: its on-disk order already is this layout.
+static constexpr const char *REPACK_PAIRS = "vpopcnt-pairs";
+
+static void repack_pairs(BBTensor &t) {
+    const int s = t.group / 64;
+    if (s == 1) return;   // G = 64: the on-disk order is already this layout
+    const int64_t np = t.ngroups * t.n_planes, npb = (np + 7) / 8, row_q = npb * s * 8;
+    t.repacked.assign((size_t)(t.rows * row_q * 8), 0);
+    for (int64_t r = 0; r < t.rows; r++) {
+        const uint8_t *src = t.planes + r * np * s * 8;
+        uint8_t *dst = t.repacked.data() + r * row_q * 8;
+        for (int64_t p = 0; p < np; p++)
+            for (int c = 0; c < s; c++) std::memcpy(dst + (((p / 8) * s + c) * 8 + p % 8) * 8, src + (p * s + c) * 8, 8);
+    }
+    t.repacked_for = REPACK_PAIRS;
+}
+
+// Activations in the repacked order: [pair block][c][8 k][8 lanes] qwords, 2·d_g per pair.
+struct PairActs {
+    avec<uint64_t> x;
+    std::vector<float> d2;    // [npb·8]
+    std::vector<float> dS;    // [ng]
+};
+
+static void pair_acts(const BBTensor &t, const QActs &a, PairActs &b) {
+    const int N = t.n_planes, s = t.group / 64;
+    const int64_t ng = t.ngroups, np = ng * N, npb = (np + 7) / 8;
+    b.x.assign((size_t)(npb * s * 64), 0);
+    b.d2.assign((size_t)(npb * 8), 0.0f);
+    for (int64_t g = 0; g < ng; g++)
+        for (int c = 0; c < s; c++) {
+            const __m512i qv = _mm512_loadu_si512(a.q.data() + (g * s + c) * 64);
+            for (int k = 0; k < 8; k++) {
+                const uint64_t plane = _cvtmask64_u64(_mm512_test_epi8_mask(qv, _mm512_set1_epi8((char)(1u << k))));
+                for (int i = 0; i < N; i++) {
+                    const int64_t p = g * N + i;
+                    b.x[(((p / 8) * s + c) * 8 + k) * 8 + p % 8] = plane;
+                }
+            }
+        }
+    for (int64_t p = 0; p < np; p++) b.d2[p] = 2.0f * a.d[p / N];
+    token_ds(a, b.dS);
+}
+
+static void vpopcnt_pairs_rows(const BBTensor &t, const PairActs &b, float *y, int64_t r0, int64_t r1) {
+    const int N = t.n_planes, s = t.group / 64;
+    const int64_t ng = t.ngroups, np = ng * N, npb = (np + 7) / 8, row_q = npb * s * 8;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint64_t *pl = reinterpret_cast<const uint64_t *>(t.repacked.data()) + r * row_q;
+        const float *al = t.scales.data() + r * np;   // α of pair p = al[p] (one class)
+        __m256 fv = _mm256_setzero_ps();
+        for (int64_t pb = 0; pb < npb; pb++) {
+            __m512i P = _mm512_setzero_si512();
+            for (int c = 0; c < s; c++) {
+                const __m512i w = _mm512_loadu_si512(pl + (pb * s + c) * 8);
+                const uint64_t *x = b.x.data() + (pb * s + c) * 64;
+                // Horner over the activation bits: −128·pc_7 + Σ_{k<7} 2^k pc_k
+                __m512i p = _mm512_sub_epi64(_mm512_setzero_si512(), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 56))));
+                for (int k = 6; k >= 0; k--)
+                    p = _mm512_add_epi64(_mm512_add_epi64(p, p), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 8 * k))));
+                P = _mm512_add_epi64(P, p);
+            }
+            const __m256 f = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(P));   // |P| ≤ 127·G: fits int32
+            const __m256 alpha = pb * 8 + 8 <= np ? _mm256_loadu_ps(al + pb * 8)
+                                                  : _mm256_maskz_loadu_ps((__mmask8)((1u << (np - pb * 8)) - 1), al + pb * 8);
+            fv = _mm256_fmadd_ps(f, _mm256_mul_ps(alpha, _mm256_loadu_ps(b.d2.data() + pb * 8)), fv);
+        }
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(fv), _mm256_extractf128_ps(fv, 1));
+        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        y[r - r0] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + dot_f32(t.bias.data() + r * ng, b.dS.data(), ng);
+    }
+}
+
 static void gemv_vpopcnt(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     if (!common_case(t)) return gemv_scalar(t, a, y, r0, r1);
-    thread_local BitActs b;
-    bit_acts(t, a, b);
-    vpopcnt_rows(t, b, y, r0, r1);
+    if (t.repacked_for == REPACK_PAIRS) {
+        thread_local PairActs pb;
+        pair_acts(t, a, pb);
+        vpopcnt_pairs_rows(t, pb, y, r0, r1);
+    } else {   // on-disk layout
+        thread_local BitActs b;
+        bit_acts(t, a, b);
+        vpopcnt_rows(t, b, y, r0, r1);
+    }
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
@@ -244,7 +329,7 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
 
 struct TokTiles {
     int ntiles = 0;
-    std::vector<uint8_t> x;   // [tile][cols_pad/4][16 tokens][4]
+    avec<uint8_t> x;          // [tile][cols_pad/4][16 tokens][4]
     std::vector<float> d, S;  // [tile][ng][16]
 };
 
@@ -363,7 +448,7 @@ static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *
         default: tok_pick<8>(full, one, R); break;
     }
     thread_local TokTiles tt;
-    thread_local std::vector<int8_t> B;
+    thread_local avec<int8_t> B;
     thread_local std::vector<int32_t> corr;
     build_tiles(t, acts, n_tok, tt);
     const int64_t cp = sign_stride(t);
@@ -395,9 +480,9 @@ void add_kernels_avx512(std::vector<Kernel> &v) {
     // G = 64..128 where the masked-select one pays a float reduction per (group, plane)
     // gemm: tokens-in-lanes vpdpbusd; the "-rows" variants keep each kernel's own row loop per token
     // (the alternative GEMM strategy, measured by bench kernels)
-    v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_tokens, has_vpopcnt_vnni, nullptr});
+    v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_tokens, has_vpopcnt_vnni, repack_pairs});
     v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_tokens, has_vnni, nullptr});
-    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, nullptr});
+    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, repack_pairs});
     v.push_back(Kernel{"avx512-vnni-rows", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
 }
 
