@@ -55,8 +55,10 @@ def _chat_tokens(m, history: list[dict], reply_budget: int) -> list[int]:
 def cmd_chat(a) -> int:
     from .engine import Model
     m = Model(a.model, threads=a.threads, n_ctx=a.ctx)
-    if m.tokenizer.chat_template is None and not m.chat_template:
-        raise ValueError(f"{a.model}: no chat template in the file (tokenizer.chat_template)")
+    if not m.tokenizer.chat_template:
+        if not m.chat_template:
+            raise ValueError(f"{a.model}: no chat template in the file (tokenizer.chat_template)")
+        m.tokenizer.chat_template = m.chat_template
     budget = min(a.n_predict, m.n_ctx // 2)
     history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
     print(f"bitbasis chat: {a.model} ({m.kernel}, {m.threads} threads, context {m.n_ctx}). "
