@@ -1,8 +1,7 @@
 // AVX-512 kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vpopcntdq).
 //
-// Both handle the common case (one class: no COLMASK / ELEMCLASS), any N, G, OFFSET, POW2,
-// COLSCALE (folded into the activations) and SPARSE (add_sparse); other tensors go to the scalar
-// reference. Both use Σ_j w_j q_j = Σ_i 2 α_i P_i + (μ − Σ_i α_i) S with P_i = Σ_{bit_i=1} q_j,
+// Both handle any N, G, OFFSET, POW2, COLSCALE (folded into the activations) and SPARSE
+// (add_sparse); tensors with classes (COLMASK / ELEMCLASS) take the masked-select class path. Both use Σ_j w_j q_j = Σ_i 2 α_i P_i + (μ − Σ_i α_i) S with P_i = Σ_{bit_i=1} q_j,
 // S = Σ q_j: the per-group integers P_i are exact, the (μ − Σα)·S part is one dot product per row.
 //
 //  avx512-vnni    masked select + vpdpbusd: a plane's 64 bits are a k-mask choosing the int8
@@ -56,6 +55,10 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     }
     return _mm512_reduce_add_ps(acc);
 }
+
+// Tensors with classes (COLMASK / ELEMCLASS), defined below.
+static void gemv_classes(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
+static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 
 // ---- avx512-vnni --------------------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ static RowsFn vnni_fn(const BBTensor &t) {
 }
 
 static void gemv_vnni(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
-    if (!common_case(t)) return gemv_scalar(t, a, y, r0, r1);
+    if (!common_case(t)) return gemv_classes(t, a, y, r0, r1);
     thread_local std::vector<float> dS;
     token_ds(a, dS);
     vnni_fn(t)(t, a, dS.data(), y, r0, r1);
@@ -123,7 +126,7 @@ static void gemv_vnni(const BBTensor &t, const QActs &a, float *y, int64_t r0, i
 static constexpr int64_t ROW_BLOCK = 16;
 
 static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (!common_case(t)) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
+    if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
     thread_local std::vector<float> dS;
     dS.resize(n_tok * t.ngroups);
     for (int k = 0; k < n_tok; k++)
@@ -135,6 +138,88 @@ static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
             fn(t, acts[k], dS.data() + k * t.ngroups, Y + k * ldy + (rb - r0), rb, re);
             if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
         }
+    }
+}
+
+// Several classes (COLMASK / ELEMCLASS: BiLLM, ARB): the same masked select with the class masks
+// ANDed in. Per (row, group, class c): S_c = Σ_{j∈c} q_j and P_{c,i} = Σ_{j∈c, bit_i=1} q_j, then
+// Σ_c [Σ_i α_{c,i} (2 P_{c,i} − S_c) + μ_c S_c]. Class 1 = colmask, class C−1 = elemclass & ~colmask,
+// class 0 = the rest (spec "class c = ...").
+template <int N>
+static void vnni_class_rows(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    const int G = t.group, s = G / 64, C = t.n_classes;
+    const int64_t ng = t.ngroups;
+    const bool off = !t.offsets.empty();
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *pl = t.planes + r * ng * N * (G / 8);
+        __m512 fv = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i P[3][N], S[3];
+            for (int c = 0; c < C; c++) {
+                S[c] = _mm512_setzero_si512();
+                for (int i = 0; i < N; i++) P[c][i] = _mm512_setzero_si512();
+            }
+            const int8_t *q = a.q.data() + g * G;
+            const uint8_t *pg = pl + g * N * (G / 8);
+            const uint8_t *cm = t.colmask ? t.colmask + g * (G / 8) : nullptr;
+            const uint8_t *em = t.elemclass ? t.elemclass + (r * ng + g) * (G / 8) : nullptr;
+            for (int c64 = 0; c64 < s; c64++) {
+                const __m512i qv = _mm512_loadu_si512(q + c64 * 64);
+                const uint64_t m1 = cm ? load_u64(cm + c64 * 8) : 0, m2 = em ? load_u64(em + c64 * 8) & ~m1 : 0;
+                uint64_t mc[3] = {~(m1 | m2), 0, 0};
+                if (cm) mc[1] = m1;
+                if (em) mc[C - 1] = m2;
+                for (int c = 0; c < C; c++) {
+                    S[c] = _mm512_dpbusd_epi32(S[c], ones, _mm512_maskz_mov_epi8(_cvtu64_mask64(mc[c]), qv));
+                    for (int i = 0; i < N; i++) {
+                        const __mmask64 k = _cvtu64_mask64(load_u64(pg + (i * s + c64) * 8) & mc[c]);
+                        P[c][i] = _mm512_dpbusd_epi32(P[c][i], ones, _mm512_maskz_mov_epi8(k, qv));
+                    }
+                }
+            }
+            const float d = a.d[g];
+            const float *al = t.scales.data() + (r * ng + g) * C * N;
+            for (int c = 0; c < C; c++) {
+                float sum_a = 0.0f;
+                for (int i = 0; i < N; i++) {
+                    fv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P[c][i]), _mm512_set1_ps(2.0f * al[c * N + i] * d), fv);
+                    sum_a += al[c * N + i];
+                }
+                const float mu = off ? t.offsets[(r * ng + g) * C + c] : 0.0f;
+                fv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[c]), _mm512_set1_ps((mu - sum_a) * d), fv);
+            }
+        }
+        y[r - r0] = _mm512_reduce_add_ps(fv);
+    }
+}
+
+using ClassFn = void (*)(const BBTensor &, const QActs &, float *, int64_t, int64_t);
+
+static ClassFn class_fn(int n) {
+    switch (n) {
+        case 1: return vnni_class_rows<1>;
+        case 2: return vnni_class_rows<2>;
+        case 3: return vnni_class_rows<3>;
+        case 4: return vnni_class_rows<4>;
+        case 5: return vnni_class_rows<5>;
+        case 6: return vnni_class_rows<6>;
+        case 7: return vnni_class_rows<7>;
+        default: return vnni_class_rows<8>;
+    }
+}
+
+// gemv for tensors outside the common case: classes here, anything else the scalar reference.
+static void gemv_classes(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    if (t.n_classes < 2 || t.n_classes > 3) return gemv_scalar(t, a, y, r0, r1);
+    class_fn(t.n_planes)(t, a, y, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    for (int64_t rb = r0; rb < r1; rb += 16) {   // a block of rows stays in L1 across the tokens
+        const int64_t re = std::min(r1, rb + 16);
+        for (int k = 0; k < n_tok; k++) gemv_classes(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
     }
 }
 
@@ -291,7 +376,7 @@ static void vpopcnt_pairs_rows(const BBTensor &t, const PairActs &b, float *y, i
 }
 
 static void gemv_vpopcnt(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
-    if (!common_case(t)) return gemv_scalar(t, a, y, r0, r1);
+    if (!common_case(t)) return gemv_classes(t, a, y, r0, r1);
     if (t.repacked_for == REPACK_PAIRS) {
         thread_local PairActs pb;
         pair_acts(t, a, pb);
@@ -305,7 +390,7 @@ static void gemv_vpopcnt(const BBTensor &t, const QActs &a, float *y, int64_t r0
 }
 
 static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (!common_case(t)) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
+    if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
     thread_local std::vector<BitActs> bs;
     if ((int)bs.size() < n_tok) bs.resize(n_tok);
     for (int k = 0; k < n_tok; k++) bit_acts(t, acts[k], bs[k]);
@@ -431,10 +516,8 @@ static void tok_pick(TokFn &full, TokFn &one, int &R) {
 }
 
 static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (!common_case(t) || n_tok < 2) {
-        for (int k = 0; k < n_tok; k++) gemv_vnni(t, acts[k], Y + k * ldy, r0, r1);
-        return;
-    }
+    if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
+    if (n_tok < 2) return gemv_vnni(t, acts[0], Y, r0, r1);
     TokFn full = nullptr, one = nullptr;
     int R = 1;
     switch (t.n_planes) {
@@ -482,7 +565,7 @@ void add_kernels_avx512(std::vector<Kernel> &v) {
     // (the alternative GEMM strategy, measured by bench kernels)
     v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_tokens, has_vpopcnt_vnni, repack_pairs});
     v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_tokens, has_vnni, nullptr});
-    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt, repack_pairs});
+    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt_vnni, repack_pairs});
     v.push_back(Kernel{"avx512-vnni-rows", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
 }
 

@@ -105,13 +105,16 @@ static double now() {
 extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
                          int n_threads, double min_seconds, double *best, double *median, double *weight_bytes) {
     try {
-        if (flags & (F_COLMASK | F_ELEMCLASS | F_SPARSE | F_COLSCALE))
-            throw std::runtime_error("bench: only OFFSET and POW2 flags");
+        if (flags & (F_SPARSE | F_COLSCALE | ~63u))
+            throw std::runtime_error("bench: only OFFSET, POW2, COLMASK and ELEMCLASS flags");
         const Kernel &k = kernel_by_name(kernel);
-        const int64_t ng = (cols + group - 1) / group, S = (flags & F_POW2) ? 1 : n_planes;
+        const int C = 1 + !!(flags & F_COLMASK) + !!(flags & F_ELEMCLASS);
+        const int64_t ng = (cols + group - 1) / group, S = ((flags & F_POW2) ? 1 : n_planes) * C;
         const int64_t pbytes = rows * ng * n_planes * (group / 8);
         Aligned<uint8_t> planes(pbytes);
-        Aligned<uint16_t> scales(rows * ng * S), offsets(rows * ng);
+        Aligned<uint16_t> scales(rows * ng * S), offsets(rows * ng * C);
+        // class masks (BiLLM-like): ~10% salient columns, ~20% of the other elements in class C-1
+        Aligned<uint8_t> colmask(ng * (group / 8)), elemclass(rows * ng * (group / 8));
         std::mt19937_64 rng(7);
         for (int64_t i = 0; i < pbytes; i += 8) {
             const uint64_t v = rng();
@@ -123,12 +126,29 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
                 for (int64_t c = cols - (ng - 1) * group; c < group; c++)
                     planes.p[((r * ng + ng - 1) * n_planes + i) * (group / 8) + c / 8] &= (uint8_t)~(1u << (c % 8));
         for (int64_t i = 0; i < rows * ng * S; i++) scales.p[i] = (uint16_t)(0x2000 + (rng() & 0x3ff));   // ~0.01
-        for (int64_t i = 0; i < rows * ng; i++) offsets.p[i] = (uint16_t)(0x1c00 + (rng() & 0x3ff));
+        for (int64_t i = 0; i < rows * ng * C; i++) offsets.p[i] = (uint16_t)(0x1c00 + (rng() & 0x3ff));
+        std::bernoulli_distribution sal(0.1), ec(0.2);
+        for (int64_t g = 0; g < ng; g++)
+            for (int j = 0; j < group / 8; j++) {
+                uint8_t b = 0;
+                for (int u = 0; u < 8; u++) b |= (g * group + j * 8 + u < cols && sal(rng)) << u;
+                colmask.p[g * (group / 8) + j] = b;
+            }
+        for (int64_t i = 0; i < rows * ng * (group / 8); i++) {
+            const int64_t col0 = (i % (ng * (group / 8))) * 8;
+            uint8_t b = 0;
+            for (int u = 0; u < 8; u++) b |= (col0 + u < cols && ec(rng)) << u;
+            elemclass.p[i] = b;
+        }
         BBTensor t;
-        t.rows = rows; t.cols = cols; t.n_planes = n_planes; t.group = group; t.flags = flags; t.n_classes = 1;
+        t.rows = rows; t.cols = cols; t.n_planes = n_planes; t.group = group; t.flags = flags; t.n_classes = C;
         t.planes = planes.p; t.scales_f16 = scales.p; t.offsets_f16 = (flags & F_OFFSET) ? offsets.p : nullptr;
+        t.colmask = (flags & F_COLMASK) ? colmask.p : nullptr;
+        t.elemclass = (flags & F_ELEMCLASS) ? elemclass.p : nullptr;
         bb_prepare(t, k.name);
-        *weight_bytes = (double)(pbytes + rows * ng * S * 2 + ((flags & F_OFFSET) ? rows * ng * 2 : 0));
+        *weight_bytes = (double)(pbytes + rows * ng * S * 2 + ((flags & F_OFFSET) ? rows * ng * C * 2 : 0) +
+                                 ((flags & F_COLMASK) ? ng * (group / 8) : 0) +
+                                 ((flags & F_ELEMCLASS) ? rows * ng * (group / 8) : 0));
         std::vector<QActs> acts(n_tok);
         std::normal_distribution<float> nd;
         std::vector<float> x(cols);
