@@ -226,7 +226,7 @@ def main_kernels(args) -> int:
                     bw_bytes=16 << 20)
     else:
         opts = dict(planes=ints(args.planes), groups=ints(args.groups), shapes=tuple(args.shapes.split(",")),
-                    threads=ints(args.threads), tokens=args.tokens, min_time=args.min_time)
+                    threads=ints(args.threads), tokens=args.tokens, min_time=args.min_time, flags=args.flags)
     for s in opts["shapes"]:
         _shape_list(s)   # fail before the bandwidth test
     names = args.kernels.split(",") if args.kernels else None

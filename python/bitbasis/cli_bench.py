@@ -17,6 +17,8 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     p.add_argument("--tokens", type=int, default=128, help="tokens of the GEMM (prompt) case (default 128)")
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of repetitions per case (default 0.2)")
+    p.add_argument("--flags", type=int, default=1,
+                   help="format flags of the timed tensors: OFFSET=1, COLMASK=2, ELEMCLASS=4, POW2=16 (default 1)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--lib", default=None, help="libbitbasis.so to load (default: BITBASIS_LIB or the built package)")
     p.add_argument("--smoke", action="store_true", help="a tiny subset in seconds (checks the output format)")
