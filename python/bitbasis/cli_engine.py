@@ -77,14 +77,14 @@ def cmd_chat(a) -> int:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        try:
-            ids = _chat_tokens(m, history, budget)
-        except ValueError as e:
-            history.pop()
-            print(f"bitbasis: {e}", file=sys.stderr)
-            continue
         reply = ""
         try:
+            try:
+                ids = _chat_tokens(m, history, budget)
+            except ValueError as e:
+                history.pop()
+                print(f"bitbasis: {e}", file=sys.stderr)
+                continue
             for piece in m.generate(ids, max_tokens=budget, temperature=a.temp, top_k=a.top_k, top_p=a.top_p,
                                     seed=a.seed, reuse_cache=True):
                 reply += piece
