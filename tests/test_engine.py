@@ -116,6 +116,7 @@ def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group
         assert d.mean() <= 1e-4 * scale and d.max() <= 1e-2 * scale, (d.mean(), d.max(), scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bases", [1, 2, 3])
 def test_binary_basis_perplexity_vs_reference(model_files, eval_text, bases):
     """Real SmolLM2 files against the float PyTorch reference: a coarse guard. The engine quantizes
