@@ -149,6 +149,16 @@ class ModelFile:
         return n + sum(p.rows * p.cols for p in self.packed.values())
 
 
+_VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+               "tokenizer.ggml.scores")
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+    """A metadata array left undecoded; `length` is its element count."""
+    length: int
+
+
 def _field_value(f):
     try:
         return f.contents()
@@ -295,7 +305,9 @@ def read_model(path: str | os.PathLike) -> ModelFile:
         r = gguf.GGUFReader(path, "r")
     except Exception as e:
         raise GGUFFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-    kv = {k: _field_value(f) for k, f in r.fields.items()}
+    # The vocabulary arrays (~50k strings) take tens of seconds to decode through GGUFReader and
+    # nothing here needs them (the tokenizer is rebuilt by transformers): keep their length only.
+    kv = {k: (LazyArray(len(f.data)) if k in _VOCAB_KEYS else _field_value(f)) for k, f in r.fields.items()}
     version = kv.get("bitbasis.version")
     if version is not None and int(version) > bbf.VERSION:
         raise GGUFFileError(f"{path}: bitbasis format version {version} is newer than this reader ({bbf.VERSION})")
