@@ -21,10 +21,13 @@ case "$what" in
 esac
 pip_q ".${extras}"
 if [ "$what" = "test" ] && [ "$(uname -m)" = "x86_64" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  # NEON kernels are tested by cross-compiling and running under qemu
-  if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null) \
-      || echo "setup: could not install the aarch64 cross compiler / qemu; NEON tests will be skipped" >&2
+  # NEON kernels are tested by cross-compiling and running under qemu; the GGUF reader is fuzzed
+  # with libFuzzer (clang) and the C++ tests run under sanitizers.
+  if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null \
+     || ! command -v clang-14 >/dev/null || [ -z "$(ls /usr/lib/llvm-14/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a 2>/dev/null)" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+       g++-aarch64-linux-gnu qemu-user clang-14 libclang-rt-14-dev >/dev/null) \
+      || echo "setup: could not install cross compiler / qemu / clang; those tests will be skipped" >&2
   fi
 fi
 # fetch the text corpus and materialize the default model once, into the user cache
