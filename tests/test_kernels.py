@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def kbuild() -> Path:
-    """A cmake build of libbitbasis + test_kernels, kept under BITBASIS_CACHE so reruns are incremental."""
+    """A cmake build of libbitbasis + test_kernels inside this checkout (a cmake cache is tied to its source
+    directory, so a build shared between clones breaks); reruns are incremental. Not under build/, where
+    an editable install looks for its library."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake not found")
-    cache = Path(os.environ.get("BITBASIS_CACHE", Path.home() / ".cache" / "bitbasis"))
-    d = cache / "kernel-test-build"
+    d = ROOT / ".kernel-test-build"
     for cmd in (["cmake", "-S", str(ROOT), "-B", str(d), "-DCMAKE_BUILD_TYPE=Release", "-DBITBASIS_TESTS=ON"],
                 ["cmake", "--build", str(d), "--target", "bitbasis", "test_kernels", "-j", "2"]):
         r = subprocess.run(cmd, capture_output=True, text=True)
