@@ -13,8 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 if [ -n "${BITBASIS_SANITIZE_DIR:-}" ]; then B=$BITBASIS_SANITIZE_DIR
-elif [ -n "${BITBASIS_CACHE:-}" ]; then B=$BITBASIS_CACHE/sanitize
-else B=${TMPDIR:-/tmp}/bitbasis-sanitize-$(id -u); fi
+else B=$ROOT/.sanitize-build; fi  # per checkout: a cmake cache is tied to its source directory
 mkdir -p "$B"
 CXX=${CXX:-c++}
 JOBS=${JOBS:-2}
