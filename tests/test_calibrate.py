@@ -105,3 +105,60 @@ def test_calibration_is_deterministic_and_model_holds_the_file(tiny_dir, calib_t
     from bitbasis.quant.gptq import gptq
     plain = gptq(torch.from_numpy(sd[k]), torch.eye(sd[k].shape[1]), 3, 64)[1].numpy()
     assert not np.array_equal(bbf.dequantize(a[k]), plain)
+
+
+@pytest.mark.parametrize("method", ["gptq", "billm"])
+def test_interrupted_quantization_resumes_to_the_same_file(tmp_path, tiny_dir, calib_text, method, monkeypatch):
+    """Stop a calibrated convert inside block 1; the rerun re-quantizes only block 1 (block 0 comes
+    from its checkpoint) and writes the same bytes as a run that was never interrupted."""
+    import bitbasis.quant as quant_pkg
+    from bitbasis.quant import get_quantizer
+
+    calib = dict(CALIB, text=str(calib_text), checkpoint=str(tmp_path / "ckpt"))
+    opts = ConvertOptions(method=method, bases=2, group=64, calib=calib)
+    calls = []
+
+    def quantizer_stopping_after(n):
+        q = get_quantizer(method, bases=2, group=64)
+        real = q.quantize
+
+        def quantize(w, h=None):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return real(w, h)
+        q.quantize = quantize           # an instance attribute: settings() (dataclass fields) unchanged
+        return q
+
+    monkeypatch.setattr(quant_pkg, "get_quantizer", lambda *a, **k: quantizer_stopping_after(10))
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_dir, tmp_path / "resumed.gguf", opts, progress=False)
+    assert not (tmp_path / "resumed.gguf").exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["blk-000.npz"]
+    calls.clear()
+    monkeypatch.setattr(quant_pkg, "get_quantizer", lambda *a, **k: quantizer_stopping_after(10 ** 6))
+    convert(tiny_dir, tmp_path / "resumed.gguf", opts, progress=False)
+    assert len(calls) == 7                          # block 1 only
+    assert not (tmp_path / "ckpt").exists()         # removed once the run completed
+    monkeypatch.undo()
+    whole = dict(calib, checkpoint="none")
+    convert(tiny_dir, tmp_path / "whole.gguf", ConvertOptions(method=method, bases=2, group=64, calib=whole),
+            progress=False)
+    assert (tmp_path / "resumed.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_checkpoint_of_other_shapes_is_a_clear_error(tmp_path, tiny_dir, calib_text):
+    from bitbasis.calibrate import Checkpoints
+    from bitbasis.quant import get_quantizer
+    ck = Checkpoints(tmp_path / "ckpt")
+    bb = bbf.BinaryBasis(signs=np.ones((1, 3, 64), bool), scales=np.ones((3, 1, 1, 1), np.float32), group=64)
+    ck.save(0, {"model.layers.0.self_attn.q_proj.weight": bb})
+    back = ck.load(0)["model.layers.0.self_attn.q_proj.weight"]
+    assert np.array_equal(back.signs, bb.signs) and back.group == 64 and back.offsets is None
+    calib = dict(CALIB, text=str(calib_text), checkpoint=str(tmp_path / "ckpt"))
+    with pytest.raises(CalibrationError, match="checkpoint does not match"):
+        quantize_model(tiny_dir, get_quantizer("gptq", bases=2, group=64), calib, progress=False)
+    (tmp_path / "ckpt" / "blk-000.npz").write_bytes(b"not a zip")
+    with pytest.raises(CalibrationError, match="unreadable calibration checkpoint"):
+        quantize_model(tiny_dir, get_quantizer("gptq", bases=2, group=64), calib, progress=False)

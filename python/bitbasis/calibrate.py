@@ -5,10 +5,19 @@ block k: hooks accumulate H = 2/n Σ x xᵀ over the n calibration tokens for ev
 one input, so one Hessian; gate and up share another), each linear is quantized, the weights the file
 will hold (pack → unpack → dequantize) are written back into the block, and block k is re-run with
 them to give the inputs of block k+1. Only one block's activations (inputs and outputs) are held.
+
+Each finished block's quantized linears are checkpointed (one small .npz per block, under the cache,
+keyed by the model, the quantizer settings and the calibration options), so an interrupted run resumes:
+finished blocks are not re-quantized, only re-run with their stored weights to rebuild the next block's
+inputs, which gives the same bytes as an uninterrupted run. The checkpoints go when the run completes.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -142,6 +151,79 @@ def relative_error(w, wq, H) -> float:
     return float(((d @ H) * d).sum() / ((w @ H) * w).sum().clamp(min=1e-30))
 
 
+class Checkpoints:
+    """Per-block results of one calibration run: blk-KKK.npz holds {linear name: BinaryBasis}."""
+
+    FIELDS = ("signs", "scales", "offsets", "colmask", "elemclass", "sparse_mask", "sparse_codes",
+              "sparse_zs", "colscale")
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    @classmethod
+    def for_run(cls, model_dir: Path, quantizer, calib_opts: dict) -> "Checkpoints":
+        where = calib_opts.get("checkpoint")
+        if where == "none":
+            return cls(None)
+        if where:
+            return cls(Path(where))
+        from . import hf
+        return cls(hf.cache_dir() / "calib-checkpoints" / run_key(model_dir, quantizer, calib_opts))
+
+    def path(self, k: int) -> Path:
+        return self.root / f"blk-{k:03d}.npz"
+
+    def load(self, k: int) -> dict[str, bbf.BinaryBasis] | None:
+        if self.root is None or not self.path(k).is_file():
+            return None
+        try:
+            with np.load(self.path(k)) as z:
+                names = json.loads(str(z["names"]))
+                out = {}
+                for i, name in enumerate(names):
+                    f = {fld: z[f"{i}.{fld}"] for fld in self.FIELDS if f"{i}.{fld}" in z}
+                    out[name] = bbf.BinaryBasis(group=int(z[f"{i}.group"]), pow2=bool(z[f"{i}.pow2"]), **f)
+                return out
+        except (OSError, ValueError, KeyError) as e:
+            raise CalibrationError(f"{self.path(k)}: unreadable calibration checkpoint ({e}); "
+                                   f"remove {self.root} to start over") from None
+
+    def save(self, k: int, bbs: dict[str, bbf.BinaryBasis]) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        arrays = {"names": np.array(json.dumps(list(bbs)))}
+        for i, bb in enumerate(bbs.values()):
+            arrays[f"{i}.group"], arrays[f"{i}.pow2"] = np.array(bb.group), np.array(bb.pow2)
+            arrays.update({f"{i}.{fld}": getattr(bb, fld) for fld in self.FIELDS
+                           if getattr(bb, fld) is not None})
+        tmp = self.path(k).with_suffix(".tmp")
+        with open(tmp, "wb") as f:                      # a file object: np.savez would add ".npz"
+            np.savez(f, **arrays)
+        os.replace(tmp, self.path(k))                   # a half-written checkpoint is never read
+
+    def clear(self) -> None:
+        if self.root is not None and self.root.is_dir():
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_key(model_dir: Path, quantizer, calib_opts: dict) -> str:
+    """What the result depends on: the weights (path, sizes, mtimes), the quantizer settings, the
+    calibration options and text, and the format version."""
+    h = hashlib.sha256()
+    model_dir = Path(model_dir).resolve()
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    h.update(json.dumps([str(model_dir), bbf.VERSION, [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                                        for p in files]]).encode())
+    h.update(json.dumps(quantizer.settings(), sort_keys=True, default=str).encode())
+    opts = {k: v for k, v in calib_opts.items() if k != "checkpoint"}
+    if opts.get("text") and Path(opts["text"]).is_file():
+        st = Path(opts["text"]).stat()
+        opts["text_stat"] = (st.st_size, st.st_mtime_ns)
+    h.update(json.dumps(opts, sort_keys=True, default=str).encode())
+    return f"{quantizer.name}-{h.hexdigest()[:16]}"
+
+
 def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True) -> dict[str, bbf.BinaryBasis]:
     import torch
     from tqdm import tqdm
@@ -166,10 +248,25 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
     n_tok = samples * seqlen
     out: dict[str, bbf.BinaryBasis] = {}
     n_lin = sum(len(_linears(l)) for l in layers)
+    ckpt = Checkpoints.for_run(model_dir, quantizer, calib_opts)
     bar = tqdm(total=n_lin, desc=f"calibrate {quantizer.name}", disable=not progress, unit="linear")
     t0 = time.time()
     for k, layer in enumerate(layers):
         lins = _linears(layer)
+        done = ckpt.load(k)
+        if done is not None:                                    # resumed: weights from the checkpoint
+            for name, m in lins.items():
+                bb = done.get(f"model.layers.{k}.{name}.weight")
+                if bb is None or bb.shape != tuple(m.weight.shape):
+                    raise CalibrationError(f"{ckpt.path(k)}: checkpoint does not match {name} of block {k}; "
+                                           f"remove {ckpt.root} to start over")
+                m.weight.data = torch.from_numpy(bbf.dequantize(bb)).to(m.weight.device, m.weight.dtype)
+                out[f"model.layers.{k}.{name}.weight"] = bb
+            bar.update(len(lins))
+            if progress:
+                bar.write(f"blk {k:3d} resumed from {ckpt.path(k)}")
+            inps = _run_block(layer, inps, kw, chunk)
+            continue
         # Hessians: H = 2/n Σ x xᵀ, one per distinct input
         sums: dict[str, torch.Tensor] = {}
         hooks = []
@@ -206,10 +303,12 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
         if progress:
             bar.write(f"blk {k:3d} rel. err tr(ΔW H ΔWᵀ)/tr(W H Wᵀ): " + ", ".join(errs))
         del sums
+        ckpt.save(k, {n: b for n, b in out.items() if n.startswith(f"model.layers.{k}.")})
         inps = _run_block(layer, inps, kw, chunk)               # inputs of block k+1 (quantized)
         if not torch.isfinite(inps).all():
             raise CalibrationError(f"block {k}: outputs hold NaN or Inf after quantization")
     bar.close()
+    ckpt.clear()
     if progress:
         print(f"calibrated {n_lin} linears in {time.time() - t0:.1f} s "
               f"({samples} samples x {seqlen} tokens, {dev})")

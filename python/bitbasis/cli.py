@@ -48,6 +48,8 @@ def cmd_convert(a) -> int:
     calib = {"samples": a.calib_samples, "seqlen": a.calib_seqlen, "device": a.device, "seed": a.seed}
     if a.calib_text:
         calib["text"] = a.calib_text
+    if a.no_checkpoint or a.checkpoint_dir:
+        calib["checkpoint"] = "none" if a.no_checkpoint else a.checkpoint_dir
     opts = ConvertOptions(method=a.method, bases=a.bases, group=a.group, embed_type=a.embed_type,
                           calib=calib, extra=extra, force=a.force)
     s = convert(model_dir, a.output, opts, progress=not a.quiet)
@@ -138,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-text", help="calibration text file (default: the calibration plays)")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="where calibrated methods keep per-block checkpoints; an interrupted run started "
+                        "again with the same settings resumes from them (default: under the cache, "
+                        "keyed by model, method and calibration settings; removed when the run completes)")
+    c.add_argument("--no-checkpoint", action="store_true", help="keep no per-block checkpoints")
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. salient=0.1")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

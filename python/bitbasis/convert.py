@@ -96,7 +96,7 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
         dense.append(("rope_freqs.weight", factors, "F32"))
     settings = quantizer.settings() if quantizer else {}
     if opts.calib and quantizer is not None and quantizer.needs_hessian:
-        settings["calibration"] = opts.calib
+        settings["calibration"] = {k: v for k, v in opts.calib.items() if k != "checkpoint"}
     mt = ModelTensors(arch="llama", kv=kv, dense=dense, packed=packed, method=opts.method, settings=settings)
     write_model(out, mt, force=opts.force)
     s = summarize(read_model(out))
