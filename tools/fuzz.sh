@@ -63,6 +63,10 @@ fi
 
 # -max_len covers the largest seed (the F32 one, ~140 kB); the dictionary holds the GGUF keys and
 # tensor names the loader looks for. Leak detection stays on: a leak on an error path is a bug too.
-exec nice -n 19 "$B/fuzz_gguf" -max_total_time="$secs" -max_len=196608 -timeout=20 -rss_limit_mb=2048 \
+# Not `exec`: libFuzzer's -rss_limit_mb reads the *peak* RSS (getrusage ru_maxrss), which survives
+# execve, and a shell started by a large process (pytest holding a model: ~3 GB) inherits that peak,
+# so an exec'd fuzzer reported "out-of-memory" at its first check with a 28 MB heap. A child forked
+# from this small shell starts its peak afresh.
+nice -n 19 "$B/fuzz_gguf" -max_total_time="$secs" -max_len=196608 -timeout=20 -rss_limit_mb=2048 \
   -dict=fuzz/gguf.dict -artifact_prefix="$B/crashes/" -print_final_stats=1 \
   "$@" "$B/corpus" "$B/seeds" tests/regressions
