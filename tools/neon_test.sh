@@ -2,11 +2,17 @@
 # Cross-compile the kernels and cpp/tests/test_kernels.cpp for aarch64 and run them under qemu:
 # once on a CPU with the dot-product extension (neon-dotprod and neon-bytemask are both tested),
 # once on a Cortex-A53 without it (dispatch must skip neon-dotprod; neon-bytemask is tested).
-# Needs: apt-get install g++-aarch64-linux-gnu qemu-user
-# Usage: tools/neon_test.sh [--quick] [build-dir]
+# With --bench: cross-compile cpp/bench/bench_kernels.cpp instead and run `bitbasis bench kernels`
+# through it under qemu (default arguments --smoke; BENCH_ARGS overrides them). Its output is
+# labelled "emulated (qemu) — timings not comparable": this checks that the benchmark runs on
+# aarch64, never its speed.
+# Needs: apt-get install g++-aarch64-linux-gnu qemu-user (and, for --bench, bitbasis importable by $PYTHON)
+# Usage: tools/neon_test.sh [--quick | --bench] [build-dir]
 set -eu
-QUICK=""
-if [ "${1:-}" = "--quick" ]; then QUICK="--quick"; shift; fi
+MODE=""
+case "${1:-}" in
+    --quick|--bench) MODE="$1"; shift ;;
+esac
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-$(mktemp -d)}
 CXX=${CXX_AARCH64:-aarch64-linux-gnu-g++}
@@ -19,11 +25,24 @@ mkdir -p "$OUT"
 SRC="$ROOT/cpp/src"
 # The engine's kernels only: the x86 files compile to nothing on aarch64 (guarded), so every
 # kernel file can be passed; the baseline is armv8-a, dotprod is enabled per function.
+set -- "$SRC"/kernels_scalar.cpp "$SRC"/kernels_dispatch.cpp "$SRC"/kernels_neon.cpp "$SRC"/kernels_avx2.cpp \
+    "$SRC"/kernels_avx512.cpp
+if [ "$MODE" = "--bench" ]; then
+    # the benchmark entry points (kernels_capi.cpp, its thread pool) behind a line-protocol driver
+    "$CXX" -std=c++17 -O2 -Wall -Wextra -march=armv8-a -static -I"$SRC" \
+        "$ROOT/cpp/bench/bench_kernels.cpp" "$@" "$SRC/kernels_capi.cpp" "$SRC/threadpool.cpp" \
+        -o "$OUT/bench_kernels_aarch64"
+    echo "== bitbasis bench kernels under qemu -cpu max (emulated)"
+    # shellcheck disable=SC2086
+    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" -m bitbasis.cli bench kernels \
+        ${BENCH_ARGS:---smoke} --runner "'$QEMU' -L '$SYSROOT' -cpu max '$OUT/bench_kernels_aarch64'" \
+        --json "$OUT/bench_kernels_aarch64.json"
+    exit 0
+fi
 "$CXX" -std=c++17 -O2 -Wall -Wextra -march=armv8-a -static -I"$SRC" \
-    "$ROOT/cpp/tests/test_kernels.cpp" "$SRC"/kernels_scalar.cpp "$SRC"/kernels_dispatch.cpp \
-    "$SRC"/kernels_neon.cpp "$SRC"/kernels_avx2.cpp "$SRC"/kernels_avx512.cpp \
+    "$ROOT/cpp/tests/test_kernels.cpp" "$@" \
     -o "$OUT/test_kernels_aarch64"
 echo "== qemu -cpu max (neon + dotprod)"
-"$QEMU" -L "$SYSROOT" -cpu max "$OUT/test_kernels_aarch64" $QUICK
+"$QEMU" -L "$SYSROOT" -cpu max "$OUT/test_kernels_aarch64" $MODE
 echo "== qemu -cpu cortex-a53 (neon, no dotprod)"
-"$QEMU" -L "$SYSROOT" -cpu cortex-a53 "$OUT/test_kernels_aarch64" $QUICK
+"$QEMU" -L "$SYSROOT" -cpu cortex-a53 "$OUT/test_kernels_aarch64" $MODE

@@ -1,4 +1,4 @@
-"""`bitbasis bench kernels`: the CLI hook of bitbasis.bench (add_commands(sub) is called by cli.py).
+"""`bitbasis bench kernels` and `bitbasis bench compare`: the CLI hook of bitbasis.bench (add_commands(sub) is called by cli.py).
 
 If another module already registered `bench`, the `kernels` subcommand is added to its subparsers
 when it has them; otherwise `bench` is created here with `kernels` as its first subcommand.
@@ -13,6 +13,8 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--kernels", default=None, help="comma-separated kernel names (default: every supported one)")
     p.add_argument("--planes", default="1,2,3,4", help="plane counts N (default 1,2,3,4)")
     p.add_argument("--groups", default="64,128", help="group sizes G (default 64,128)")
+    p.add_argument("--groups-n1", default=None, help="group sizes for N = 1 only (default: --groups)")
+    p.add_argument("--ops", default="gemv,gemm", help="gemv (one token) and/or gemm (--tokens tokens); default both")
     p.add_argument("--shapes", default="smollm2,llama2-7b", help="shape sets (smollm2, llama2-7b) or ROWSxCOLS, comma-separated")
     p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     p.add_argument("--tokens", type=int, default=128, help="tokens of the GEMM (prompt) case (default 128)")
@@ -20,13 +22,36 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--flags", type=int, default=1,
                    help="format flags of the timed tensors: OFFSET=1, COLMASK=2, ELEMCLASS=4, POW2=16 (default 1)")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="draw throughput vs N per kernel (GEMV: %% of read bandwidth, GEMM: GOP/s) into this PNG")
     p.add_argument("--lib", default=None, help="libbitbasis.so to load (default: BITBASIS_LIB or the built package)")
+    p.add_argument("--runner", default=None, metavar="CMD",
+                   help="time through this bench_kernels program instead of --lib, e.g. a cross-compiled build: "
+                        "'qemu-aarch64 -cpu max ./bench_kernels_aarch64' (tools/neon_test.sh --bench); "
+                        "a qemu-* command labels the results emulated")
     p.add_argument("--smoke", action="store_true", help="a tiny subset in seconds (checks the output format)")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
 
     def _run(args):
         from . import bench
         return bench.main_kernels(args)
+    p.set_defaults(func=_run)
+
+
+def _add_compare(bsub) -> None:
+    p = bsub.add_parser("compare", help="merge `bench kernels` (or `bench e2e`) JSON of several machines into one table")
+    p.add_argument("files", nargs="+", metavar="JSON", help="results of `bench kernels --json` (or all of `bench e2e --json`)")
+    p.add_argument("--metric", default=None,
+                   help="kernels: gops (default), gbs, pct (%% of each machine's read bandwidth), us; "
+                        "e2e: decode (default), prompt")
+    p.add_argument("--per-kernel", action="store_true",
+                   help="one row per kernel (default: the fastest kernel of each machine per case)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the comparison into this PNG")
+    p.add_argument("--json", default=None, help="write the merged table here")
+
+    def _run(args):
+        from . import bench
+        return bench.main_compare(args)
     p.set_defaults(func=_run)
 
 
@@ -42,5 +67,6 @@ def add_commands(sub) -> None:
         bsub = bench.add_subparsers(dest="bench_what", metavar="WHAT")
         bsub.required = True
     _add_kernels(bsub)
+    _add_compare(bsub)
     from .bench_e2e import add_command as _add_e2e   # `bench e2e` lives in bench_e2e.py
     _add_e2e(bsub)
