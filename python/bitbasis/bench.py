@@ -125,6 +125,10 @@ class _Native:
     emulated = None
 
     def __init__(self, path: str | None):
+        if path is None:
+            from ._native import _library_path
+            path = str(_library_path())
+        self.path = os.path.abspath(path)
         self.ffi, self.lib = kernel_lib(path)
         self._out = [self.ffi.new("double *") for _ in range(3)]
 
@@ -269,6 +273,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _dirty_sources() -> list[str] | None:
+    """Tracked files under cpp/ (and CMakeLists.txt) that differ from the commit: the library timed
+    may not be the commit's when this is not empty."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        r = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "cpp",
+                            "CMakeLists.txt"], capture_output=True, text=True, timeout=10)
+        return [ln[3:] for ln in r.stdout.splitlines()] if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
@@ -331,6 +347,7 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
         "time_is": "best of repetitions (median also recorded)",
         "gops_is": "2*rows*cols*tokens / time (dense-equivalent)",
         "emulated": be.emulated, "runner": " ".join(be.argv) if isinstance(be, _Runner) else None,
+        "library": getattr(be, "path", None), "dirty_sources": _dirty_sources(),
     }
     if be.emulated:
         meta["timing_note"] = EMULATED_NOTE
@@ -657,7 +674,8 @@ def _draw(series_of_panel, panels, path: str, title: str, ylabel_of) -> dict:
             for label, pts in drawn[panel].items():
                 if label not in styles:
                     i_style = len(styles)
-                    styles[label] = dict(marker="os^vD<>ph*"[i_style % 10], linestyle=("-", "--", ":", "-.")[i_style // 10 % 4])
+                    styles[label] = dict(color=f"C{i_style % 10}", marker="os^vD<>ph*"[i_style % 10],   # same in every panel
+                                         linestyle=("-", "--", ":", "-.")[i_style // 10 % 4])
                 xs = sorted(x for x in pts if pts[x] is not None)
                 xs_all.update(xs)
                 ax.plot(xs, [pts[x] for x in xs], label=label, **styles[label])
