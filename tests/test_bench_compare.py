@@ -216,3 +216,26 @@ def test_runner_protocol(tmp_path, capsys):
     assert cli.main(["bench", "kernels", "--smoke", "--runner", "cat"]) == 1
     assert "not a bench_kernels program" in capsys.readouterr().err
     assert os.path.exists(tmp_path / "qemu-fake.json")
+
+
+def test_runner_grid(tmp_path):
+    """The grid: --groups-n1 applies to N = 1 only, --ops picks the ops, <k>-rows GEMV is <k>'s (timed once)."""
+    prog = tmp_path / "fake"
+    prog.write_text(FAKE_RUNNER.replace("PYTHON", sys.executable).replace('"fake-k fake 1;other fake 0;"',
+                                                                          '"fake-k fake 1;fake-k-rows fake 1;"')
+                    .replace('w[1] == "fake-k"', 'w[1].startswith("fake-k")'))
+    prog.chmod(prog.stat().st_mode | stat.S_IXUSR)
+    res = bench.run(runner=str(prog), planes=(1, 2), groups=(128,), groups_n1=(64, 128), shapes=("8x64",),
+                    threads=(1, 2), tokens=3, min_time=0.0, log=lambda *_: None)
+    got = sorted((c["kernel"], c["op"], c["planes"], c["group"], c["threads"]) for c in res["cases"])
+    want = sorted([(k, op, n, g, th) for k in ("fake-k", "fake-k-rows") for op in ("gemv", "gemm")
+                   for n, g in ((1, 64), (1, 128), (2, 128)) for th in (1, 2)
+                   if not (k == "fake-k-rows" and op == "gemv")])
+    assert got == want
+    assert all(c["tokens"] == (1 if c["op"] == "gemv" else 3) for c in res["cases"])
+    assert any("-rows" in n for n in res["meta"]["notes"])
+    only = bench.run(runner=str(prog), planes=(1,), groups=(128,), shapes=("8x64",), threads=(1,), ops=("gemm",),
+                     min_time=0.0, log=lambda *_: None)
+    assert {c["op"] for c in only["cases"]} == {"gemm"}
+    with pytest.raises(ValueError, match="expected gemv and/or gemm"):
+        bench.run(runner=str(prog), ops=("gemx",), log=lambda *_: None)
