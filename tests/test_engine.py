@@ -71,19 +71,23 @@ def test_incremental_equals_batched(f32_model, prompt_ids):
     assert np.abs(again - full[5:9]).max() < 1e-3
 
 
-def _int8_act_hooks(model, group: int) -> None:
+ACT_BLOCK = 32   # kernels.h QK
+
+
+def _int8_act_hooks(model, block: int = ACT_BLOCK) -> None:
     """Make the reference quantize the input of every block linear as the kernels do
-    (kernels.h QActs: per group of G columns, d = max|x|/127, q = round(x/d))."""
+    (kernels.h QActs: per block of QK = 32 columns, d = max|x|/127, q = round(x/d); the zero padding
+    to a multiple of G changes nothing)."""
     import torch
 
     def hook(mod, args):
         x = args[0]
         c = x.shape[-1]
-        ng = -(-c // group)
-        xp = torch.nn.functional.pad(x, (0, ng * group - c)).reshape(*x.shape[:-1], ng, group)
+        nb = -(-c // block)
+        xp = torch.nn.functional.pad(x, (0, nb * block - c)).reshape(*x.shape[:-1], nb, block)
         amax = xp.abs().amax(-1, keepdim=True)
         q = torch.round(xp * torch.where(amax > 0, 127 / amax, 0)).clamp(-127, 127)
-        return ((q * amax / 127).reshape(*x.shape[:-1], ng * group)[..., :c],)
+        return ((q * amax / 127).reshape(*x.shape[:-1], nb * block)[..., :c],)
 
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
@@ -104,7 +108,7 @@ def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group
     ids = list(range(300, 340))
     lg = m.logits(ids)
     ref_model, _ = torch_model_from_gguf(path)
-    _int8_act_hooks(ref_model, group)
+    _int8_act_hooks(ref_model)
     ref = _torch_logits(ref_model, ids)
     m.reset()
     steps = np.stack([m.eval([t]) for t in ids])          # the gemv path

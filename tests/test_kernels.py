@@ -89,10 +89,13 @@ def random_bb(rng, rows: int, cols: int, n: int, group: int, flags: int) -> fmt.
                            pow2=bool(flags & fmt.POW2), **kw)
 
 
+QK = 32   # activation block of the engine (kernels.h)
+
+
 def kernel_semantics(bb: fmt.BinaryBasis, x: np.ndarray) -> np.ndarray:
     """What every kernel computes (kernels.h), from format.dequantize: activations (times the column
-    scale) int8-quantized per group, d = max|x|/127, q = round(x/d); dense elements multiply d·q,
-    sparse elements multiply the raw x."""
+    scale) int8-quantized per block of QK = 32 columns, d = max|x|/127, q = round(x/d); dense elements
+    multiply d·q, sparse elements multiply the raw x."""
     rows, cols = bb.shape
     g = bb.group
     ng = fmt.n_groups(cols, g)
@@ -100,12 +103,12 @@ def kernel_semantics(bb: fmt.BinaryBasis, x: np.ndarray) -> np.ndarray:
     xs = np.zeros(ng * g, np.float32)
     xs[:cols] = x.astype(np.float32) * k
     xq = np.zeros(ng * g, np.float64)
-    for i in range(ng):
-        v = xs[i * g:(i + 1) * g]
+    for i in range(ng * g // QK):
+        v = xs[i * QK:(i + 1) * QK]
         amax = np.float32(np.abs(v).max())
         if amax > 0:
             q = np.clip(np.rint(v * (np.float32(127.0) / amax)), -127, 127)
-            xq[i * g:(i + 1) * g] = np.float64(amax / np.float32(127.0)) * q
+            xq[i * QK:(i + 1) * QK] = np.float64(amax / np.float32(127.0)) * q
     dense = fmt.dequantize(dataclasses.replace(bb, colscale=None, sparse_mask=None, sparse_codes=None, sparse_zs=None))
     sp = np.zeros((rows, cols), bool) if bb.sparse_mask is None else np.asarray(bb.sparse_mask, bool)
     w = fmt.dequantize(bb).astype(np.float64)
@@ -166,3 +169,25 @@ def test_neon_under_qemu(tmp_path):
     assert len(results) == 2 and all(f == "0" and int(c) > 1000 for c, f in results), r.stdout[-3000:]
     assert "kernels: neon-dotprod neon-bytemask" in r.stdout            # -cpu max: both NEON kernels run
     assert "neon-dotprod(unsupported) neon-bytemask" in r.stdout       # cortex-a53: dispatch skips sdot
+
+
+def test_outlier_channel_leaves_other_blocks_alone(klib):
+    """Each block of QK = 32 activations has its own int8 scale (kernels.h), so an outlier channel
+    (SmolLM2 has channels hundreds of times the others) coarsens only its own block: the product is
+    linear across blocks, y(x) = y(outlier's block alone) + y(the rest alone). With one scale per
+    group of G = 128 the outlier's scale flattened the other 127 columns of its group."""
+    from bitbasis import bench
+    rng = np.random.default_rng(7)
+    rows, cols = 64, 512
+    p = fmt.pack(fmt.round_trip(random_bb(rng, rows, cols, 2, 128, fmt.OFFSET)))
+    x = rng.normal(size=cols).astype(np.float32)
+    x[37] = 300.0                                   # block 1 (columns 32..63) of group 0
+    blk = np.zeros(cols, bool)
+    blk[32:64] = True
+    parts = np.stack([np.where(blk, x, 0), np.where(blk, 0, x)]).astype(np.float32)
+    kernels = ["scalar"] + [k["name"] for k in bench.kernels(klib) if k["supported"] and k["name"] != "scalar"]
+    for kern in kernels:
+        y = bench.matmul(p, x, kernel=kern, path=klib)
+        y_parts = bench.matmul(p, parts, kernel=kern, path=klib).sum(0)
+        err, ok = _close(y, y_parts, 1e-5)
+        assert ok, f"{kern}: the outlier changed other blocks' quantization (rel err {err:.3g})"

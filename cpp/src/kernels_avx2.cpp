@@ -2,8 +2,9 @@
 //
 //  avx2-bytemask  Σ_j (2b_j − 1) q_j = 2 P − S with P = Σ_{b_j=1} q_j: 32 plane bits become a byte
 //                 mask (broadcast, vpshufb, compare), the mask selects the int8 activations and
-//                 vpmaddubsw sums them. Common case only (one class); the rest goes to the scalar
-//                 reference. See kernels_avx512.cpp for the shared algebra (bias = μ − Σ α).
+//                 vpmaddubsw sums them; a 32-column chunk is one activation block (QK), so its
+//                 scale d_b is applied per chunk. Common case only (one class); the rest goes to
+//                 the scalar reference. See kernels_avx512.cpp for the shared algebra (bias = μ − Σ α).
 #if defined(__x86_64__) || defined(_M_X64)
 #include "kernels.h"
 
@@ -37,9 +38,11 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+static_assert(QK == 32, "one 32-column chunk is one activation block");
+
 template <int N>
-static void bytemask_rows(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
-    const int G = t.group, nc = G / 32;   // 32-column chunks per group
+static void bytemask_rows(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    const int G = t.group, nc = G / 32;   // 32-column chunks (activation blocks) per group
     const int64_t ng = t.ngroups;
     // byte k of the 32-bit plane word goes to output bytes 8k..8k+7; each then tests its own bit
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -51,35 +54,27 @@ static void bytemask_rows(const BBTensor &t, const QActs &a, const float *dS, fl
         const float *al = t.scales.data() + r * ng * N;
         __m256 fv = _mm256_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
-            __m256i acc32[N], acc16[N];
-            for (int i = 0; i < N; i++) acc32[i] = acc16[i] = _mm256_setzero_si256();
+            __m256 F[N];   // Σ over the group's blocks of d_b · P_ib (per lane)
+            for (int i = 0; i < N; i++) F[i] = _mm256_setzero_ps();
             const int8_t *q = a.q.data() + g * G;
             const uint8_t *pg = pl + g * N * (G / 8);
             for (int c = 0; c < nc; c++) {
                 const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q + c * 32));
+                const __m256 dv = _mm256_set1_ps(a.d[g * nc + c]);
                 for (int i = 0; i < N; i++) {
                     const __m256i vb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)load_u32(pg + i * (G / 8) + c * 4)), spread);
                     const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(vb, bitsel), bitsel);
-                    acc16[i] = _mm256_add_epi16(acc16[i], _mm256_maddubs_epi16(ones8, _mm256_and_si256(m, qv)));
-                }
-                if ((c & 63) == 63) {   // int16 lanes gain ≤ 2·127 per chunk: widen before they overflow
-                    for (int i = 0; i < N; i++) {
-                        acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones16));
-                        acc16[i] = _mm256_setzero_si256();
-                    }
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_and_si256(m, qv)), ones16);
+                    F[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv, F[i]);
                 }
             }
-            const float d2 = 2.0f * a.d[g];
-            for (int i = 0; i < N; i++) {
-                acc32[i] = _mm256_add_epi32(acc32[i], _mm256_madd_epi16(acc16[i], ones16));
-                fv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc32[i]), _mm256_set1_ps(al[g * N + i] * d2), fv);
-            }
+            for (int i = 0; i < N; i++) fv = _mm256_fmadd_ps(F[i], _mm256_set1_ps(2.0f * al[g * N + i]), fv);
         }
-        y[r - r0] = hsum256(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
+        y[r - r0] = hsum256(fv) + dot_f32(t.bias.data() + r * ng, a.dS.data(), ng);
     }
 }
 
-using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
+using RowsFn = void (*)(const BBTensor &, const QActs &, float *, int64_t, int64_t);
 
 static RowsFn bytemask_fn(int n) {
     switch (n) {
@@ -96,10 +91,7 @@ static RowsFn bytemask_fn(int n) {
 
 static void gemv_bytemask(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     if (t.n_classes != 1 || t.bias.empty()) return gemv_scalar(t, a, y, r0, r1);
-    thread_local std::vector<float> dS;
-    dS.resize(a.ngroups);
-    for (int64_t g = 0; g < a.ngroups; g++) dS[g] = a.d[g] * (float)a.qsum[g];
-    bytemask_fn(t.n_planes)(t, a, dS.data(), y, r0, r1);
+    bytemask_fn(t.n_planes)(t, a, y, r0, r1);
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
@@ -107,15 +99,11 @@ static void gemv_bytemask(const BBTensor &t, const QActs &a, float *y, int64_t r
 static void gemm_bytemask(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     if (t.n_classes != 1 || t.bias.empty()) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
     constexpr int64_t ROW_BLOCK = 16;
-    thread_local std::vector<float> dS;
-    dS.resize(n_tok * t.ngroups);
-    for (int k = 0; k < n_tok; k++)
-        for (int64_t g = 0; g < t.ngroups; g++) dS[k * t.ngroups + g] = acts[k].d[g] * (float)acts[k].qsum[g];
     const RowsFn fn = bytemask_fn(t.n_planes);
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
         for (int k = 0; k < n_tok; k++) {
-            fn(t, acts[k], dS.data() + k * t.ngroups, Y + k * ldy + (rb - r0), rb, re);
+            fn(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
             if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
         }
     }
@@ -123,45 +111,38 @@ static void gemm_bytemask(const BBTensor &t, const QActs *acts, int n_tok, float
 
 // ---- GEMM: tokens in the lanes --------------------------------------------------------------------
 //
-// As the AVX-512 GEMM (kernels_avx512.cpp): for 4 columns one ymm holds 8 tokens × 4 bytes
-// u = q + 128, a row's ±1 signs of those columns are one broadcast dword, vpmaddubsw gives
-// u_0 s_0 + u_1 s_1 per token pair (|·| ≤ 510, never saturates) and up to 64 of them add in int16
-// before vpmaddwd widens them to int32. D_i = Σ s_j q_j = Σ s_j u_j − 128·(2·popcount − G) exactly.
+// As the AVX-512 GEMM (kernels_avx512.cpp): for 4 columns one ymm holds 8 tokens × 4 int8
+// activations (s8), a row's plane bits of those columns are one broadcast dword of 0/1 bytes (u8),
+// vpmaddubsw gives b_0 q_0 + b_1 q_1 per token pair (|·| ≤ 254) and the 8 steps of one activation
+// block (QK = 32 columns) add in int16 (≤ 2032) before vpmaddwd widens them: P_i per token exactly.
 
 struct TokTiles8 {
     int ntiles = 0;
-    std::vector<uint8_t> x;   // [tile][cols_pad/4][8 tokens][4]
-    std::vector<float> d, S;  // [tile][ng][8]
+    std::vector<int8_t> x;    // [tile][cols_pad/4][8 tokens][4]
+    std::vector<float> d, dS; // [tile][nblocks][8], [tile][ng][8]
 };
 
 static void build_tiles8(const BBTensor &t, const QActs *acts, int n_tok, TokTiles8 &tt) {
-    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4;
+    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4, nb = cp / QK;
     tt.ntiles = (n_tok + 7) / 8;
-    tt.x.assign((size_t)tt.ntiles * cp * 8, 128);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * ng * 8, 0.0f);
-    tt.S.assign((size_t)tt.ntiles * ng * 8, 0.0f);
+    tt.x.assign((size_t)tt.ntiles * cp * 8, 0);   // padding tokens: q = 0
+    tt.d.assign((size_t)tt.ntiles * nb * 8, 0.0f);
+    tt.dS.assign((size_t)tt.ntiles * ng * 8, 0.0f);
     for (int k = 0; k < n_tok; k++) {
         const int tile = k / 8, lane = k % 8;
         const int8_t *q = acts[k].q.data();
-        uint8_t *x = tt.x.data() + (size_t)tile * cp * 8 + lane * 4;
-        for (int64_t c4 = 0; c4 < c4n; c4++) {
-            uint32_t v;
-            std::memcpy(&v, q + c4 * 4, 4);
-            v ^= 0x80808080u;   // q + 128 as u8
-            std::memcpy(x + c4 * 32, &v, 4);
-        }
-        for (int64_t g = 0; g < ng; g++) {
-            tt.d[(tile * ng + g) * 8 + lane] = acts[k].d[g];
-            tt.S[(tile * ng + g) * 8 + lane] = (float)acts[k].qsum[g];
-        }
+        int8_t *x = tt.x.data() + (size_t)tile * cp * 8 + lane * 4;
+        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 32, q + c4 * 4, 4);
+        for (int64_t b = 0; b < nb; b++) tt.d[(tile * nb + b) * 8 + lane] = acts[k].d[b];
+        for (int64_t g = 0; g < ng; g++) tt.dS[(tile * ng + g) * 8 + lane] = acts[k].dS[g];
     }
 }
 
-// Row stride of the unpacked signs: cols_pad + 64 (cols_pad is often a multiple of 4 KiB).
+// Row stride of the unpacked bits: cols_pad + 64 (cols_pad is often a multiple of 4 KiB).
 static inline int64_t sign_stride8(const BBTensor &t) { return t.ngroups * t.group + 64; }
 
-// Signs of rows [r, r + nr) as ±1 bytes [nr][N][stride], and 128·(2·popcount − G) per (row, group, plane).
-static void unpack_signs8(const BBTensor &t, int64_t r, int nr, int8_t *B, int32_t *corr) {
+// Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
+static void unpack_bits8(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
     const int N = t.n_planes, G = t.group;
     const int64_t ng = t.ngroups, cp = sign_stride8(t);
     const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -172,71 +153,54 @@ static void unpack_signs8(const BBTensor &t, int64_t r, int nr, int8_t *B, int32
         const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
         for (int64_t g = 0; g < ng; g++)
             for (int i = 0; i < N; i++) {
-                int pc = 0;
                 const uint8_t *bits = pl + (g * N + i) * (G / 8);
                 for (int c = 0; c < G / 32; c++) {
-                    const uint32_t w = load_u32(bits + c * 4);
-                    pc += __builtin_popcount(w);
-                    const __m256i vb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), spread);
+                    const __m256i vb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)load_u32(bits + c * 4)), spread);
                     const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(vb, bitsel), bitsel);   // 0xff where set
-                    // set: 1, clear: −1  ((m & 2) − 1)
-                    const __m256i sgn = _mm256_sub_epi8(_mm256_and_si256(m, _mm256_set1_epi8(2)), ones8);
-                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(B + (rr * N + i) * cp + g * G + c * 32), sgn);
+                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(B + (rr * N + i) * cp + g * G + c * 32), _mm256_and_si256(m, ones8));
                 }
-                corr[(rr * ng + g) * N + i] = 128 * (2 * pc - G);
             }
     }
 }
 
 template <int N, int R>
-static void tok_block8(const BBTensor &t, const TokTiles8 &tt, int tile, const int8_t *B, const int32_t *corr, int64_t r,
-                       float *out /* [R][8] */) {
+static void tok_block8(const BBTensor &t, const TokTiles8 &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][8] */) {
     const int G = t.group;
-    const int64_t ng = t.ngroups, cp = sign_stride8(t);
-    const uint8_t *X = tt.x.data() + (size_t)tile * ng * G * 8;
-    const bool off = !t.offsets.empty();
+    const int64_t ng = t.ngroups, nb = ng * G / QK, cp = sign_stride8(t);
+    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 8;
     const __m256i ones16 = _mm256_set1_epi16(1);
     __m256 fv[R];
     for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const __m256 dv = _mm256_loadu_ps(tt.d.data() + (tile * ng + g) * 8);
-        __m256i acc[R][N], acc32[R][N];   // acc32: int32 carry of groups longer than 64 steps (rare)
-        for (int rr = 0; rr < R; rr++)
-            for (int i = 0; i < N; i++) acc[rr][i] = acc32[rr][i] = _mm256_setzero_si256();
-        const int64_t c0 = g * G / 4, c1 = (g + 1) * G / 4;
-        for (int64_t c4 = c0; c4 < c1; c4++) {
-            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(X + c4 * 32));
+        for (int64_t b = g * G / QK; b < (g + 1) * G / QK; b++) {
+            __m256i acc[R][N];
             for (int rr = 0; rr < R; rr++)
-                for (int i = 0; i < N; i++) {
-                    int32_t w;
-                    std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                    acc[rr][i] = _mm256_add_epi16(acc[rr][i], _mm256_maddubs_epi16(xv, _mm256_set1_epi32(w)));
-                }
-            if (((c4 - c0) & 63) == 63 && c4 + 1 < c1) {   // int16 holds 64 steps: widen, exactly
+                for (int i = 0; i < N; i++) acc[rr][i] = _mm256_setzero_si256();
+            for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(X + c4 * 32));
                 for (int rr = 0; rr < R; rr++)
                     for (int i = 0; i < N; i++) {
-                        acc32[rr][i] = _mm256_add_epi32(acc32[rr][i], _mm256_madd_epi16(acc[rr][i], ones16));
-                        acc[rr][i] = _mm256_setzero_si256();
+                        int32_t w;
+                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
+                        acc[rr][i] = _mm256_add_epi16(acc[rr][i], _mm256_maddubs_epi16(_mm256_set1_epi32(w), xv));
                     }
             }
-        }
-        for (int rr = 0; rr < R; rr++) {   // D_i exact in int32, then α_i·d per token
-            const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
-            for (int i = 0; i < N; i++) {
-                const __m256i D = _mm256_sub_epi32(_mm256_add_epi32(acc32[rr][i], _mm256_madd_epi16(acc[rr][i], ones16)),
-                                                   _mm256_set1_epi32(corr[(rr * ng + g) * N + i]));
-                fv[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(D), _mm256_mul_ps(_mm256_set1_ps(al[i]), dv), fv[rr]);
+            const __m256 dv = _mm256_loadu_ps(tt.d.data() + (tile * nb + b) * 8);
+            for (int rr = 0; rr < R; rr++) {   // P_i exact in int32, then 2 α_i, then d_b per token
+                const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
+                __m256 gs = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[rr][0], ones16)), _mm256_set1_ps(2.0f * al[0]));
+                for (int i = 1; i < N; i++)
+                    gs = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[rr][i], ones16)), _mm256_set1_ps(2.0f * al[i]), gs);
+                fv[rr] = _mm256_fmadd_ps(gs, dv, fv[rr]);
             }
         }
-        if (off) {
-            const __m256 dS = _mm256_mul_ps(dv, _mm256_loadu_ps(tt.S.data() + (tile * ng + g) * 8));
-            for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_fmadd_ps(_mm256_set1_ps(t.offsets[(r + rr) * ng + g]), dS, fv[rr]);
-        }
+        const __m256 dS = _mm256_loadu_ps(tt.dS.data() + (tile * ng + g) * 8);
+        for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_fmadd_ps(_mm256_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
     }
     for (int rr = 0; rr < R; rr++) _mm256_storeu_ps(out + rr * 8, fv[rr]);
 }
 
-using TokFn8 = void (*)(const BBTensor &, const TokTiles8 &, int, const int8_t *, const int32_t *, int64_t, float *);
+using TokFn8 = void (*)(const BBTensor &, const TokTiles8 &, int, const uint8_t *, int64_t, float *);
 
 // Rows per block so that R·N int16 accumulators + R sums fit the 16 ymm registers.
 template <int N>
@@ -264,23 +228,19 @@ static void gemm_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float 
         default: tok_pick8<8>(full, one, R); break;
     }
     thread_local TokTiles8 tt;
-    thread_local std::vector<int8_t> B;
-    thread_local std::vector<int32_t> corr;
+    thread_local std::vector<uint8_t> B;
     build_tiles8(t, acts, n_tok, tt);
     const int64_t cp = sign_stride8(t);
     B.resize((size_t)R * t.n_planes * cp);
-    corr.resize((size_t)R * t.ngroups * t.n_planes);
     alignas(32) float out[4 * 8];
     for (int64_t rb = r0; rb < r1; rb += R) {
         const int nr = (int)std::min<int64_t>(R, r1 - rb);
-        unpack_signs8(t, rb, nr, B.data(), corr.data());
+        unpack_bits8(t, rb, nr, B.data());
         for (int tile = 0; tile < tt.ntiles; tile++) {
             if (nr == R) {
-                full(t, tt, tile, B.data(), corr.data(), rb, out);
+                full(t, tt, tile, B.data(), rb, out);
             } else {
-                for (int rr = 0; rr < nr; rr++)
-                    one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, corr.data() + (size_t)rr * t.ngroups * t.n_planes,
-                        rb + rr, out + rr * 8);
+                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 8);
             }
             const int nt = std::min(8, n_tok - tile * 8);
             for (int rr = 0; rr < nr; rr++)

@@ -6,10 +6,13 @@
 //
 //  avx512-vnni    masked select + vpdpbusd: a plane's 64 bits are a k-mask choosing the int8
 //                 activations, vpdpbusd sums them into 16 int32 lanes (POW2: weights 2^i fold
-//                 every plane into one accumulator).
+//                 every plane into one accumulator); lanes 0-7 hold the 64-column chunk's first
+//                 activation block (QK = 32), lanes 8-15 its second, so one float FMA per chunk
+//                 applies both block scales.
 //  avx512-vpopcnt bit-serial: activations as 8 bit planes (two's complement, bit 7 weighs −128),
-//                 P = Σ_k ±2^k popcount(w & x_k), 64 columns per int64 lane, streaming the row's
-//                 planes in on-disk order (the activation planes are laid out to match).
+//                 P = Σ_k ±2^k popcount(w & x_k), 32 columns (one activation block) per int32
+//                 lane, streaming the row's planes in on-disk order (the activation planes are
+//                 laid out to match).
 #if defined(__x86_64__) || defined(_M_X64)
 #include "kernels.h"
 
@@ -39,10 +42,19 @@ static inline uint64_t load_u64(const void *p) {
     return v;
 }
 
-// dS[g] = d_g · S_g for the bias term.
-static void token_ds(const QActs &a, std::vector<float> &dS) {
-    dS.resize(a.ngroups);
-    for (int64_t g = 0; g < a.ngroups; g++) dS[g] = a.d[g] * (float)a.qsum[g];
+static_assert(QK == 32, "the AVX-512 kernels map one activation block to 8 dword lanes (vnni) or 1 (vpopcnt)");
+
+// The scales of a token's activation blocks as one 16-lane vector per 64-column chunk, times `mul`:
+// lanes 0-7 the chunk's first block, lanes 8-15 its second (the dword lanes vpdpbusd fills).
+static void chunk_scales(const QActs &a, float mul, avec<float> &dv) {
+    dv.resize((size_t)a.nblocks * 8);
+    for (int64_t b = 0; b < a.nblocks; b++)
+        for (int l = 0; l < 8; l++) dv[b * 8 + l] = mul * a.d[b];
+}
+
+// Each α of 8 lanes twice (lane 2l and 2l + 1): the two activation blocks of one 64-bit plane word.
+static inline __m512 dup_pairs(__m256 v) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), _mm512_castps256_ps512(v));
 }
 
 static inline float dot_f32(const float *a, const float *b, int64_t n) {
@@ -63,7 +75,7 @@ static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float 
 // ---- avx512-vnni --------------------------------------------------------------------------------
 
 template <int N, bool POW2>
-static void vnni_rows(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
+static void vnni_rows(const BBTensor &t, const QActs &a, const float *dv, float *y, int64_t r0, int64_t r1) {
     const int G = t.group, s = G / 64;
     const int64_t ng = t.ngroups;
     __m512i wplane[N];
@@ -74,26 +86,29 @@ static void vnni_rows(const BBTensor &t, const QActs &a, const float *dS, float 
         __m512 fv = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
             constexpr int NA = POW2 ? 1 : N;
-            __m512i acc[NA];
-            for (int i = 0; i < NA; i++) acc[i] = _mm512_setzero_si512();
+            __m512 F[NA];   // Σ over the group's chunks of 2·d_b · P_i (per lane)
+            for (int i = 0; i < NA; i++) F[i] = _mm512_setzero_ps();
             const int8_t *q = a.q.data() + g * G;
             const uint8_t *pg = pl + g * N * (G / 8);
             for (int c = 0; c < s; c++) {
                 const __m512i qv = _mm512_loadu_si512(q + c * 64);
+                __m512i acc[NA];
+                for (int i = 0; i < NA; i++) acc[i] = _mm512_setzero_si512();
                 for (int i = 0; i < N; i++) {
                     const __mmask64 k = _cvtu64_mask64(load_u64(pg + (i * s + c) * 8));
                     acc[POW2 ? 0 : i] = _mm512_dpbusd_epi32(acc[POW2 ? 0 : i], wplane[i], _mm512_maskz_mov_epi8(k, qv));
                 }
+                const __m512 d2 = _mm512_loadu_ps(dv + (g * s + c) * 16);
+                for (int i = 0; i < NA; i++) F[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), d2, F[i]);
             }
-            const float d2 = 2.0f * a.d[g];
             for (int i = 0; i < NA; i++)   // POW2: Σ_i α_i P_i = α_0 Σ_i 2^i P_i
-                fv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), _mm512_set1_ps(al[g * N + i] * d2), fv);
+                fv = _mm512_fmadd_ps(F[i], _mm512_set1_ps(al[g * N + i]), fv);
         }
-        y[r - r0] = _mm512_reduce_add_ps(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
+        y[r - r0] = _mm512_reduce_add_ps(fv) + dot_f32(t.bias.data() + r * ng, a.dS.data(), ng);
     }
 }
 
-using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
+using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);   // dv: chunk_scales(a, 2)
 
 template <bool POW2>
 static RowsFn vnni_pick(int n) {
@@ -115,9 +130,9 @@ static RowsFn vnni_fn(const BBTensor &t) {
 
 static void gemv_vnni(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     if (!common_case(t)) return gemv_classes(t, a, y, r0, r1);
-    thread_local std::vector<float> dS;
-    token_ds(a, dS);
-    vnni_fn(t)(t, a, dS.data(), y, r0, r1);
+    thread_local avec<float> dv;
+    chunk_scales(a, 2.0f, dv);
+    vnni_fn(t)(t, a, dv.data(), y, r0, r1);
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
@@ -127,15 +142,14 @@ static constexpr int64_t ROW_BLOCK = 16;
 
 static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
-    thread_local std::vector<float> dS;
-    dS.resize(n_tok * t.ngroups);
-    for (int k = 0; k < n_tok; k++)
-        for (int64_t g = 0; g < t.ngroups; g++) dS[k * t.ngroups + g] = acts[k].d[g] * (float)acts[k].qsum[g];
+    thread_local std::vector<avec<float>> dv;
+    if ((int)dv.size() < n_tok) dv.resize(n_tok);
+    for (int k = 0; k < n_tok; k++) chunk_scales(acts[k], 2.0f, dv[k]);
     const RowsFn fn = vnni_fn(t);
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
         for (int k = 0; k < n_tok; k++) {
-            fn(t, acts[k], dS.data() + k * t.ngroups, Y + k * ldy + (rb - r0), rb, re);
+            fn(t, acts[k], dv[k].data(), Y + k * ldy + (rb - r0), rb, re);
             if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
         }
     }
@@ -146,7 +160,7 @@ static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
 // Σ_c [Σ_i α_{c,i} (2 P_{c,i} − S_c) + μ_c S_c]. Class 1 = colmask, class C−1 = elemclass & ~colmask,
 // class 0 = the rest (spec "class c = ...").
 template <int N>
-static void vnni_class_rows(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+static void vnni_class_rows(const BBTensor &t, const QActs &a, const float *dv, float *y, int64_t r0, int64_t r1) {
     const int G = t.group, s = G / 64, C = t.n_classes;
     const int64_t ng = t.ngroups;
     const bool off = !t.offsets.empty();
@@ -155,10 +169,10 @@ static void vnni_class_rows(const BBTensor &t, const QActs &a, float *y, int64_t
         const uint8_t *pl = t.planes + r * ng * N * (G / 8);
         __m512 fv = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; g++) {
-            __m512i P[3][N], S[3];
+            __m512 FP[3][N], FS[3];   // Σ over the group's chunks of 2·d_b · P_{c,i} and 2·d_b · S_c (per lane)
             for (int c = 0; c < C; c++) {
-                S[c] = _mm512_setzero_si512();
-                for (int i = 0; i < N; i++) P[c][i] = _mm512_setzero_si512();
+                FS[c] = _mm512_setzero_ps();
+                for (int i = 0; i < N; i++) FP[c][i] = _mm512_setzero_ps();
             }
             const int8_t *q = a.q.data() + g * G;
             const uint8_t *pg = pl + g * N * (G / 8);
@@ -166,35 +180,37 @@ static void vnni_class_rows(const BBTensor &t, const QActs &a, float *y, int64_t
             const uint8_t *em = t.elemclass ? t.elemclass + (r * ng + g) * (G / 8) : nullptr;
             for (int c64 = 0; c64 < s; c64++) {
                 const __m512i qv = _mm512_loadu_si512(q + c64 * 64);
+                const __m512 d2 = _mm512_loadu_ps(dv + (g * s + c64) * 16);
                 const uint64_t m1 = cm ? load_u64(cm + c64 * 8) : 0, m2 = em ? load_u64(em + c64 * 8) & ~m1 : 0;
                 uint64_t mc[3] = {~(m1 | m2), 0, 0};
                 if (cm) mc[1] = m1;
                 if (em) mc[C - 1] = m2;
                 for (int c = 0; c < C; c++) {
-                    S[c] = _mm512_dpbusd_epi32(S[c], ones, _mm512_maskz_mov_epi8(_cvtu64_mask64(mc[c]), qv));
+                    const __m512i S = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_maskz_mov_epi8(_cvtu64_mask64(mc[c]), qv));
+                    FS[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), d2, FS[c]);
                     for (int i = 0; i < N; i++) {
                         const __mmask64 k = _cvtu64_mask64(load_u64(pg + (i * s + c64) * 8) & mc[c]);
-                        P[c][i] = _mm512_dpbusd_epi32(P[c][i], ones, _mm512_maskz_mov_epi8(k, qv));
+                        const __m512i P = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_maskz_mov_epi8(k, qv));
+                        FP[c][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P), d2, FP[c][i]);
                     }
                 }
             }
-            const float d = a.d[g];
             const float *al = t.scales.data() + (r * ng + g) * C * N;
-            for (int c = 0; c < C; c++) {
+            for (int c = 0; c < C; c++) {   // Σ_i α_i (2 P_i − S) + μ S, with 2·d_b already in FP and FS
                 float sum_a = 0.0f;
                 for (int i = 0; i < N; i++) {
-                    fv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(P[c][i]), _mm512_set1_ps(2.0f * al[c * N + i] * d), fv);
+                    fv = _mm512_fmadd_ps(FP[c][i], _mm512_set1_ps(al[c * N + i]), fv);
                     sum_a += al[c * N + i];
                 }
                 const float mu = off ? t.offsets[(r * ng + g) * C + c] : 0.0f;
-                fv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S[c]), _mm512_set1_ps((mu - sum_a) * d), fv);
+                fv = _mm512_fmadd_ps(FS[c], _mm512_set1_ps(0.5f * (mu - sum_a)), fv);
             }
         }
         y[r - r0] = _mm512_reduce_add_ps(fv);
     }
 }
 
-using ClassFn = void (*)(const BBTensor &, const QActs &, float *, int64_t, int64_t);
+using ClassFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
 
 static ClassFn class_fn(int n) {
     switch (n) {
@@ -212,14 +228,24 @@ static ClassFn class_fn(int n) {
 // gemv for tensors outside the common case: classes here, anything else the scalar reference.
 static void gemv_classes(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     if (t.n_classes < 2 || t.n_classes > 3) return gemv_scalar(t, a, y, r0, r1);
-    class_fn(t.n_planes)(t, a, y, r0, r1);
+    thread_local avec<float> dv;
+    chunk_scales(a, 2.0f, dv);
+    class_fn(t.n_planes)(t, a, dv.data(), y, r0, r1);
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
 static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (t.n_classes < 2 || t.n_classes > 3) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
+    thread_local std::vector<avec<float>> dv;
+    if ((int)dv.size() < n_tok) dv.resize(n_tok);
+    for (int k = 0; k < n_tok; k++) chunk_scales(acts[k], 2.0f, dv[k]);
+    const ClassFn fn = class_fn(t.n_planes);
     for (int64_t rb = r0; rb < r1; rb += 16) {   // a block of rows stays in L1 across the tokens
         const int64_t re = std::min(r1, rb + 16);
-        for (int k = 0; k < n_tok; k++) gemv_classes(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
+        for (int k = 0; k < n_tok; k++) {
+            fn(t, acts[k], dv[k].data(), Y + k * ldy + (rb - r0), rb, re);
+            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
+        }
     }
 }
 
@@ -230,9 +256,8 @@ static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float 
 // of 8 qwords we store the 8 activation bit planes of the matching 64-column chunks, [M/8][8 k][8].
 struct BitActs {
     avec<uint64_t> x;         // [M8/8][8 k][8 qwords]
-    std::vector<float> d2;    // [M8] 2·d_g of each qword's group
+    avec<float> d2;           // [M8][2] 2·d_b of the two activation blocks (low, high dword) of each qword
     std::vector<int32_t> ai;  // [M8] α index of each qword within the row (= m / s)
-    std::vector<float> dS;    // [ng]
     int64_t M = 0, M8 = 0;
 };
 
@@ -242,7 +267,7 @@ static void bit_acts(const BBTensor &t, const QActs &a, BitActs &b) {
     b.M = ng * N * s;
     b.M8 = (b.M + 7) / 8 * 8;
     b.x.assign(b.M8 * 8, 0);
-    b.d2.assign(b.M8, 0.0f);
+    b.d2.assign(b.M8 * 2, 0.0f);
     b.ai.assign(b.M8, 0);
     uint64_t *xq = b.x.data();
     for (int64_t g = 0; g < ng; g++)
@@ -253,46 +278,49 @@ static void bit_acts(const BBTensor &t, const QActs &a, BitActs &b) {
             for (int i = 0; i < N; i++) {
                 const int64_t m = (g * N + i) * s + c;
                 for (int k = 0; k < 8; k++) xq[(m / 8) * 64 + k * 8 + m % 8] = planes[k];
-                b.d2[m] = 2.0f * a.d[g];
+                b.d2[2 * m] = 2.0f * a.d[(g * s + c) * 2];
+                b.d2[2 * m + 1] = 2.0f * a.d[(g * s + c) * 2 + 1];
                 b.ai[m] = (int32_t)(m / s);
             }
         }
-    token_ds(a, b.dS);
 }
 
-static void vpopcnt_rows(const BBTensor &t, const BitActs &b, float *y, int64_t r0, int64_t r1) {
+// P of each activation block: Horner over the activation bits, −128·pc_7 + Σ_{k<7} 2^k pc_k, with
+// 32-bit popcounts so that each int32 lane is one block (low dword of a plane word: its first 32
+// columns). |P| ≤ 127·32.
+static inline __m512i bit_serial(__m512i w, const uint64_t *x) {
+    __m512i p = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_popcnt_epi32(_mm512_and_si512(w, _mm512_loadu_si512(x + 56))));
+    for (int k = 6; k >= 0; k--)
+        p = _mm512_add_epi32(_mm512_add_epi32(p, p), _mm512_popcnt_epi32(_mm512_and_si512(w, _mm512_loadu_si512(x + 8 * k))));
+    return p;
+}
+
+static void vpopcnt_rows(const BBTensor &t, const BitActs &b, const QActs &a, float *y, int64_t r0, int64_t r1) {
     const int N = t.n_planes, s = t.group / 64;
     const int64_t ng = t.ngroups, M = b.M;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *pl = t.planes + r * M * 8;
         const float *al = t.scales.data() + r * ng * N;
-        __m256 fv = _mm256_setzero_ps();
+        __m512 fv = _mm512_setzero_ps();
         for (int64_t m = 0; m < M; m += 8) {
             const __m512i w = m + 8 <= M ? _mm512_loadu_si512(pl + m * 8)
                                          : _mm512_maskz_loadu_epi64((__mmask8)((1u << (M - m)) - 1), pl + m * 8);
-            const uint64_t *x = b.x.data() + m * 8;
-            // Horner over the activation bits: P = −128·pc_7 + Σ_{k<7} 2^k pc_k
-            __m512i p = _mm512_sub_epi64(_mm512_setzero_si512(), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 56))));
-            for (int k = 6; k >= 0; k--)
-                p = _mm512_add_epi64(_mm512_add_epi64(p, p), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 8 * k))));
-            const __m256 f = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(p));
+            const __m512 f = _mm512_cvtepi32_ps(bit_serial(w, b.x.data() + m * 8));
             __m256 alpha;   // α of each qword's (group, plane): al[m / s]
             if (s == 1) {
                 alpha = m + 8 <= M ? _mm256_loadu_ps(al + m) : _mm256_maskz_loadu_ps((__mmask8)((1u << (M - m)) - 1), al + m);
             } else if (s == 2 || s == 4) {   // 4 or 2 scales, each repeated s times
                 const int64_t na = std::min<int64_t>(8 / s, (M - m + s - 1) / s);   // never past the row's α
-                const __m256 a = _mm256_maskz_loadu_ps((__mmask8)((1u << na) - 1), al + m / s);
-                alpha = _mm256_permutevar8x32_ps(a, s == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+                const __m256 av = _mm256_maskz_loadu_ps((__mmask8)((1u << na) - 1), al + m / s);
+                alpha = _mm256_permutevar8x32_ps(av, s == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3) : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
             } else if (s % 8 == 0) {          // 8 qwords inside one (group, plane)
                 alpha = _mm256_set1_ps(al[m / s]);
             } else {
                 alpha = _mm256_i32gather_ps(al, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b.ai.data() + m)), 4);
             }
-            fv = _mm256_fmadd_ps(f, _mm256_mul_ps(alpha, _mm256_loadu_ps(b.d2.data() + m)), fv);
+            fv = _mm512_fmadd_ps(f, _mm512_mul_ps(dup_pairs(alpha), _mm512_loadu_ps(b.d2.data() + 2 * m)), fv);
         }
-        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(fv), _mm256_extractf128_ps(fv, 1));
-        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        y[r - r0] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + dot_f32(t.bias.data() + r * ng, b.dS.data(), ng);
+        y[r - r0] = _mm512_reduce_add_ps(fv) + dot_f32(t.bias.data() + r * ng, a.dS.data(), ng);
     }
 }
 
@@ -319,18 +347,18 @@ static void repack_pairs(BBTensor &t) {
     t.repacked_for = REPACK_PAIRS;
 }
 
-// Activations in the repacked order: [pair block][c][8 k][8 lanes] qwords, 2·d_g per pair.
+// Activations in the repacked order: [pair block][c][8 k][8 lanes] qwords, and 2·d_b of the two
+// activation blocks (low, high dword) of each lane's chunk.
 struct PairActs {
     avec<uint64_t> x;
-    std::vector<float> d2;    // [npb·8]
-    std::vector<float> dS;    // [ng]
+    avec<float> d2;           // [npb][s][8 lanes][2]
 };
 
 static void pair_acts(const BBTensor &t, const QActs &a, PairActs &b) {
     const int N = t.n_planes, s = t.group / 64;
     const int64_t ng = t.ngroups, np = ng * N, npb = (np + 7) / 8;
     b.x.assign((size_t)(npb * s * 64), 0);
-    b.d2.assign((size_t)(npb * 8), 0.0f);
+    b.d2.assign((size_t)(npb * s * 16), 0.0f);
     for (int64_t g = 0; g < ng; g++)
         for (int c = 0; c < s; c++) {
             const __m512i qv = _mm512_loadu_si512(a.q.data() + (g * s + c) * 64);
@@ -342,36 +370,30 @@ static void pair_acts(const BBTensor &t, const QActs &a, PairActs &b) {
                 }
             }
         }
-    for (int64_t p = 0; p < np; p++) b.d2[p] = 2.0f * a.d[p / N];
-    token_ds(a, b.dS);
+    for (int64_t p = 0; p < np; p++)
+        for (int c = 0; c < s; c++)
+            for (int h = 0; h < 2; h++) b.d2[(((p / 8) * s + c) * 8 + p % 8) * 2 + h] = 2.0f * a.d[((p / N) * s + c) * 2 + h];
 }
 
-static void vpopcnt_pairs_rows(const BBTensor &t, const PairActs &b, float *y, int64_t r0, int64_t r1) {
-    const int N = t.n_planes, s = t.group / 64;
-    const int64_t ng = t.ngroups, np = ng * N, npb = (np + 7) / 8, row_q = npb * s * 8;
+static void vpopcnt_pairs_rows(const BBTensor &t, const PairActs &b, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    const int s = t.group / 64;
+    const int64_t ng = t.ngroups, np = ng * t.n_planes, npb = (np + 7) / 8, row_q = npb * s * 8;
     for (int64_t r = r0; r < r1; r++) {
         const uint64_t *pl = reinterpret_cast<const uint64_t *>(t.repacked.data()) + r * row_q;
         const float *al = t.scales.data() + r * np;   // α of pair p = al[p] (one class)
-        __m256 fv = _mm256_setzero_ps();
+        __m512 fv = _mm512_setzero_ps();
         for (int64_t pb = 0; pb < npb; pb++) {
-            __m512i P = _mm512_setzero_si512();
+            __m512 F = _mm512_setzero_ps();   // Σ_c 2·d_b · P_b per (pair, block) lane
             for (int c = 0; c < s; c++) {
                 const __m512i w = _mm512_loadu_si512(pl + (pb * s + c) * 8);
-                const uint64_t *x = b.x.data() + (pb * s + c) * 64;
-                // Horner over the activation bits: −128·pc_7 + Σ_{k<7} 2^k pc_k
-                __m512i p = _mm512_sub_epi64(_mm512_setzero_si512(), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 56))));
-                for (int k = 6; k >= 0; k--)
-                    p = _mm512_add_epi64(_mm512_add_epi64(p, p), _mm512_popcnt_epi64(_mm512_and_si512(w, _mm512_loadu_si512(x + 8 * k))));
-                P = _mm512_add_epi64(P, p);
+                const __m512i p = bit_serial(w, b.x.data() + (pb * s + c) * 64);
+                F = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(b.d2.data() + (pb * s + c) * 16), F);
             }
-            const __m256 f = _mm256_cvtepi32_ps(_mm512_cvtepi64_epi32(P));   // |P| ≤ 127·G: fits int32
             const __m256 alpha = pb * 8 + 8 <= np ? _mm256_loadu_ps(al + pb * 8)
                                                   : _mm256_maskz_loadu_ps((__mmask8)((1u << (np - pb * 8)) - 1), al + pb * 8);
-            fv = _mm256_fmadd_ps(f, _mm256_mul_ps(alpha, _mm256_loadu_ps(b.d2.data() + pb * 8)), fv);
+            fv = _mm512_fmadd_ps(F, dup_pairs(alpha), fv);
         }
-        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(fv), _mm256_extractf128_ps(fv, 1));
-        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        y[r - r0] = _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2))) + dot_f32(t.bias.data() + r * ng, b.dS.data(), ng);
+        y[r - r0] = _mm512_reduce_add_ps(fv) + dot_f32(t.bias.data() + r * ng, a.dS.data(), ng);
     }
 }
 
@@ -380,11 +402,11 @@ static void gemv_vpopcnt(const BBTensor &t, const QActs &a, float *y, int64_t r0
     if (t.repacked_for == REPACK_PAIRS) {
         thread_local PairActs pb;
         pair_acts(t, a, pb);
-        vpopcnt_pairs_rows(t, pb, y, r0, r1);
+        vpopcnt_pairs_rows(t, pb, a, y, r0, r1);
     } else {   // on-disk layout
         thread_local BitActs b;
         bit_acts(t, a, b);
-        vpopcnt_rows(t, b, y, r0, r1);
+        vpopcnt_rows(t, b, a, y, r0, r1);
     }
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
@@ -397,7 +419,7 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
         for (int k = 0; k < n_tok; k++) {
-            vpopcnt_rows(t, bs[k], Y + k * ldy + (rb - r0), rb, re);
+            vpopcnt_rows(t, bs[k], acts[k], Y + k * ldy + (rb - r0), rb, re);
             if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
         }
     }
@@ -405,104 +427,90 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
 
 // ---- GEMM: tokens in the lanes (vpdpbusd) ---------------------------------------------------------
 //
-// For 4 columns j..j+3 one zmm holds 16 tokens × 4 activation bytes u = q + 128 (u8), and a row's
-// ±1 signs of those columns are one dword broadcast from memory (s8): one vpdpbusd adds
-// Σ_j s_j u_j for 16 tokens. Σ s_j u_j = Σ s_j q_j + 128 Σ s_j with Σ s_j = 2·popcount − G per
-// (row, group, plane), token-independent, so D_i = Σ_j s_j q_j is exact and
-// dense = Σ_i α_i D_i + μ S. The signs of a block of rows are unpacked to bytes once and reused by
-// every tile of 16 tokens; a tile's activations are reused by every row and plane of the block.
+// For 4 columns j..j+3 one zmm holds 16 tokens × 4 int8 activations (s8), and a row's plane bits of
+// those columns are one dword of 0/1 bytes (u8) broadcast from memory: one vpdpbusd adds
+// Σ_{bit_j=1} q_j for 16 tokens, i.e. P_i of each token exactly. Per activation block (QK = 32
+// columns, 8 steps) the block scale is applied: dense = Σ_b d_b Σ_i 2 α_i P_ib + (μ − Σ_i α_i)·dS_g.
+// The bits of a block of rows are unpacked to bytes once and reused by every tile of 16 tokens; a
+// tile's activations are reused by every row and plane of the block.
 
 struct TokTiles {
     int ntiles = 0;
-    avec<uint8_t> x;          // [tile][cols_pad/4][16 tokens][4]
-    std::vector<float> d, S;  // [tile][ng][16]
+    avec<int8_t> x;           // [tile][cols_pad/4][16 tokens][4]
+    avec<float> d, dS;        // [tile][nblocks][16], [tile][ng][16]
 };
 
 static void build_tiles(const BBTensor &t, const QActs *acts, int n_tok, TokTiles &tt) {
-    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4;
+    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4, nb = cp / QK;
     tt.ntiles = (n_tok + 15) / 16;
-    tt.x.assign((size_t)tt.ntiles * cp * 16, 128);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * ng * 16, 0.0f);
-    tt.S.assign((size_t)tt.ntiles * ng * 16, 0.0f);
+    tt.x.assign((size_t)tt.ntiles * cp * 16, 0);   // padding tokens: q = 0
+    tt.d.assign((size_t)tt.ntiles * nb * 16, 0.0f);
+    tt.dS.assign((size_t)tt.ntiles * ng * 16, 0.0f);
     for (int k = 0; k < n_tok; k++) {
         const int tile = k / 16, lane = k % 16;
         const int8_t *q = acts[k].q.data();
-        uint8_t *x = tt.x.data() + (size_t)tile * cp * 16 + lane * 4;
-        for (int64_t c4 = 0; c4 < c4n; c4++) {
-            uint32_t v;
-            std::memcpy(&v, q + c4 * 4, 4);
-            v ^= 0x80808080u;   // q + 128 as u8
-            std::memcpy(x + c4 * 64, &v, 4);
-        }
-        for (int64_t g = 0; g < ng; g++) {
-            tt.d[(tile * ng + g) * 16 + lane] = acts[k].d[g];
-            tt.S[(tile * ng + g) * 16 + lane] = (float)acts[k].qsum[g];
-        }
+        int8_t *x = tt.x.data() + (size_t)tile * cp * 16 + lane * 4;
+        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 64, q + c4 * 4, 4);
+        for (int64_t b = 0; b < nb; b++) tt.d[(tile * nb + b) * 16 + lane] = acts[k].d[b];
+        for (int64_t g = 0; g < ng; g++) tt.dS[(tile * ng + g) * 16 + lane] = acts[k].dS[g];
     }
 }
 
-// Row stride of the unpacked signs: cols_pad + 64, so that the R·N sign streams of a block do not
+// Row stride of the unpacked bits: cols_pad + 64, so that the R·N bit streams of a block do not
 // all map to the same L1 sets (cols_pad is often a multiple of 4 KiB).
 static inline int64_t sign_stride(const BBTensor &t) { return t.ngroups * t.group + 64; }
 
-// Signs of rows [r, r + nr) as ±1 bytes [nr][N][stride], and 128·(2·popcount − G) per (row, group, plane).
-static void unpack_signs(const BBTensor &t, int64_t r, int nr, int8_t *B, int32_t *corr) {
+// Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
+static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
     const int N = t.n_planes, G = t.group, s = G / 64;
     const int64_t ng = t.ngroups, cp = sign_stride(t);
-    const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+    const __m512i one = _mm512_set1_epi8(1);
     for (int rr = 0; rr < nr; rr++) {
         const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
         for (int64_t g = 0; g < ng; g++)
-            for (int i = 0; i < N; i++) {
-                int pc = 0;
-                for (int c = 0; c < s; c++) {
-                    const uint64_t bits = load_u64(pl + ((g * N + i) * s + c) * 8);
-                    pc += (int)_mm_popcnt_u64(bits);
-                    _mm512_storeu_si512(B + (rr * N + i) * cp + g * G + c * 64, _mm512_mask_blend_epi8(_cvtu64_mask64(bits), minus, plus));
-                }
-                corr[(rr * ng + g) * N + i] = 128 * (2 * pc - G);
-            }
+            for (int i = 0; i < N; i++)
+                for (int c = 0; c < s; c++)
+                    _mm512_storeu_si512(B + (rr * N + i) * cp + g * G + c * 64,
+                                        _mm512_maskz_mov_epi8(_cvtu64_mask64(load_u64(pl + ((g * N + i) * s + c) * 8)), one));
     }
 }
 
 template <int N, int R>
-static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const int8_t *B, const int32_t *corr, int64_t r,
-                      float *out /* [R][16] */) {
+static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][16] */) {
     const int G = t.group;
-    const int64_t ng = t.ngroups, cp = sign_stride(t);
-    const uint8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
-    const bool off = !t.offsets.empty();
+    const int64_t ng = t.ngroups, nb = ng * G / QK, cp = sign_stride(t);
+    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
     __m512 fv[R];
     for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        __m512i acc[R][N];
-        for (int rr = 0; rr < R; rr++)
-            for (int i = 0; i < N; i++) acc[rr][i] = _mm512_setzero_si512();
-        for (int64_t c4 = g * G / 4; c4 < (g + 1) * G / 4; c4++) {
-            const __m512i xv = _mm512_loadu_si512(X + c4 * 64);
+        for (int64_t b = g * G / QK; b < (g + 1) * G / QK; b++) {
+            __m512i acc[R][N];
             for (int rr = 0; rr < R; rr++)
-                for (int i = 0; i < N; i++) {
-                    int32_t w;
-                    std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                    acc[rr][i] = _mm512_dpbusd_epi32(acc[rr][i], xv, _mm512_set1_epi32(w));
-                }
-        }
-        const __m512 dv = _mm512_loadu_ps(tt.d.data() + (tile * ng + g) * 16);
-        const __m512 Sv = _mm512_loadu_ps(tt.S.data() + (tile * ng + g) * 16);
-        for (int rr = 0; rr < R; rr++) {
-            const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
-            __m512 gs = off ? _mm512_mul_ps(_mm512_set1_ps(t.offsets[(r + rr) * ng + g]), Sv) : _mm512_setzero_ps();
-            for (int i = 0; i < N; i++) {
-                const __m512i D = _mm512_sub_epi32(acc[rr][i], _mm512_set1_epi32(corr[(rr * ng + g) * N + i]));
-                gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(D), _mm512_set1_ps(al[i]), gs);
+                for (int i = 0; i < N; i++) acc[rr][i] = _mm512_setzero_si512();
+            for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
+                const __m512i xv = _mm512_loadu_si512(X + c4 * 64);
+                for (int rr = 0; rr < R; rr++)
+                    for (int i = 0; i < N; i++) {
+                        int32_t w;
+                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
+                        acc[rr][i] = _mm512_dpbusd_epi32(acc[rr][i], _mm512_set1_epi32(w), xv);
+                    }
             }
-            fv[rr] = _mm512_fmadd_ps(gs, dv, fv[rr]);
+            const __m512 dv = _mm512_loadu_ps(tt.d.data() + (tile * nb + b) * 16);
+            for (int rr = 0; rr < R; rr++) {
+                const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
+                __m512 gs = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rr][0]), _mm512_set1_ps(2.0f * al[0]));
+                for (int i = 1; i < N; i++) gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rr][i]), _mm512_set1_ps(2.0f * al[i]), gs);
+                fv[rr] = _mm512_fmadd_ps(gs, dv, fv[rr]);
+            }
         }
+        const __m512 dS = _mm512_loadu_ps(tt.dS.data() + (tile * ng + g) * 16);
+        for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_fmadd_ps(_mm512_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
     }
     for (int rr = 0; rr < R; rr++) _mm512_storeu_ps(out + rr * 16, fv[rr]);
 }
 
-using TokFn = void (*)(const BBTensor &, const TokTiles &, int, const int8_t *, const int32_t *, int64_t, float *);
+using TokFn = void (*)(const BBTensor &, const TokTiles &, int, const uint8_t *, int64_t, float *);
 
 // Rows per block: R·N accumulators + R sums stay in the 32 zmm registers.
 template <int N>
@@ -531,23 +539,19 @@ static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *
         default: tok_pick<8>(full, one, R); break;
     }
     thread_local TokTiles tt;
-    thread_local avec<int8_t> B;
-    thread_local std::vector<int32_t> corr;
+    thread_local avec<uint8_t> B;
     build_tiles(t, acts, n_tok, tt);
     const int64_t cp = sign_stride(t);
     B.resize((size_t)R * t.n_planes * cp);
-    corr.resize((size_t)R * t.ngroups * t.n_planes);
     alignas(64) float out[8 * 16];
     for (int64_t rb = r0; rb < r1; rb += R) {
         const int nr = (int)std::min<int64_t>(R, r1 - rb);
-        unpack_signs(t, rb, nr, B.data(), corr.data());
+        unpack_bits(t, rb, nr, B.data());
         for (int tile = 0; tile < tt.ntiles; tile++) {
             if (nr == R) {
-                full(t, tt, tile, B.data(), corr.data(), rb, out);
-            } else {   // last rows: one at a time (B/corr rows are laid out for nr rows)
-                for (int rr = 0; rr < nr; rr++)
-                    one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, corr.data() + (size_t)rr * t.ngroups * t.n_planes,
-                        rb + rr, out + rr * 16);
+                full(t, tt, tile, B.data(), rb, out);
+            } else {   // last rows: one at a time (B rows are laid out for nr rows)
+                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 16);
             }
             const int nt = std::min(16, n_tok - tile * 16);
             for (int rr = 0; rr < nr; rr++)

@@ -4,7 +4,9 @@
 //  neon-dotprod   16 plane bits -> byte mask (vtst), selects the int8 activations, sdot with ones
 //                 sums them into 4 int32 lanes (needs the Armv8.2 dot product extension).
 //  neon-bytemask  the same selection, summed with pairwise widening adds (plain ASIMD).
-// Common case only (one class); everything else goes to the scalar reference.
+// A block of QK = 32 activation columns (one scale d_b) is two 16-column chunks: the int32 sum of a
+// (block, plane) is converted and scaled once. Common case only (one class); everything else goes
+// to the scalar reference.
 #if defined(__aarch64__)
 #include "kernels.h"
 
@@ -40,82 +42,57 @@ static inline int8x16_t bitmask16(uint16_t bits) {
     return vreinterpretq_s8_u8(vtstq_u8(vb, vld1q_u8(sel)));
 }
 
-// One (group, plane) partial sum P = Σ_{bit=1} q over G columns, as 4 int32 lanes.
-struct SumPadal {   // plain ASIMD: int8 -> int16 pairwise, widened to int32 every 64 chunks
-    static inline int32x4_t sum(const uint8_t *bits, const int8_t *q, int G) {
-        int32x4_t acc32 = vdupq_n_s32(0);
-        int16x8_t acc16 = vdupq_n_s16(0);
-        for (int c = 0; c < G / 16; c++) {
-            acc16 = vpadalq_s8(acc16, vandq_s8(bitmask16(load_u16(bits + 2 * c)), vld1q_s8(q + 16 * c)));
-            if ((c & 63) == 63) {   // int16 lanes gain ≤ 2·127 per chunk
-                acc32 = vpadalq_s16(acc32, acc16);
-                acc16 = vdupq_n_s16(0);
-            }
-        }
-        return vpadalq_s16(acc32, acc16);
-    }
-};
+static_assert(QK == 32, "an activation block is two 16-column chunks");
 
-template <class Sum>
-static void rows_impl(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
-    const int N = t.n_planes, G = t.group;
-    const int64_t ng = t.ngroups;
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *pl = t.planes + r * ng * N * (G / 8);
-        const float *al = t.scales.data() + r * ng * N;
-        float32x4_t fv = vdupq_n_f32(0.0f);
-        for (int64_t g = 0; g < ng; g++) {
-            const float d2 = 2.0f * a.d[g];
-            for (int i = 0; i < N; i++) {
-                const int32x4_t p = Sum::sum(pl + (g * N + i) * (G / 8), a.q.data() + g * G, G);
-                fv = vfmaq_f32(fv, vcvtq_f32_s32(p), vdupq_n_f32(al[g * N + i] * d2));
-            }
-        }
-        y[r - r0] = vaddvq_f32(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
-    }
+// One (block, plane) partial sum P = Σ_{bit=1} q over QK columns, as 4 int32 lanes.
+static inline int32x4_t block_sum_padal(const uint8_t *bits, const int8_t *q) {   // plain ASIMD
+    int16x8_t acc16 = vpaddlq_s8(vandq_s8(bitmask16(load_u16(bits)), vld1q_s8(q)));
+    acc16 = vpadalq_s8(acc16, vandq_s8(bitmask16(load_u16(bits + 2)), vld1q_s8(q + 16)));
+    return vpaddlq_s16(acc16);
 }
+
+__attribute__((target("arch=armv8.2-a+dotprod"))) static inline int32x4_t block_sum_dot(const uint8_t *bits, const int8_t *q) {
+    const int8x16_t ones = vdupq_n_s8(1);
+    const int32x4_t acc = vdotq_s32(vdupq_n_s32(0), vandq_s8(bitmask16(load_u16(bits)), vld1q_s8(q)), ones);
+    return vdotq_s32(acc, vandq_s8(bitmask16(load_u16(bits + 2)), vld1q_s8(q + 16)), ones);
+}
+
+// Σ_g Σ_i 2 α_i Σ_b d_b P_ib + bias · dS for rows [r0, r1); SUM(bits, q) is the block sum.
+#define BB_NEON_ROWS(SUM)                                                                                      \
+    const int N = t.n_planes, G = t.group, nb = G / QK;                                                        \
+    const int64_t ng = t.ngroups;                                                                              \
+    for (int64_t r = r0; r < r1; r++) {                                                                        \
+        const uint8_t *pl = t.planes + r * ng * N * (G / 8);                                                   \
+        const float *al = t.scales.data() + r * ng * N;                                                        \
+        float32x4_t fv = vdupq_n_f32(0.0f);                                                                    \
+        for (int64_t g = 0; g < ng; g++)                                                                       \
+            for (int i = 0; i < N; i++) {                                                                      \
+                const uint8_t *bits = pl + (g * N + i) * (G / 8);                                              \
+                float32x4_t F = vdupq_n_f32(0.0f); /* Σ_b d_b · P_ib */                                        \
+                for (int b = 0; b < nb; b++)                                                                   \
+                    F = vfmaq_n_f32(F, vcvtq_f32_s32(SUM(bits + b * (QK / 8), a.q.data() + g * G + b * QK)),   \
+                                    a.d[g * nb + b]);                                                          \
+                fv = vfmaq_n_f32(fv, F, 2.0f * al[g * N + i]);                                                 \
+            }                                                                                                  \
+        y[r - r0] = vaddvq_f32(fv) + dot_f32(t.bias.data() + r * ng, a.dS.data(), ng);                          \
+    }
 
 // The dot-product kernel is compiled for Armv8.2+dotprod per function, so that the file (and the
 // plain kernel) still runs on Armv8.0 CPUs; it is only called when the CPU reports dotprod.
-__attribute__((target("arch=armv8.2-a+dotprod"))) static void rows_dot(const BBTensor &t, const QActs &a, const float *dS, float *y,
-                                                          int64_t r0, int64_t r1) {
-    const int N = t.n_planes, G = t.group;
-    const int64_t ng = t.ngroups;
-    const int8x16_t ones = vdupq_n_s8(1);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *pl = t.planes + r * ng * N * (G / 8);
-        const float *al = t.scales.data() + r * ng * N;
-        float32x4_t fv = vdupq_n_f32(0.0f);
-        for (int64_t g = 0; g < ng; g++) {
-            const float d2 = 2.0f * a.d[g];
-            const int8_t *q = a.q.data() + g * G;
-            for (int i = 0; i < N; i++) {
-                const uint8_t *bits = pl + (g * N + i) * (G / 8);
-                int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
-                for (int c = 0; c < G / 16; c += 2) {   // G is a multiple of 64: chunks come in pairs
-                    acc0 = vdotq_s32(acc0, vandq_s8(bitmask16(load_u16(bits + 2 * c)), vld1q_s8(q + 16 * c)), ones);
-                    acc1 = vdotq_s32(acc1, vandq_s8(bitmask16(load_u16(bits + 2 * c + 2)), vld1q_s8(q + 16 * c + 16)), ones);
-                }
-                fv = vfmaq_f32(fv, vcvtq_f32_s32(vaddq_s32(acc0, acc1)), vdupq_n_f32(al[g * N + i] * d2));
-            }
-        }
-        y[r - r0] = vaddvq_f32(fv) + dot_f32(t.bias.data() + r * ng, dS, ng);
-    }
+__attribute__((target("arch=armv8.2-a+dotprod"))) static void rows_dot(const BBTensor &t, const QActs &a, float *y, int64_t r0,
+                                                                        int64_t r1) {
+    BB_NEON_ROWS(block_sum_dot)
 }
 
-static void rows_padal(const BBTensor &t, const QActs &a, const float *dS, float *y, int64_t r0, int64_t r1) {
-    rows_impl<SumPadal>(t, a, dS, y, r0, r1);
-}
+static void rows_padal(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) { BB_NEON_ROWS(block_sum_padal) }
+#undef BB_NEON_ROWS
 
-using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
+using RowsFn = void (*)(const BBTensor &, const QActs &, float *, int64_t, int64_t);
 
 template <RowsFn FN>
 static void gemv_neon(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     if (t.n_classes != 1 || t.bias.empty()) return gemv_scalar(t, a, y, r0, r1);
-    thread_local std::vector<float> dS;
-    dS.resize(a.ngroups);
-    for (int64_t g = 0; g < a.ngroups; g++) dS[g] = a.d[g] * (float)a.qsum[g];
-    FN(t, a, dS.data(), y, r0, r1);
+    FN(t, a, y, r0, r1);
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
@@ -124,14 +101,10 @@ template <RowsFn FN>
 static void gemm_neon(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     if (t.n_classes != 1 || t.bias.empty()) return gemm_scalar(t, acts, n_tok, Y, ldy, r0, r1);
     constexpr int64_t ROW_BLOCK = 16;
-    thread_local std::vector<float> dS;
-    dS.resize(n_tok * t.ngroups);
-    for (int k = 0; k < n_tok; k++)
-        for (int64_t g = 0; g < t.ngroups; g++) dS[k * t.ngroups + g] = acts[k].d[g] * (float)acts[k].qsum[g];
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
         for (int k = 0; k < n_tok; k++) {
-            FN(t, acts[k], dS.data() + k * t.ngroups, Y + k * ldy + (rb - r0), rb, re);
+            FN(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
             if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
         }
     }
@@ -142,29 +115,30 @@ static void gemm_neon(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
 // For 4 columns one 16-byte vector holds 4 tokens × 4 int8 activations; a row's ±1 signs of 16
 // columns are one vector, and sdot by element (vdotq_laneq_s32) multiplies the 4 tokens' columns
 // j..j+3 by the signs' lane j/4: D_i = Σ_j s_j q_j for 4 tokens per instruction, exact in int32 (no
-// bias: both operands are signed). The signs of a block of rows are unpacked once and reused by every
+// bias: both operands are signed). Per activation block (QK = 32 columns, two steps):
+// d_b · (Σ_i α_i D_i + μ S_b). The signs of a block of rows are unpacked once and reused by every
 // tile of 4 tokens; a tile's activations are reused by every row and plane of the block.
 
 struct TokTiles4 {
     int ntiles = 0;
     std::vector<int8_t> x;    // [tile][cols_pad/4][4 tokens][4]
-    std::vector<float> d, S;  // [tile][ng][4]
+    std::vector<float> d, S;  // [tile][nblocks][4]
 };
 
 static void build_tiles4(const BBTensor &t, const QActs *acts, int n_tok, TokTiles4 &tt) {
-    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4;
+    const int64_t cp = t.ngroups * t.group, c4n = cp / 4, nb = cp / QK;
     tt.ntiles = (n_tok + 3) / 4;
     tt.x.assign((size_t)tt.ntiles * cp * 4, 0);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * ng * 4, 0.0f);
-    tt.S.assign((size_t)tt.ntiles * ng * 4, 0.0f);
+    tt.d.assign((size_t)tt.ntiles * nb * 4, 0.0f);
+    tt.S.assign((size_t)tt.ntiles * nb * 4, 0.0f);
     for (int k = 0; k < n_tok; k++) {
         const int tile = k / 4, lane = k % 4;
         const int8_t *q = acts[k].q.data();
         int8_t *x = tt.x.data() + (size_t)tile * cp * 4 + lane * 4;
         for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 16, q + c4 * 4, 4);
-        for (int64_t g = 0; g < ng; g++) {
-            tt.d[(tile * ng + g) * 4 + lane] = acts[k].d[g];
-            tt.S[(tile * ng + g) * 4 + lane] = (float)acts[k].qsum[g];
+        for (int64_t b = 0; b < nb; b++) {
+            tt.d[(tile * nb + b) * 4 + lane] = acts[k].d[b];
+            tt.S[(tile * nb + b) * 4 + lane] = (float)acts[k].qsum[b];
         }
     }
 }
@@ -197,11 +171,13 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) static void tok_block4(const B
     const bool off = !t.offsets.empty();
     float32x4_t fv[R];
     for (int rr = 0; rr < R; rr++) fv[rr] = vdupq_n_f32(0.0f);
-    for (int64_t g = 0; g < ng; g++) {
+    const int64_t nb = ng * G / QK;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t g = b * QK / G;
         int32x4_t acc[R][N];
         for (int rr = 0; rr < R; rr++)
             for (int i = 0; i < N; i++) acc[rr][i] = vdupq_n_s32(0);
-        for (int64_t c16 = g * G / 16; c16 < (g + 1) * G / 16; c16++) {
+        for (int64_t c16 = b * QK / 16; c16 < (b + 1) * QK / 16; c16++) {
             const int8_t *xp = X + c16 * 64;
             const int8x16_t x0 = vld1q_s8(xp), x1 = vld1q_s8(xp + 16), x2 = vld1q_s8(xp + 32), x3 = vld1q_s8(xp + 48);
             for (int rr = 0; rr < R; rr++)
@@ -215,8 +191,8 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) static void tok_block4(const B
                     acc[rr][i] = a;
                 }
         }
-        const float32x4_t dv = vld1q_f32(tt.d.data() + (tile * ng + g) * 4);
-        const float32x4_t Sv = vld1q_f32(tt.S.data() + (tile * ng + g) * 4);
+        const float32x4_t dv = vld1q_f32(tt.d.data() + (tile * nb + b) * 4);
+        const float32x4_t Sv = vld1q_f32(tt.S.data() + (tile * nb + b) * 4);
         for (int rr = 0; rr < R; rr++) {
             const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
             float32x4_t gs = off ? vmulq_n_f32(Sv, t.offsets[(r + rr) * ng + g]) : vdupq_n_f32(0.0f);

@@ -29,22 +29,24 @@ float f16_to_f32(uint16_t h) {
 }
 
 void quantize_acts(const float *x, int64_t cols, int group, const float *colscale, QActs &out) {
-    const int64_t ng = (cols + group - 1) / group, n = ng * group;
+    const int64_t ng = (cols + group - 1) / group, n = ng * group, nb = n / QK;
     out.group = group;
     out.cols = cols;
     out.ngroups = ng;
+    out.nblocks = nb;
     out.x.assign(n, 0.0f);
     out.q.assign(n, 0);
-    out.d.assign(ng, 0.0f);
-    out.qsum.assign(ng, 0);
+    out.d.assign(nb, 0.0f);
+    out.qsum.assign(nb, 0);
+    out.dS.assign(ng, 0.0f);
     std::memcpy(out.x.data(), x, cols * sizeof(float));
-    std::vector<float> xs(group);
-    for (int64_t g = 0; g < ng; g++) {
-        const int64_t c0 = g * group, c1 = std::min<int64_t>(cols, c0 + group);
+    float xs[QK];
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t c0 = b * QK, c1 = std::min<int64_t>(cols, c0 + QK);
         float amax = 0.0f;
         for (int64_t j = c0; j < c1; j++) {
             xs[j - c0] = colscale ? x[j] * colscale[j] : x[j];
-            // NaN must reach amax (std::max would drop it) so the group is zeroed below: a NaN
+            // NaN must reach amax (std::max would drop it) so the block is zeroed below: a NaN
             // left in xs would make the int conversion undefined.
             const float a = std::fabs(xs[j - c0]);
             if (a > amax || std::isnan(a)) amax = a;
@@ -58,9 +60,10 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
             out.q[j] = (int8_t)v;
             s += v;
         }
-        out.d[g] = amax / 127.0f;
-        out.qsum[g] = s;
+        out.d[b] = amax / 127.0f;
+        out.qsum[b] = s;
     }
+    for (int64_t b = 0; b < nb; b++) out.dS[b * QK / group] += out.d[b] * (float)out.qsum[b];
 }
 
 void bb_prepare(BBTensor &t, const std::string &isa) {
@@ -123,23 +126,25 @@ void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_
     for (int64_t r = r0; r < r1; r++) {
         float acc = 0.0f;
         for (int64_t g = 0; g < t.ngroups; g++) {
-            int32_t S[3] = {0, 0, 0}, P[3][8] = {};
             const uint8_t *pl = t.planes + (r * t.ngroups + g) * N * gb;
-            const int8_t *q = a.q.data() + g * G;
-            for (int j = 0; j < G; j++) {
-                const int c = C == 1 ? 0 : class_of(t, r, g, j);
-                S[c] += q[j];
-                for (int i = 0; i < N; i++)
-                    if (bit(pl + i * gb, j)) P[c][i] += q[j];
-            }
-            // Σ_j (Σ_i α_i s_ij + μ) q_j = Σ_i α_i (2 P_i − S) + μ S, per class; integers exact.
             const float *al = t.scales.data() + (r * t.ngroups + g) * C * N;
-            float part = 0.0f;
-            for (int c = 0; c < C; c++) {
-                for (int i = 0; i < N; i++) part += al[c * N + i] * (float)(2 * P[c][i] - S[c]);
-                if (off) part += t.offsets[(r * t.ngroups + g) * C + c] * (float)S[c];
+            for (int b = 0; b < G / QK; b++) {   // activation blocks of the group
+                int32_t S[3] = {0, 0, 0}, P[3][8] = {};
+                const int8_t *q = a.q.data() + g * G;
+                for (int j = b * QK; j < (b + 1) * QK; j++) {
+                    const int c = C == 1 ? 0 : class_of(t, r, g, j);
+                    S[c] += q[j];
+                    for (int i = 0; i < N; i++)
+                        if (bit(pl + i * gb, j)) P[c][i] += q[j];
+                }
+                // Σ_j (Σ_i α_i s_ij + μ) q_j = Σ_i α_i (2 P_i − S) + μ S, per class; integers exact.
+                float part = 0.0f;
+                for (int c = 0; c < C; c++) {
+                    for (int i = 0; i < N; i++) part += al[c * N + i] * (float)(2 * P[c][i] - S[c]);
+                    if (off) part += t.offsets[(r * t.ngroups + g) * C + c] * (float)S[c];
+                }
+                acc += a.d[g * (G / QK) + b] * part;
             }
-            acc += a.d[g] * part;
         }
         y[r - r0] = acc;
     }
@@ -169,7 +174,7 @@ void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t
                 for (int i = 0; i < N; i++) dense += bit(pl + i * gb, j) ? al[i] : -al[i];
                 if (off) dense += t.offsets[(r * t.ngroups + g) * C + c];
                 const float v = zs * (float)t.sparse_codes[idx++] + zm;
-                acc += v * a.x[col] - dense * (a.d[g] * (float)a.q[col]);
+                acc += v * a.x[col] - dense * (a.d[col / QK] * (float)a.q[col]);
             }
         }
         y[r - r0] += acc;

@@ -114,8 +114,9 @@ static std::vector<float> rand_x(int64_t cols, int G, bool exact, std::mt19937_6
     std::normal_distribution<float> nd(0.0f, 1.0f);
     std::uniform_int_distribution<int> ui(-127, 127);
     for (auto &v : x) v = exact ? (float)ui(rng) : nd(rng);
-    if (exact)  // one ±127 per group: d = 1 exactly and q = x
-        for (int64_t g = 0; g * G < cols; g++) x[g * G + (rng() % std::min<int64_t>(G, cols - g * G))] = (rng() & 1) ? 127.0f : -127.0f;
+    (void)G;
+    if (exact)  // one ±127 per activation block: d = 1 exactly and q = x
+        for (int64_t b = 0; b * QK < cols; b++) x[b * QK + (rng() % std::min<int64_t>(QK, cols - b * QK))] = (rng() & 1) ? 127.0f : -127.0f;
     if (!exact && cols > 3) x[rng() % cols] = 0.0f;
     return x;
 }
@@ -143,7 +144,7 @@ static std::vector<double> naive(const BBTensor &t, const QActs &a) {
                 w += bit(pl + i * gb, j) ? al : -al;
             }
             if (t.offsets_f16) w += f16_to_f32(t.offsets_f16[(r * ng + g) * C + c]);
-            const double xq = (double)a.d[g] * a.q[col];   // = colscale·x, quantized
+            const double xq = (double)a.d[col / QK] * a.q[col];   // = colscale·x, quantized
             if (t.sparse_mask && bit(t.sparse_mask + (r * ng) * gb, col)) {
                 const double v = f16_to_f32(t.sparse_zs[2 * r]) * (double)t.sparse_codes[sp++] + f16_to_f32(t.sparse_zs[2 * r + 1]);
                 y[r] += v * a.x[col];
