@@ -58,6 +58,18 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_distill(a) -> int:
+    from . import hf
+    from .convert import distill_file
+    opts = {"steps": a.steps, "seqs": a.seqs, "len": a.length, "batch": a.batch, "lr": a.lr, "seed": a.seed}
+    if a.ckpt:
+        opts["ckpt"] = a.ckpt
+    s = distill_file(a.input, a.output, hf.resolve_model_dir(a.model), opts, force=a.force, progress=not a.quiet)
+    print(f"wrote {a.output}")
+    print_summary(s)
+    return 0
+
+
 def cmd_info(a) -> int:
     from .gguf_io import read_model, summarize
     from . import format as bbf
@@ -149,6 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("distill", help="data-free distillation of the scales of a bitbasis file (QBB step 3)",
+                       description=(
+        "QBB's data-free distillation on an existing file: the full-precision MODEL writes its own "
+        "training text from random first tokens; only the scales (and offsets) of the block linears "
+        "train, on KL + MSE of the logits, teacher blocks swapped for student blocks progressively; "
+        "the sign planes stay. Works on files whose linears are plain planes + scales (qbb, gptq, rtn, "
+        "residual). A checkpoint every 10 steps: a rerun with the same settings resumes."))
+    t.add_argument("input", help="bitbasis GGUF to distill")
+    t.add_argument("-o", "--output", required=True, help="output .gguf (written atomically)")
+    t.add_argument("--model", default="smollm2", help="the full-precision teacher: HF directory or 'smollm2' (default)")
+    t.add_argument("--steps", type=int, default=30, help="optimizer steps (default 30)")
+    t.add_argument("--seqs", type=int, default=64, help="teacher-written sequences (default 64)")
+    t.add_argument("--length", type=int, default=128, help="tokens per sequence (default 128)")
+    t.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    t.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the relative scale corrections (default 1e-4)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ckpt", help="checkpoint file (default: under the cache, keyed by settings)")
+    t.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_distill)
 
     i = sub.add_parser("info", help="sizes and true bits per weight of a GGUF")
     i.add_argument("model")
