@@ -18,8 +18,8 @@ import dataclasses
 import torch
 
 from ..format import BinaryBasis
-from .base import Quantizer, QuantizerError, register
-from .billm import binary_residual_gptq, braq, masked_mean, pm1
+from .base import Quantizer, QuantizerError, masked_mean, pm1, register
+from .billm import binary_residual_gptq, braq
 from .gptq import check_inputs
 
 

@@ -67,3 +67,22 @@ def groups_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
     if pad:
         valid[cols:] = False
     return wp, valid.reshape(ng, group)
+
+
+# --- per-row affine binarization (BiLLM binary.py, PB-LLM's binary part, ARB's starting point) -----
+
+def pm1(b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b, 1.0, -1.0)
+
+
+def masked_mean(x: torch.Tensor, m: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of x over the entries where m (0/1) is 1; cnt = the row's count (≥ 1)."""
+    return (x * m).sum(1) / cnt
+
+
+def affine_binarize(x: torch.Tensor, m: torch.Tensor, cnt: torch.Tensor):
+    """ŵ = α·sign(x − μ) + μ per row over the masked entries: μ = mean(x), α = mean|x − μ|
+    (BiLLM eq. 1 with a mean, PB-LLM sec. 3.2). Returns μ, α [rows] and the signs B = x − μ ≥ 0."""
+    mu = masked_mean(x, m, cnt)
+    d = x - mu[:, None]
+    return mu, masked_mean(d.abs(), m, cnt), d >= 0

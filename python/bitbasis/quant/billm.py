@@ -24,17 +24,8 @@ import numpy as np
 import torch
 
 from ..format import BinaryBasis
-from .base import Quantizer, QuantizerError, register
-from .gptq import check_inputs, f16, prepare
-
-
-def masked_mean(x: torch.Tensor, m: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:
-    """Per-row mean of x over the entries where m (float 0/1) is 1; 0 for an empty row."""
-    return (x * m).sum(1) / cnt
-
-
-def pm1(b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b, 1.0, -1.0)
+from .base import Quantizer, QuantizerError, affine_binarize, masked_mean, pm1, register
+from .gptq import check_inputs, f16, gptq_loop, prepare
 
 
 def braq(x: torch.Tensor, mask: torch.Tensor, order: int):
@@ -46,10 +37,7 @@ def braq(x: torch.Tensor, mask: torch.Tensor, order: int):
     out = torch.zeros_like(x)
     signs, alphas, mu_total = [], [], torch.zeros(x.shape[0], device=x.device)
     for _ in range(order):
-        mu = masked_mean(r, m, cnt)
-        d = r - mu[:, None]
-        alpha = masked_mean(d.abs(), m, cnt)
-        b = d >= 0
+        mu, alpha, b = affine_binarize(r, m, cnt)
         q = (alpha[:, None] * pm1(b) + mu[:, None]) * m
         out, r = out + q, r - q
         signs.append(b & mask)
@@ -210,16 +198,15 @@ def binary_residual_gptq(w, hessian, group: int, fit, up_lim: int = 50, percdamp
     rows, cols = w.shape
     W, U = prepare(w, hessian, percdamp)
     ng = -(-cols // group)
-    Q = torch.zeros_like(W)
     signs = torch.zeros(2, rows, cols, dtype=torch.bool, device=W.device)
     scales = torch.zeros(rows, ng, 3, 2, device=W.device)
     offsets = torch.zeros(rows, ng, 3, device=W.device)
     colmask = torch.zeros(cols, dtype=torch.bool, device=W.device)
     elemclass = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     ks = torch.ones(cols, device=W.device)
-    for g, i1 in enumerate(range(0, cols, group)):
-        i2 = min(i1 + group, cols)
-        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+
+    def block(i1, i2, W1):
+        g, U1 = i1 // group, U[i1:i2, i1:i2]
         s = W1 ** 2 / torch.diag(U1)[None, :] ** 2               # saliency (reference: w²/U_jj²)
         cm, m_conc, m_sparse = search_masks(s, up_lim)
         sg, sc, of, k = fit(W1, cm, m_conc, m_sparse)
@@ -228,14 +215,13 @@ def binary_residual_gptq(w, hessian, group: int, fit, up_lim: int = 50, percdamp
         cls = torch.zeros(rows, i2 - i1, dtype=torch.int64, device=W.device)
         cls[m_sparse] = 2
         cls[:, cm] = 1
-        Q1 = block_values(sg, sc, of if offset else None, k, cls)
-        Q[:, i1:i2] = Q1
         signs[:, :, i1:i2], scales[:, g], offsets[:, g] = sg, sc, of
         colmask[i1:i2], elemclass[:, i1:i2] = cm, m_sparse
         if k is not None:
             ks[i1:i2] = k
-        err = (W1 - Q1) / torch.diag(U1)[None, :]
-        W[:, i2:] -= err @ U[i1:i2, i2:]                            # block-wise compensation only
+        return block_values(sg, sc, of if offset else None, k, cls)
+
+    Q = gptq_loop(W, U, block=block, blocksize=group)              # block-wise compensation only
     bb = BinaryBasis(signs=signs.cpu().numpy(), scales=scales.cpu().numpy(), group=group,
                      offsets=offsets.cpu().numpy() if offset else None, colmask=colmask.cpu().numpy(),
                      elemclass=elemclass.cpu().numpy(), colscale=ks.cpu().numpy() if colscale else None)

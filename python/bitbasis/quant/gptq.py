@@ -77,14 +77,67 @@ def minmax_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     return a0, mu
 
 
-def codes_and_values(x: torch.Tensor, a0: torch.Tensor, mu: torch.Tensor, bits: int):
+def codes_and_values(x: np.ndarray, a0: np.ndarray, mu: np.ndarray, bits: int):
     """Round-to-nearest on the stored grid ŵ(q) = 2α_0·(q - (2^k-1)/2) + μ, q in [0, 2^k-1].
-    x [rows, n]; a0, mu [rows]. Returns q (int) and ŵ computed as the dequantizer does: the planes
+    x, a0, mu [rows] float32. Returns q (float) and ŵ computed as the dequantizer does: the planes
     sum α_0·(2q - maxq) exactly in fp32, then μ is added once."""
     maxq = 2 ** bits - 1
-    a0, mu = a0[:, None], mu[:, None]
-    q = torch.clamp(torch.round((x - mu) / (2 * a0) + maxq / 2), 0, maxq)
+    q = np.clip(np.round((x - mu) / (2 * a0) + maxq / 2), 0, maxq)
     return q, a0 * (2 * q - maxq) + mu
+
+
+def gptq_loop(W: torch.Tensor, U: torch.Tensor, column=None, block=None, blocksize: int = BLOCK) -> torch.Tensor:
+    """The error feedback shared by every calibrated quantizer: GPTQ's Algorithm 1 with lazy batch
+    updates (arXiv 2210.17323, sec. 3-4). W is overwritten (prepare()'s private copy); returns Q.
+
+    column(j, w_j, cur) -> ŵ_j: quantize column j (numpy float32 [rows], already compensated for
+        every earlier column); cur(a, b) gives the current weights of columns a..b-1 (a >= j), e.g.
+        to fit a group's grid at its first column. Then, inside the block (OBS update, GPTQ eq. 2
+        with the Cholesky rows of H⁻¹):
+            err_j = (w_j − ŵ_j) / U_jj,    W[:, j+1:blk] −= err_j · U[j, j+1:blk]
+    block(i1, i2, W_blk) -> Ŵ_blk: quantize a whole block at once (BiLLM), no column-wise update:
+            Err = (W_blk − Ŵ_blk) / diag(U_blk)
+    After each block, the lazy batch update of the columns not yet reached:
+            W[:, blk_end:] −= Err · U[blk, blk_end:]
+
+    The column loop runs in numpy: it issues ~10 operations on one column per step, where torch's
+    per-call overhead costs ~10x numpy's; every operation is the same IEEE float32 one, so the
+    result does not depend on which library ran it."""
+    dev = W.device
+    if column is not None:
+        W, U = W.cpu(), U.cpu()
+        Wn, Un = W.numpy(), U.numpy()
+    rows, cols = W.shape
+    Q = torch.zeros_like(W)
+    Qn = Q.numpy() if column is not None else None
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        if block is not None:
+            W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
+            Q1 = block(i1, i2, W1)
+            Q[:, i1:i2] = Q1
+            Err1 = (W1 - Q1) / torch.diag(U1)[None, :]
+        else:
+            W1t, U1 = Wn[:, i1:i2].T.copy(), Un[i1:i2, i1:i2]           # block transposed: columns contiguous
+            Err1n = np.zeros_like(W1t)
+            buf = np.empty_like(W1t)
+
+            def cur(a, b, W1t=W1t, i1=i1, i2=i2):
+                if b <= i2:
+                    return W1t[a - i1:b - i1].T
+                return np.concatenate([W1t[a - i1:].T, Wn[:, i2:b]], 1)
+            for i in range(i2 - i1):
+                w = W1t[i]
+                q = column(i1 + i, w, cur)
+                Qn[:, i1 + i] = q
+                err = (w - q) / U1[i, i]                                  # err = (w_q − ŵ_q)/U_qq
+                k = i2 - i1 - i - 1
+                np.multiply(U1[i, i + 1:, None], err[None, :], out=buf[:k])
+                W1t[i + 1:] -= buf[:k]                                    # column-wise update
+                Err1n[i] = err
+            Err1 = torch.from_numpy(np.ascontiguousarray(Err1n.T))
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]                                  # lazy block update
+    return Q.to(dev)
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, percdamp: float = 0.01,
@@ -94,35 +147,23 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, percdamp
     Returns the BinaryBasis and the in-memory quantized matrix Q (what the file dequantizes to)."""
     rows, cols = w.shape
     W, U = prepare(w, hessian, percdamp)
-    Q = torch.zeros_like(W)
-    codes = torch.zeros(rows, cols, dtype=torch.int64, device=W.device)
+    codes = np.zeros((rows, cols), np.int64)
     ng = -(-cols // group)
-    a0s = torch.zeros(rows, ng, device=W.device)
-    mus = torch.zeros(rows, ng, device=W.device)
-    a0 = mu = None
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % group == 0:   # new group: fit its grid to the current (compensated) weights
-                g = col // group
-                a0, mu = minmax_params(W1[:, i:i + group] if i + group <= i2 - i1 else
-                                       torch.cat([W1[:, i:], W[:, i2:col + group]], 1), bits)
-                a0s[:, g], mus[:, g] = a0, mu
-            q, v = codes_and_values(W1[:, i:i + 1], a0, mu, bits)
-            codes[:, col], Q1[:, i] = q[:, 0].long(), v[:, 0]
-            err = (W1[:, i] - Q1[:, i]) / U1[i, i]                       # err = (w_q - ŵ_q)/U_qq
-            W1[:, i:] -= err[:, None] @ U1[i:i + 1, i:]                   # column-wise update
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]                                  # lazy block update
-    planes = torch.stack([(codes >> b) & 1 == 1 for b in range(bits)])   # q = Σ 2^i b_i
-    bb = BinaryBasis(signs=planes.cpu().numpy(), scales=a0s[:, :, None, None].cpu().numpy(),
-                     offsets=mus[:, :, None].cpu().numpy(), group=group, pow2=True)
+    a0s = np.zeros((rows, ng), np.float32)
+    mus = np.zeros((rows, ng), np.float32)
+
+    def column(j, x, cur):
+        g = j // group
+        if j % group == 0:     # new group: fit its grid to the current (compensated) weights
+            a0, mu = minmax_params(torch.from_numpy(cur(j, min(j + group, cols))), bits)
+            a0s[:, g], mus[:, g] = a0.numpy(), mu.numpy()
+        q, v = codes_and_values(x, a0s[:, g], mus[:, g], bits)
+        codes[:, j] = q
+        return v
+
+    Q = gptq_loop(W, U, column=column, blocksize=blocksize)
+    planes = np.stack([(codes >> b) & 1 == 1 for b in range(bits)])      # q = Σ 2^i b_i
+    bb = BinaryBasis(signs=planes, scales=a0s[:, :, None, None], offsets=mus[:, :, None], group=group, pow2=True)
     return bb, Q
 
 

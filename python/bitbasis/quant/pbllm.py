@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from ..format import BinaryBasis, row_group
-from .base import Quantizer, QuantizerError, register
-from .gptq import BLOCK, check_inputs, f16, prepare
+from .base import Quantizer, QuantizerError, affine_binarize, register
+from .gptq import BLOCK, check_inputs, f16, gptq_loop, prepare
 
 
 def salient_mask(W: torch.Tensor, U: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -53,32 +54,26 @@ def pbllm(w: torch.Tensor, hessian: torch.Tensor, salient: float, percdamp: floa
     mask = salient_mask(W, U, salient)
     keep = ~mask
     cnt = keep.sum(1).clamp(min=1)
-    mu = (W * keep).sum(1) / cnt                                           # μ = mean(w)
-    alpha = ((W - mu[:, None]).abs() * keep).sum(1) / cnt                  # α = mean|w − μ|
+    mu, alpha, _ = affine_binarize(W, keep, cnt)                           # μ = mean(w), α = mean|w − μ|
     mu, alpha = f16(mu), f16(alpha)
-    Q = torch.zeros_like(W)
-    signs = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col, x, m = i1 + i, W1[:, i], mask[:, i1 + i]
-            b = x - mu >= 0
-            q_bin = alpha * torch.where(b, 1.0, -1.0) + mu                 # ŵ = α·sign(w − μ) + μ
-            c = torch.clamp(torch.round((x - hm) / hs), 0, 255)
-            q_hi = hs * c + hm                                              # 8-bit: scale·code + min
-            q = torch.where(m, q_hi, q_bin)
-            signs[:, col], codes[:, col], Q[:, col] = b & ~m, c.to(torch.uint8), q
-            err = (x - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] @ U1[i:i + 1, i:]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    bb = BinaryBasis(signs=signs[None].cpu().numpy(), scales=alpha[:, None, None, None].cpu().numpy(),
-                     offsets=mu[:, None, None].cpu().numpy(), group=row_group(cols),
-                     sparse_mask=mask.cpu().numpy(), sparse_codes=codes[mask].cpu().numpy(),
+    maskn, mun, alphan, hsn, hmn = (t.cpu().numpy() for t in (mask, mu, alpha, hs, hm))
+    signs = np.zeros((rows, cols), bool)
+    codes = np.zeros((rows, cols), np.uint8)
+    one = np.float32(1)
+
+    def column(j, x, cur):
+        m = maskn[:, j]
+        b = x - mun >= 0
+        q_bin = alphan * np.where(b, one, -one) + mun                       # ŵ = α·sign(w − μ) + μ
+        c = np.clip(np.round((x - hmn) / hsn), 0, 255)
+        q_hi = hsn * c + hmn                                                # 8-bit: scale·code + min
+        signs[:, j], codes[:, j] = b & ~m, c
+        return np.where(m, q_hi, q_bin)
+
+    Q = gptq_loop(W, U, column=column, blocksize=blocksize)
+    bb = BinaryBasis(signs=signs[None], scales=alphan[:, None, None, None],
+                     offsets=mun[:, None, None], group=row_group(cols),
+                     sparse_mask=maskn, sparse_codes=codes[maskn],
                      sparse_zs=torch.stack([hs, hm], 1).cpu().numpy())
     return bb, Q
 

@@ -223,7 +223,7 @@ def gptq_signs(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, mu: 
     """GPTQ (Algorithm 1 with lazy batch updates; quant/gptq.py's preamble) with the fixed QBB levels
     Σ_i ±α_i + μ of each group as the grid: every column goes to its nearest level, and its error
     err = (w_q − ŵ_q)/U_qq is spread over the columns not yet quantized. Returns grouped signs."""
-    from .gptq import prepare
+    from .gptq import gptq_loop, prepare
     rows, cols = w.shape
     n = alpha.shape[-1]
     W, U = prepare(w, hessian, percdamp)
@@ -232,20 +232,18 @@ def gptq_signs(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, mu: 
     levels = alpha @ combos.T                                                   # [rows, ng, 2^N]
     if mu is not None:
         levels = levels + mu[..., None]
-    codes = torch.zeros(rows, cols, dtype=torch.int64, device=w.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            lv = levels[:, (i1 + i) // group]
-            c = (W1[:, i:i + 1] - lv).abs().argmin(1)
-            codes[:, i1 + i] = c
-            err = (W1[:, i] - lv.gather(1, c[:, None])[:, 0]) / U1[i, i]
-            W1[:, i:] -= err[:, None] @ U1[i:i + 1, i:]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    levels = levels.cpu().numpy()
+    codes = np.zeros((rows, cols), np.int64)
+    r = np.arange(rows)
+
+    def column(j, x, cur):
+        lv = levels[:, j // group]
+        c = np.abs(x[:, None] - lv).argmin(1)                                   # the nearest level
+        codes[:, j] = c
+        return lv[r, c]
+
+    gptq_loop(W, U, column=column, blocksize=blocksize)
+    codes = torch.from_numpy(codes).to(w.device)
     return grouped_signs(torch.stack([(codes >> i) & 1 == 1 for i in range(n)]), group)
 
 
