@@ -495,7 +495,8 @@ def _machine_line(label: str, path: str, res: dict) -> str:
         bw, isa = "", m.get("cpu_flags", "?")
     threads = ",".join(str(t) for t in m.get("threads", []))
     return (f"{label}: {m.get('cpu_model', '?')} | ISA {isa} | threads {threads}" + (f" | read {bw}" if bw else "")
-            + f" | {m.get('compiler', '')} commit {m.get('git_commit', '?')} {m.get('date', '')} ({Path(path).name})")
+            + (f" | {m['compiler']}" if m.get("compiler") else "")
+            + f" | commit {m.get('git_commit', '?')} {m.get('date', '')} ({Path(path).name})")
 
 
 KERNEL_METRICS = {"gops": "GOP/s", "gbs": "weight GB/s", "pct": "% of read bandwidth", "us": "time (us)"}
