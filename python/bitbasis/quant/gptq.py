@@ -59,16 +59,34 @@ def prepare(w: torch.Tensor, hessian: torch.Tensor, percdamp: float = 0.01) -> t
 
 # --- k-bit min-max codes on the fp16 grid -------------------------------------------------------
 
-def minmax_params(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def minmax_params(x: torch.Tensor, bits: int, mse: bool = False, grid: int = 100, maxshrink: float = 0.8,
+                  norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's per-row asymmetric min-max (quant.py find_params, perchannel, sym=False):
     the range always includes 0; d = (xmax - xmin)/maxq, z = round(-xmin/d).
-    Returned as the stored fp16 pair: α_0 = d/2 (POW2 scale) and μ = d·((2^k-1)/2 - z)."""
+    Returned as the stored fp16 pair: α_0 = d/2 (POW2 scale) and μ = d·((2^k-1)/2 - z).
+    mse=True is the reference's optional range search: shrink [xmin, xmax] by p = 1, 0.99, ...,
+    1 − maxshrink and keep, per row, the grid with the lowest Σ|ŵ − x|^norm (p = 1 is min-max)."""
     maxq = 2 ** bits - 1
     zero = torch.zeros(x.shape[0], device=x.device)
     xmin = torch.minimum(x.min(1).values, zero)
     xmax = torch.maximum(x.max(1).values, zero)
     both = (xmin == 0) & (xmax == 0)
     xmin[both], xmax[both] = -1.0, 1.0
+    a0, mu = _grid(xmin, xmax, maxq)
+    if mse:
+        best = torch.full_like(xmin, float("inf"))
+        for i in range(int(maxshrink * grid)):
+            p = 1 - i / grid
+            a1, m1 = _grid(p * xmin, p * xmax, maxq)
+            q = torch.clamp(torch.round((x - m1[:, None]) / (2 * a1[:, None]) + maxq / 2), 0, maxq)
+            err = ((a1[:, None] * (2 * q - maxq) + m1[:, None] - x).abs() ** norm).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            a0, mu = torch.where(better, a1, a0), torch.where(better, m1, mu)
+    return a0, mu
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
     d = (xmax - xmin) / maxq
     z = torch.round(-xmin / d)
     a0 = f16(d / 2)                                  # spec: α_i = d·2^(i-1), POW2 stores α_0
@@ -141,27 +159,45 @@ def gptq_loop(W: torch.Tensor, U: torch.Tensor, column=None, block=None, blocksi
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, percdamp: float = 0.01,
-         blocksize: int = BLOCK) -> tuple[BinaryBasis, torch.Tensor]:
+         blocksize: int = BLOCK, mse: bool = False, act_order: bool = False) -> tuple[BinaryBasis, torch.Tensor]:
     """GPTQ (Algorithm 1 with lazy batch updates) with per-group min-max grids (static_groups off:
     a group's grid is fitted to the already-compensated weights when its first column is reached).
+    mse: the reference's range search for each grid (minmax_params). act_order: quantize columns in
+    order of decreasing diag(H) (the reference's --act-order); the file's groups are contiguous, so
+    every grid is then fitted up front on the weights before compensation (its static_groups).
     Returns the BinaryBasis and the in-memory quantized matrix Q (what the file dequantizes to)."""
     rows, cols = w.shape
-    W, U = prepare(w, hessian, percdamp)
+    perm = torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order else None
+    if act_order:
+        W, U = prepare(w[:, perm], hessian[perm][:, perm], percdamp)
+    else:
+        W, U = prepare(w, hessian, percdamp)
     codes = np.zeros((rows, cols), np.int64)
     ng = -(-cols // group)
     a0s = np.zeros((rows, ng), np.float32)
     mus = np.zeros((rows, ng), np.float32)
+    if act_order:                                    # static grids on the original column order
+        Wo = torch.empty_like(W)
+        Wo[:, perm] = W
+        for g in range(ng):
+            a0, mu = minmax_params(Wo[:, g * group:(g + 1) * group], bits, mse)
+            a0s[:, g], mus[:, g] = a0.cpu().numpy(), mu.cpu().numpy()
+        orig = perm.cpu().numpy()
 
     def column(j, x, cur):
+        if act_order:
+            j = int(orig[j])
         g = j // group
-        if j % group == 0:     # new group: fit its grid to the current (compensated) weights
-            a0, mu = minmax_params(torch.from_numpy(cur(j, min(j + group, cols))), bits)
+        if j % group == 0 and not act_order:   # new group: fit its grid to the current (compensated) weights
+            a0, mu = minmax_params(torch.from_numpy(cur(j, min(j + group, cols))), bits, mse)
             a0s[:, g], mus[:, g] = a0.numpy(), mu.numpy()
         q, v = codes_and_values(x, a0s[:, g], mus[:, g], bits)
         codes[:, j] = q
         return v
 
     Q = gptq_loop(W, U, column=column, blocksize=blocksize)
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
     planes = np.stack([(codes >> b) & 1 == 1 for b in range(bits)])      # q = Σ 2^i b_i
     bb = BinaryBasis(signs=planes, scales=a0s[:, :, None, None], offsets=mus[:, :, None], group=group, pow2=True)
     return bb, Q
@@ -170,11 +206,15 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, percdamp
 @register
 @dataclasses.dataclass
 class GPTQ(Quantizer):
-    """k-bit GPTQ (k = --bases, 1..4), asymmetric min-max per group of --group columns.
+    """k-bit GPTQ (k = --bases, 1..4), asymmetric grid per group of --group columns, its range
+    searched by mse (default) or min-max (mse=false).
     Stored as k sign planes with POW2 scales and an offset: ≈ k + 32/G bits per weight."""
     name = "gptq"
     needs_hessian = True
     percdamp: float = 0.01
+    mse: bool = True           # range search per grid (the reference's Quantizer(mse=True)); halves the
+                               # 2-bit layer error on SmolLM2 (docs/quant_table.json)
+    act_order: bool = False    # columns in order of decreasing diag(H), static grids
 
     def check(self) -> None:
         super().check()
@@ -185,4 +225,4 @@ class GPTQ(Quantizer):
 
     def quantize(self, w, hessian=None) -> BinaryBasis:
         check_inputs(w, hessian, self.name)
-        return gptq(w, hessian, self.bases, self.group, self.percdamp)[0]
+        return gptq(w, hessian, self.bases, self.group, self.percdamp, mse=self.mse, act_order=self.act_order)[0]
