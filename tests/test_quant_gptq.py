@@ -95,3 +95,55 @@ def test_bad_input_is_a_clear_error():
         q.quantize(w, torch.eye(128))
     with pytest.raises(QuantizerError, match="1..4"):
         get_quantizer("gptq", bases=5)
+
+
+def heavy_tailed(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) / torch.rand(rows, cols, generator=g).clamp(min=0.05) ** 0.5
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+def test_mse_range_search_is_never_worse_than_min_max(bits):
+    from bitbasis.quant.gptq import minmax_params
+    x = heavy_tailed(64, 128, bits)
+    maxq = 2 ** bits - 1
+
+    def lp_err(a0, mu):
+        q = torch.clamp(torch.round((x - mu[:, None]) / (2 * a0[:, None]) + maxq / 2), 0, maxq)
+        return ((a0[:, None] * (2 * q - maxq) + mu[:, None] - x).abs() ** 2.4).sum(1)
+    e_mm, e_mse = lp_err(*minmax_params(x, bits)), lp_err(*minmax_params(x, bits, mse=True))
+    assert (e_mse <= e_mm).all()
+    assert (e_mse < 0.95 * e_mm).float().mean() > 0.5     # outliers: a shrunk range wins on most rows
+
+
+def test_mse_lowers_the_layer_error_on_heavy_tailed_weights():
+    w = heavy_tailed(64, 256, 7)
+    H = correlated_hessian(256)
+    _, Q_mm = gptq(w, H, 2, 128)
+    bb, Q = gptq(w, H, 2, 128, mse=True)
+    assert rel_err(w, Q, H) < 0.8 * rel_err(w, Q_mm, H)
+    assert np.array_equal(bbf.dequantize(bbf.unpack(bbf.pack(bb))), Q.numpy())
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_act_order(bits):
+    torch.manual_seed(20 + bits)
+    w = torch.randn(40, 320) * torch.rand(1, 320) * 3
+    # identity Hessian: no compensation, static grids on W = round-to-nearest in any order
+    _, Q = gptq(w, torch.eye(320) * torch.rand(320), bits, 128, act_order=True)
+    R = rtn_minmax(w, bits, 128)
+    step = (w.max() - w.min()) / (2 ** bits - 1)
+    assert ((Q - R).abs() > 1e-2 * step).float().mean() < 2e-3
+    # a real Hessian: the permutation is undone, the file holds Q, and the error drops vs plain order
+    H = correlated_hessian(320, seed=bits) + torch.diag(torch.rand(320) * 5)
+    bb, Q = gptq(w, H, bits, 128, act_order=True)
+    assert np.array_equal(bbf.dequantize(bbf.unpack(bbf.pack(bb))), Q.numpy())
+    assert rel_err(w, Q, H) < rel_err(w, gptq(w, H, bits, 128)[1], H)
+
+
+def test_quantizer_options():
+    q = get_quantizer("gptq", bases=2)
+    assert q.mse and not q.act_order                      # mse on by default, act-order off as the reference
+    w, H = heavy_tailed(16, 128, 3), correlated_hessian(128)
+    a = bbf.dequantize(get_quantizer("gptq", bases=2, mse=False).quantize(w, H))
+    assert np.array_equal(a, gptq(w, H, 2, 128)[1].numpy())

@@ -82,7 +82,7 @@ def timed(cmd: list[str], log: Path, adopt: bool = False) -> dict:
     return {"wall_s": round(int(h) * 3600 + int(m_) * 60 + float(s), 1),
             "cpu_s": round(float(grab("User time (seconds)")) + float(grab("System time (seconds)")), 1),
             "peak_rss_mib": round(int(grab("Maximum resident set size (kbytes)")) / 1024, 1),
-            "load": os.getloadavg()[1]}
+            "load": None if adopt else os.getloadavg()[1]}
 
 
 def ppl(path: Path, protocol: str, windows: int, log: Path) -> dict:
