@@ -228,6 +228,7 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
     import torch
     from tqdm import tqdm
     from . import hf
+    from .quant.base import all_finite
 
     samples = int(calib_opts.get("samples") or 128)
     seqlen = int(calib_opts.get("seqlen") or 2048)
@@ -236,7 +237,7 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
     model_dir = Path(model_dir)
     model = hf.load_torch_model(model_dir)
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
+        if not all_finite(p):
             raise CalibrationError(f"{model_dir}: weight {name} holds NaN or Inf values")
     tok = hf.load_tokenizer(model_dir)
     ids = sample_windows(calibration_tokens(tok, calib_opts.get("text")), samples, seqlen, seed)
@@ -288,7 +289,7 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
         errs = []
         for name, m in lins.items():
             H = sums[_hessian_source(name, lins)] * (2.0 / n_tok)
-            if not torch.isfinite(H).all():
+            if not all_finite(H):
                 raise CalibrationError(f"block {k} {name}: calibration activations overflowed (NaN/Inf)")
             W = m.weight.data.float()
             with _one_thread():
@@ -305,7 +306,7 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
         del sums
         ckpt.save(k, {n: b for n, b in out.items() if n.startswith(f"model.layers.{k}.")})
         inps = _run_block(layer, inps, kw, chunk)               # inputs of block k+1 (quantized)
-        if not torch.isfinite(inps).all():
+        if not all_finite(inps):
             raise CalibrationError(f"block {k}: outputs hold NaN or Inf after quantization")
     bar.close()
     ckpt.clear()

@@ -72,7 +72,17 @@ def groups_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
 # --- per-row affine binarization (BiLLM binary.py, PB-LLM's binary part, ARB's starting point) -----
 
 def pm1(b: torch.Tensor) -> torch.Tensor:
-    return torch.where(b, 1.0, -1.0)
+    """bool -> ±1.0 (as b·2 − 1: several times faster than torch.where with scalars on the CPU)."""
+    return b.to(torch.float32) * 2 - 1
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or Inf in x. min/max propagate NaN and keep ±Inf, and torch.aminmax is ~20x faster
+    than torch.isfinite(x).all() on the CPU (the checks cost seconds per conversion otherwise)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def masked_mean(x: torch.Tensor, m: torch.Tensor, cnt: torch.Tensor) -> torch.Tensor:

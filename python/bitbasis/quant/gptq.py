@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..format import BinaryBasis
-from .base import Quantizer, QuantizerError, register
+from .base import Quantizer, QuantizerError, all_finite, register
 
 BLOCK = 128  # GPTQ's lazy-update block (columns)
 
@@ -29,9 +29,9 @@ def check_inputs(w: torch.Tensor, hessian: torch.Tensor | None, name: str) -> No
         raise QuantizerError(f"--method {name} needs calibration (a Hessian)")
     if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise QuantizerError(f"{name}: weight {tuple(w.shape)} and Hessian {tuple(hessian.shape)} do not match")
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise QuantizerError(f"{name}: weight holds NaN or Inf values")
-    if not torch.isfinite(hessian).all():
+    if not all_finite(hessian):
         raise QuantizerError(f"{name}: Hessian holds NaN or Inf values (calibration activations overflowed?)")
 
 
