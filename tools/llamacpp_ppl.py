@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 # llama.cpp ftypes whose default mixes hold tensor types that refuse to quantize without an importance
 # matrix (src/llama-quant.cpp tensor_requires_imatrix: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS).
 NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS")
-TABLE_TYPES = ("Q4_0", "Q2_K", "IQ2_XXS", "IQ2_XS", "IQ1_M", "IQ1_S")
+TABLE_TYPES = ("F32", "Q4_0", "Q2_K", "IQ2_XXS", "IQ2_XS", "IQ1_M", "IQ1_S")  # F32: the --src file itself
 
 
 class LlamaCppError(ValueError):
@@ -280,8 +280,8 @@ def gguf_sizes(path, n_params: int | None = None) -> dict:
 
 def make_table(out: str, src: str, imatrix_path: str, types, windows: int, papers_windows: int | None,
                threads: int, keep: str, protocols=("llamacpp", "papers")) -> list[dict]:
-    """Quantize `src` to each type (the default llama-quantize mix; the imatrix only for the types that
-    need it), measure size, bpw and perplexity, and rewrite `out` after every row."""
+    """Quantize `src` to each type (the default llama-quantize mix; the imatrix for the types that need
+    it and for "TYPE+imatrix"), measure size, bpw and perplexity, and rewrite `out` after every row."""
     from bitbasis import data
     text = data.read_text("eval")
     im = None
@@ -289,8 +289,9 @@ def make_table(out: str, src: str, imatrix_path: str, types, windows: int, paper
     rows = json.loads(Path(out).read_text()) if Path(out).exists() else []
     done = {(r["type"], r.get("imatrix") is not None) for r in rows}
     me = os.path.relpath(__file__)
-    for qtype in tuple(types) + ("F32",):
-        use_im = qtype in NEEDS_IMATRIX
+    for spec in types:
+        qtype = spec.removesuffix("+imatrix")  # "Q4_0+imatrix": a type that takes an optional imatrix
+        use_im = qtype in NEEDS_IMATRIX or spec.endswith("+imatrix")
         if (qtype, use_im) in done:
             continue
         if qtype == "F32":
@@ -298,15 +299,17 @@ def make_table(out: str, src: str, imatrix_path: str, types, windows: int, paper
         else:
             path = str(Path(keep) / f"smol-{qtype}{'-imat' if use_im else ''}.gguf")
             cmd = f"python {me} --quantize {src} {path} {qtype}" + (f" --imatrix {imatrix_path}" if use_im else "")
-            t0 = time.time()
+            qsec = None  # a file made earlier is reused, its time unknown
             if not Path(path).exists():
                 if use_im and im is None:
                     if not imatrix_path:
                         raise LlamaCppError(f"{qtype} needs an importance matrix: --table ... --imatrix FILE")
                     im = load_imatrix(imatrix_path)
+                t0 = time.time()
                 llamacpp_quantize(src, path, qtype, threads, im if use_im else None)
-            qsec = time.time() - t0
-        row = {"method": f"llama.cpp {qtype}", "type": qtype, "mix": "llama-quantize default",
+                qsec = time.time() - t0
+        row = {"method": f"llama.cpp {qtype}" + (" imatrix" if use_im else ""), "type": qtype,
+               "mix": "llama-quantize default",
                "imatrix": imatrix_path if use_im else None, "file": path, "quant_seconds": qsec,
                "command": cmd, **gguf_sizes(path, base["params"])}
         for proto in protocols:
@@ -346,7 +349,7 @@ def main() -> int:
     p.add_argument("--calib-text", default=None, help="calibration text file (default: the calibration plays)")
     p.add_argument("--table", metavar="OUT.json", help="quantize --src to every type and measure (needs --imatrix)")
     p.add_argument("--src", help="f32 GGUF for --table")
-    p.add_argument("--types", nargs="*", default=list(TABLE_TYPES), help="F32 (the --src row) is always added")
+    p.add_argument("--types", nargs="*", default=list(TABLE_TYPES), help="F32 = the --src file itself")
     p.add_argument("--papers-windows", type=int, default=0, help="papers-protocol windows for --table, 0 = all")
     p.add_argument("--keep", default=".", help="where --table writes the quantized files")
     a = p.parse_args()
@@ -360,7 +363,8 @@ def main() -> int:
             return 0
         if a.quantize:
             llamacpp_quantize(*a.quantize, threads=a.threads, imatrix=a.imatrix)
-            print(json.dumps({"wrote": a.quantize[1], **gguf_sizes(a.quantize[1], gguf_sizes(a.quantize[0])["params"])}))
+            src_params = gguf_sizes(a.quantize[0])["params"]
+            print(json.dumps({"wrote": a.quantize[1], **gguf_sizes(a.quantize[1], src_params)}))
             return 0
         if a.table:
             if not a.src:
