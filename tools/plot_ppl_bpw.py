@@ -62,6 +62,7 @@ def main() -> int:
     else:
         print(f"{lc} not found: plotting without llama.cpp rows", file=sys.stderr)
     ax.set_yscale("log")
+    ax.margins(x=0.08)
     ax.set_xlabel("true bits per weight of the block linears (bitbasis info: block bpw)")
     ax.set_ylabel("perplexity, llama.cpp protocol (ctx 512), log scale")
     ax.set_title("SmolLM2-135M on the held-out plays: perplexity vs true bpw")

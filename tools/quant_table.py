@@ -168,8 +168,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="row names (default: all)")
     ap.add_argument("--redo", nargs="*", default=[], help="rows to convert and measure again")
-    ap.add_argument("--lane", choices=("both", "convert", "ppl"), default="both",
-                    help="convert only, measure only (waits for the convert lane's files), or both in turn")
+    ap.add_argument("--lane", choices=("both", "convert", "ppl", "merge"), default="both",
+                    help="convert only, measure only (waits for the convert lane's files), both in turn, "
+                         "or only write --out from the rows measured so far")
     ap.add_argument("--dir", default="/work/out/qt", help="where the .gguf files, logs and per-row JSON go")
     ap.add_argument("--out", default=str(ROOT / "docs" / "quant_table.json"))
     ap.add_argument("--calib-samples", type=int, default=32)
