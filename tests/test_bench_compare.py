@@ -239,3 +239,29 @@ def test_runner_grid(tmp_path):
     assert {c["op"] for c in only["cases"]} == {"gemm"}
     with pytest.raises(ValueError, match="expected gemv and/or gemm"):
         bench.run(runner=str(prog), ops=("gemx",), log=lambda *_: None)
+
+
+def test_checkpoint_and_plot_command(tmp_path, capsys):
+    """--json is rewritten after every case (an interrupted run keeps its cases); `bench plot` redraws it."""
+    prog = tmp_path / "qemu-fake"
+    prog.write_text(FAKE_RUNNER.replace("PYTHON", sys.executable))
+    prog.chmod(prog.stat().st_mode | stat.S_IXUSR)
+    seen = []
+    res = bench.run(runner=str(prog), planes=(1, 2), groups=(128,), shapes=("8x64",), threads=(1,), tokens=2,
+                    min_time=0.0, log=lambda *_: None,
+                    checkpoint=lambda r: seen.append((len(r["cases"]), r["meta"]["complete"])))
+    assert seen == [(i + 1, False) for i in range(4)] and res["meta"]["complete"] is True
+    partial = json.loads(json.dumps(res))
+    partial["meta"]["complete"] = False
+    del partial["cases"][2:]
+    p = _write(tmp_path, "partial.json", partial)
+    png = tmp_path / "p.png"
+    assert cli.main(["bench", "plot", p, str(png)]) == 0   # emulated results can be drawn, not compared
+    _png_size(png)
+    partial["meta"]["emulated"] = None
+    p2 = _write(tmp_path, "partial2.json", partial)
+    capsys.readouterr()
+    assert cli.main(["bench", "compare", p2]) == 0 and "M1 (INCOMPLETE run)" in capsys.readouterr().out
+    e2e = _write(tmp_path, "e2e.json", _e2e_result("C", 1.0, 1.0))
+    assert cli.main(["bench", "plot", e2e, str(png)]) == 1
+    assert "e2e result" in capsys.readouterr().err

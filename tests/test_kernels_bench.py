@@ -12,7 +12,7 @@ def test_bench_kernels_smoke(klib, tmp_path, capsys):  # noqa: F811
     png = tmp_path / "bench.png"
     assert cli.main(["bench", "kernels", "--smoke", "--json", str(out), "--lib", klib, "--plot", str(png)]) == 0
     res = json.loads(out.read_text())
-    assert res["kind"] == "bitbasis-bench-kernels" and res["version"] == 1
+    assert res["kind"] == "bitbasis-bench-kernels" and res["version"] == 1 and res["meta"]["complete"] is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     meta = res["meta"]
     for key in ("cpu_model", "cpu_features", "compiler", "git_commit", "threads", "default_kernel"):

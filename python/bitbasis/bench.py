@@ -308,21 +308,22 @@ def _shape_list(spec: str) -> list[tuple[int, int]]:
 def run(kernel_names: list[str] | None = None, planes=(1, 2, 3, 4), groups=(64, 128), shapes=("smollm2", "llama2-7b"),
         threads=(1, 2), tokens: int = 128, min_time: float = 0.2, bw_bytes: int = 256 << 20, flags: int = fmt.OFFSET,
         skip_slow_gemm: bool = True, path: str | None = None, log=print, groups_n1=None, ops=("gemv", "gemm"),
-        runner: str | None = None) -> dict:
+        runner: str | None = None, checkpoint=None) -> dict:
     """Run the benchmark grid; returns the JSON-able result. groups_n1: the group sizes for N = 1
-    (default: `groups`). runner: a bench_kernels command line instead of the library at `path`."""
+    (default: `groups`). runner: a bench_kernels command line instead of the library at `path`.
+    checkpoint(result so far) is called after every case (meta.complete is False until the end)."""
     if not set(ops) <= {"gemv", "gemm"} or not ops:
         raise KernelError(f"ops {','.join(ops)!r}: expected gemv and/or gemm")
     be = _Runner(runner) if runner else _Native(path)
     try:
         return _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw_bytes, flags,
-                    skip_slow_gemm, log, groups_n1 or groups, ops)
+                    skip_slow_gemm, log, groups_n1 or groups, ops, checkpoint)
     finally:
         be.close()
 
 
 def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw_bytes, flags, skip_slow_gemm, log,
-         groups_n1, ops) -> dict:
+         groups_n1, ops, checkpoint=None) -> dict:
     known = []
     for item in be.kernels().split(";"):
         if item:
@@ -353,12 +354,14 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
         meta["timing_note"] = EMULATED_NOTE
         log(f"*** {EMULATED_NOTE} ***")
     notes = []
+    meta["notes"], meta["complete"] = notes, False
     bandwidth = {}
+    res = {"kind": KIND_KERNELS, "version": VERSION, "meta": meta, "bandwidth_gbs": bandwidth, "cases": []}
+    cases = res["cases"]
     for th in threads:
         gbs = be.bandwidth(bw_bytes, th, max(min_time, 0.1))
         bandwidth[str(th)] = gbs
         log(f"read bandwidth, {th} thread(s): {gbs:.2f} GB/s ({bw_bytes >> 20} MiB buffer)")
-    cases = []
     log(HEADER)
     for shape_set in shapes:
         for rows, cols in _shape_list(shape_set):
@@ -383,9 +386,11 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
                                 c["pct_bandwidth"] = 100.0 * c["weight_gbs"] / bandwidth[str(th)]
                                 cases.append(c)
                                 log(_row(c))
+                                if checkpoint:
+                                    checkpoint(res)
     meta["loadavg_end"] = _loadavg()
-    meta["notes"] = notes
-    return {"kind": KIND_KERNELS, "version": VERSION, "meta": meta, "bandwidth_gbs": bandwidth, "cases": cases}
+    meta["complete"] = True
+    return res
 
 
 def _note(notes: list, s: str) -> None:
@@ -436,7 +441,13 @@ def main_kernels(args) -> int:
     names = args.kernels.split(",") if args.kernels else None
     quiet = args.quiet
     t0 = time.time()
-    res = run(names, path=args.lib, runner=args.runner,
+
+    def save(res):   # after every case, so an interrupted run keeps what it measured (meta.complete false)
+        res["meta"]["wall_s"] = time.time() - t0
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, args.json)
+    res = run(names, path=args.lib, runner=args.runner, checkpoint=save if args.json else None,
               log=(lambda *_: None) if quiet else (lambda s: print(s, flush=True)), **opts)
     res["meta"]["wall_s"] = time.time() - t0
     if quiet:
@@ -444,7 +455,7 @@ def main_kernels(args) -> int:
     elif res["meta"].get("emulated"):
         print(f"*** {EMULATED_NOTE} ***")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        save(res)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot_kernels(res, args.plot)
@@ -454,7 +465,7 @@ def main_kernels(args) -> int:
 
 # --- reading results back, comparing machines -----------------------------------------------------
 
-def load_result(path: str) -> tuple[str, dict]:
+def load_result(path: str, allow_emulated: bool = False) -> tuple[str, dict]:
     """(kind, result) of a `bench kernels` or `bench e2e` JSON; ValueError naming the file otherwise."""
     try:
         res = json.loads(Path(path).read_text())
@@ -477,7 +488,7 @@ def load_result(path: str) -> tuple[str, dict]:
     version = res.get("version", 1)
     if not isinstance(version, int) or version < 1 or version > VERSION:
         raise KernelError(f"{path}: {kind} version {version!r}; this bitbasis reads version {VERSION}")
-    if res["meta"].get("emulated"):
+    if res["meta"].get("emulated") and not allow_emulated:
         raise KernelError(f"{path}: {res['meta'].get('timing_note', EMULATED_NOTE)}; refusing to compare it")
     need = ("cases", "bandwidth_gbs") if kind == KIND_KERNELS else ("summary",)
     for key in need:
@@ -494,7 +505,8 @@ def _machine_line(label: str, path: str, res: dict) -> str:
     else:
         bw, isa = "", m.get("cpu_flags", "?")
     threads = ",".join(str(t) for t in m.get("threads", []))
-    return (f"{label}: {m.get('cpu_model', '?')} | ISA {isa} | threads {threads}" + (f" | read {bw}" if bw else "")
+    partial = " (INCOMPLETE run)" if m.get("complete") is False else ""
+    return (f"{label}{partial}: {m.get('cpu_model', '?')} | ISA {isa} | threads {threads}" + (f" | read {bw}" if bw else "")
             + (f" | {m['compiler']}" if m.get("compiler") else "")
             + f" | commit {m.get('git_commit', '?')} {m.get('date', '')} ({Path(path).name})")
 
@@ -621,6 +633,17 @@ def main_compare(args) -> int:
     return 0
 
 
+def main_plot(args) -> int:
+    """`bench plot RESULT.json OUT.png`: the --plot of a saved (or interrupted) kernel run."""
+    _pyplot()
+    kind, res = load_result(args.file, allow_emulated=True)
+    if kind != KIND_KERNELS:
+        raise KernelError(f"{args.file}: an e2e result; `bench plot` draws kernel results (see bench compare --plot)")
+    plot_kernels(res, args.output)
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 # --- plots ------------------------------------------------------------------------------------------
 
 def _pyplot():
@@ -724,6 +747,8 @@ def plot_kernels(res: dict, path: str) -> dict:
     title = f"{m.get('cpu_model', '?')} — {m.get('git_commit', '')} {m.get('date', '')[:10]}"
     if m.get("emulated"):
         title = f"{m.get('timing_note', EMULATED_NOTE)} — {title}"
+    if m.get("complete") is False:
+        title += " (incomplete run)"
     return _draw(series, _panels(cases), path, title,
           lambda p: "% of read bandwidth" if p[1] == "gemv" else "GOP/s (dense-equivalent)")
 

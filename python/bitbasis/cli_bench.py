@@ -21,7 +21,8 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of repetitions per case (default 0.2)")
     p.add_argument("--flags", type=int, default=1,
                    help="format flags of the timed tensors: OFFSET=1, COLMASK=2, ELEMCLASS=4, POW2=16 (default 1)")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=None,
+                   help="write the results here (rewritten after every case; meta.complete is false until the end)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="draw throughput vs N per kernel (GEMV: %% of read bandwidth, GEMM: GOP/s) into this PNG")
     p.add_argument("--lib", default=None, help="libbitbasis.so to load (default: BITBASIS_LIB or the built package)")
@@ -55,6 +56,17 @@ def _add_compare(bsub) -> None:
     p.set_defaults(func=_run)
 
 
+def _add_plot(bsub) -> None:
+    p = bsub.add_parser("plot", help="draw a saved `bench kernels --json` result (as --plot would)")
+    p.add_argument("file", metavar="JSON")
+    p.add_argument("output", metavar="PNG")
+
+    def _run(args):
+        from . import bench
+        return bench.main_plot(args)
+    p.set_defaults(func=_run)
+
+
 def add_commands(sub) -> None:
     bench = sub.choices.get("bench") if hasattr(sub, "choices") else None
     if bench is None:
@@ -68,5 +80,6 @@ def add_commands(sub) -> None:
         bsub.required = True
     _add_kernels(bsub)
     _add_compare(bsub)
+    _add_plot(bsub)
     from .bench_e2e import add_command as _add_e2e   # `bench e2e` lives in bench_e2e.py
     _add_e2e(bsub)
