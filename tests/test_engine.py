@@ -120,25 +120,45 @@ def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group
         assert d.mean() <= 1e-4 * scale and d.max() <= 1e-2 * scale, (d.mean(), d.max(), scale)
 
 
+def _engine_and_reference_ppl(path, eval_text, ctx: int, windows: int) -> tuple[float, float, str]:
+    import torch
+    from bitbasis.perplexity import perplexity, torch_logits_fn
+    from bitbasis.reference import torch_model_from_gguf
+    m = Model(path, threads=2)
+    tokens = np.asarray(m.tokenize(eval_text[:40000]), np.int64)
+    kw = dict(protocol="llamacpp", ctx=ctx, max_windows=windows, progress=False)
+    ours = perplexity(m.logits, tokens, **kw)["ppl"]
+    ref_model, _ = torch_model_from_gguf(path)
+    torch.set_num_threads(2)
+    ref = perplexity(torch_logits_fn(ref_model), tokens, **kw)["ppl"]
+    return ours, ref, m.kernel
+
+
+@pytest.mark.slow
+def test_binary_basis_perplexity_within_half_percent(model_files, eval_text):
+    """Issue 3: engine perplexity within 0.5% of the float PyTorch reference over the same file, on
+    the healthy binary-basis file (QBB N = 4, the demo setting; 3 windows of 512). The engine
+    quantizes activations to int8 per block of 32 (kernels.h), the reference does not; that rounding
+    is the whole difference (measured: +0.18% here; a GPTQ 4-bit file is +0.67%, which the
+    reference with the same rounding emulated reproduces, +0.63%)."""
+    path = model_files("qbb", 4, 128, rounds=0, iters=0)
+    ours, ref, kernel = _engine_and_reference_ppl(path, eval_text, 512, 3)
+    print(f"qbb N=4: engine ppl {ours:.4f}, reference {ref:.4f}, ratio {ours / ref - 1:+.4%}")
+    assert abs(ours / ref - 1) <= 0.005, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {kernel})"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bases", [1, 2, 3])
 def test_binary_basis_perplexity_vs_reference(model_files, eval_text, bases):
-    """Real SmolLM2 files against the float PyTorch reference: a coarse guard. The engine quantizes
-    activations to int8 per group (kernels.h), the reference does not; these data-free residual
-    files are so damaged (perplexity above the vocabulary size) that the network is chaotic and
-    that rounding alone moves the perplexity by several percent either way (measured -13%, -3%,
-    +5% for N = 1, 2, 3), so the bound is 0.2 nats of mean NLL. The sharp check of the
-    binary-basis path is test_binary_basis_matches_reference_exactly."""
-    from bitbasis.perplexity import perplexity, torch_logits_fn
-    from bitbasis.reference import torch_model_from_gguf
+    """The residual N = 1, 2, 3 files against the float reference: a coarse guard only. These
+    data-free files are collapsed (perplexity ~1e5-1e6, above the vocabulary size), so the network
+    is chaotic and int8 activation rounding alone moves the perplexity by percents either way
+    (measured on 5 windows of 512, float reference vs engine: N = 1 +0.8% with one scale per group,
+    -3.3% with one per 32 — finer rounding, yet further off). The bound is 0.2 nats of mean NLL."""
     path = model_files("residual", bases)
-    m = Model(path, threads=2)
-    tokens = np.asarray(m.tokenize(eval_text[:20000]), np.int64)
-    ours = perplexity(m.logits, tokens, "llamacpp", ctx=128, max_windows=3, progress=False)["ppl"]
-    ref_model, _ = torch_model_from_gguf(path)
-    ref = perplexity(torch_logits_fn(ref_model), tokens, "llamacpp", ctx=128, max_windows=3, progress=False)["ppl"]
+    ours, ref, kernel = _engine_and_reference_ppl(path, eval_text, 128, 3)
     print(f"residual N={bases}: engine ppl {ours:.4f}, reference {ref:.4f}, ratio {ours / ref - 1:+.4%}")
-    assert abs(np.log(ours / ref)) <= 0.2, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {m.kernel})"
+    assert abs(np.log(ours / ref)) <= 0.2, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {kernel})"
 
 
 def test_streaming_keeps_multibyte_characters(f32_model, monkeypatch):

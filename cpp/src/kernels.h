@@ -74,9 +74,10 @@ struct BBTensor {
 // d = max|x|/127, q = round(x/d)), zero-padded to ngroups*G (G is a multiple of 64, so a group holds
 // G/QK whole blocks). One scale per 32 and not per group: SmolLM2-class models have a few outlier
 // activation channels, and one scale per G = 128 left the other columns of their group only a few
-// int8 levels (engine perplexity ~2% off the float reference; llama.cpp's Q8_0 activations use 32
-// too). The column scale (F_COLSCALE) is applied before quantizing: q/d approximate x[j]·k[j]; `x`
-// keeps the raw activations for the sparse values.
+// int8 levels (GPTQ 4-bit SmolLM2: engine perplexity +2.4% over the float reference with one scale
+// per 128, +0.7% with one per 32; llama.cpp's Q8_0 activations use 32 too). The column scale
+// (F_COLSCALE) is applied before quantizing: q/d approximate x[j]·k[j]; `x` keeps the raw
+// activations for the sparse values.
 constexpr int QK = 32;
 
 struct QActs {
@@ -132,6 +133,8 @@ bool cpu_has(const std::string &feature);   // one name from cpu_features()
 const Kernel *find_kernel(const std::string &name);  // by name; nullptr if not compiled in
 
 // The scalar reference (every flag and class). Also the tail / fallback for other kernels.
+// BITBASIS_DEBUG_FLOAT_ACTS=1 (debugging only, with BITBASIS_ISA=scalar): gemv_scalar multiplies the
+// dequantized weights by the float activations instead, to measure what the int8 rounding costs.
 void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
 void gemm_scalar(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 

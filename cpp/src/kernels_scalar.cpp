@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 
 namespace bb {
 
@@ -119,7 +121,41 @@ static inline int class_of(const BBTensor &t, int64_t r, int64_t g, int j) {
     return 0;
 }
 
+// Debugging aid, not a kernel: BITBASIS_DEBUG_FLOAT_ACTS=1 with BITBASIS_ISA=scalar makes the scalar
+// reference multiply the dequantized weights (spec formula, sparse values included) by the float
+// activations, skipping the int8 activation quantization. It isolates that quantization's share of
+// the engine's difference from the float PyTorch reference.
+static void gemv_float_acts(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    const int N = t.n_planes, C = t.n_classes, G = t.group;
+    const int64_t gb = G / 8, nb = t.ngroups * gb;
+    const bool off = !t.offsets.empty();
+    for (int64_t r = r0; r < r1; r++) {
+        double acc = 0.0;
+        int64_t idx = t.sparse_row_start.empty() ? 0 : t.sparse_row_start[r];
+        for (int64_t col = 0; col < t.cols; col++) {
+            const int64_t g = col / G;
+            const int j = (int)(col % G);
+            if (t.sparse_mask && bit(t.sparse_mask + r * nb, col)) {
+                acc += (double)(f16_to_f32(t.sparse_zs[2 * r]) * (float)t.sparse_codes[idx++] + f16_to_f32(t.sparse_zs[2 * r + 1])) * a.x[col];
+                continue;
+            }
+            const int c = C == 1 ? 0 : class_of(t, r, g, j);
+            const uint8_t *pl = t.planes + (r * t.ngroups + g) * N * gb;
+            const float *al = t.scales.data() + ((r * t.ngroups + g) * C + c) * N;
+            double w = off ? t.offsets[(r * t.ngroups + g) * C + c] : 0.0;
+            for (int i = 0; i < N; i++) w += bit(pl + i * gb, j) ? al[i] : -al[i];
+            acc += w * a.x[col] * (t.colscale.empty() ? 1.0 : (double)t.colscale[col]);
+        }
+        y[r - r0] = (float)acc;
+    }
+}
+
 void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    static const bool float_acts = [] {
+        const char *e = std::getenv("BITBASIS_DEBUG_FLOAT_ACTS");
+        return e && *e && std::string(e) != "0";
+    }();
+    if (float_acts) return gemv_float_acts(t, a, y, r0, r1);
     const int N = t.n_planes, C = t.n_classes, G = t.group;
     const int64_t gb = G / 8;
     const bool off = !t.offsets.empty();
