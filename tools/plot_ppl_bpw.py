@@ -46,7 +46,9 @@ def main() -> int:
         label = r["method"] if r["method"] not in seen else None
         seen.add(r["method"])
         ax.errorbar(r["block_bpw"], p["ppl"], yerr=p.get("stderr"), fmt=marker, color=color, label=label, ms=7)
-        ax.annotate(name, (r["block_bpw"], p["ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        tag = "" if p.get("windows") == 40 and p.get("backend") == "engine" else \
+            f" ({p.get('windows')} win, {p.get('backend', '?').replace('-reference', '')})"
+        ax.annotate(name + tag, (r["block_bpw"], p["ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     lc = Path(a.llamacpp)
     if lc.is_file():
         first = True

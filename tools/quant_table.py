@@ -85,8 +85,9 @@ def timed(cmd: list[str], log: Path, adopt: bool = False) -> dict:
             "load": None if adopt else os.getloadavg()[1]}
 
 
-def ppl(path: Path, protocol: str, windows: int, log: Path) -> dict:
-    cmd = ["bitbasis", "ppl", str(path), "--protocol", protocol, "--windows", str(windows), "--json"]
+def ppl(path: Path, protocol: str, windows: int, log: Path, backend: str = "auto") -> dict:
+    cmd = ["bitbasis", "ppl", str(path), "--protocol", protocol, "--windows", str(windows), "--json",
+           "--backend", backend]
     with open(log, "w") as f:
         r = subprocess.run(["nice", *cmd], stdout=subprocess.PIPE, stderr=f, text=True)
     if r.returncode:
@@ -140,10 +141,10 @@ def ppl_row(name: str, a, out_dir: Path) -> bool:
         return False
     for proto, win in (("llamacpp", a.windows), ("papers", a.papers_windows)):
         key = f"ppl_{proto}"
-        if key in row and row[key].get("windows") == win and name not in a.redo:
+        if not win or key in row and row[key].get("windows") == win and name not in a.redo:
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {name}: ppl {proto}", flush=True)
-        res = ppl(out_dir / f"{name}.gguf", proto, win, out_dir / f"{name}.{proto}.log")
+        res = ppl(out_dir / f"{name}.gguf", proto, win, out_dir / f"{name}.{proto}.log", a.backend)
         res["commit"] = git_state()
         row = load_row(out_dir, name)
         row[key] = res
@@ -176,7 +177,8 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=40, help="llama.cpp protocol windows (ctx 512)")
-    ap.add_argument("--papers-windows", type=int, default=2, help="papers protocol windows (ctx 2048)")
+    ap.add_argument("--papers-windows", type=int, default=2, help="papers protocol windows (ctx 2048; 0: skip)")
+    ap.add_argument("--backend", default="auto", choices=("auto", "engine", "torch"), help="bitbasis ppl --backend")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     out_dir = Path(a.dir)
