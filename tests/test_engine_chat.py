@@ -44,7 +44,7 @@ def test_chat_two_turns_and_clean_exit(model_files):
 
 
 def test_chat_ctrl_c_stops_reply_and_eof_quits(model_files):
-    path = model_files("residual", 2)
+    path = model_files("qbb", 4, 128, rounds=0, iters=0)   # a model that still speaks
     child = pexpect.spawn(sys.executable, ["-m", "bitbasis.cli", "chat", "-m", str(path), "-n", "4000", "-t", "2",
                                            "--ctx", "8192"], env=_env(), encoding="utf-8", timeout=180)
     try:
