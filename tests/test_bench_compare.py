@@ -40,6 +40,7 @@ def _kernels_result(cpu, features, kernels, speed=1.0, bw=10.0, old_format=False
            "bandwidth_gbs": {"1": bw}, "cases": cases}
     if not old_format:   # files written before kind/version existed must still load
         res = {"kind": bench.KIND_KERNELS, "version": bench.VERSION, **res}
+        res["meta"]["footprint_bytes"] = -1   # cold: weights cycled beyond the cache
     return res
 
 
@@ -77,7 +78,9 @@ def test_compare_kernels_table(tmp_path, capsys):
     assert cli.main(["bench", "compare", a, b, "--json", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     # one column per machine, described by CPU model, ISA and threads
-    assert "M1: CPU-A | ISA avx2 avx512f | threads 1" in out and "M2: CPU-B | ISA neon dotprod | threads 1" in out
+    # A is an old (version 1) file: its timings were cache-hot, and the table says so
+    assert "M1 (cache-hot timing: one tensor copy): CPU-A | ISA avx2 avx512f | threads 1" in out
+    assert "M2: CPU-B | ISA neon dotprod | threads 1" in out
     merged = json.loads((tmp_path / "m.json").read_text())
     assert [m["cpu_model"] for m in merged["machines"]] == ["CPU-A", "CPU-B"]
     rows = {r["case"]: r for r in merged["rows"]}
@@ -128,7 +131,8 @@ def test_compare_bad_input(tmp_path, capsys):
     good = _write(tmp_path, "good.json", _kernels_result("CPU-A", "avx2", ["k1"]))
     cases = {
         "mixed result kinds": _write(tmp_path, "e2e.json", _e2e_result("CPU-B", 1.0, 1.0)),
-        "version 2": _write(tmp_path, "v2.json", {**_kernels_result("C", "f", ["k"]), "version": 2}),
+        f"version {bench.VERSION + 1}": _write(tmp_path, "vnext.json",
+                                                {**_kernels_result("C", "f", ["k"]), "version": bench.VERSION + 1}),
         "unknown result kind": _write(tmp_path, "kind.json", {**_kernels_result("C", "f", ["k"]), "kind": "other"}),
         "not JSON": _write(tmp_path, "text.json", "cpu: hello"),
         "not a bitbasis bench result": _write(tmp_path, "list.json", {"meta": {}, "rows": []}),
@@ -182,7 +186,7 @@ for line in sys.stdin:
     ans = {"kernels": "fake-k fake 1;other fake 0;", "default": "fake-k", "features": "fakeisa",
            "compiler": "fakecc", "machine": "fakearch", "bandwidth": "2.0"}.get(w[0])
     if w[0] == "bench":
-        ans = "1e-06 2e-06 1000" if w[1] == "fake-k" else None
+        ans = "1e-06 2e-06 1000 3" if w[1] == "fake-k" else None
     print(("ok\t" + ans) if ans else ("err\tno " + w[0] + " " + (w[1] if len(w) > 1 else "")), flush=True)
 '''
 
@@ -201,6 +205,7 @@ def test_runner_protocol(tmp_path, capsys):
         assert res["meta"]["machine"] == "fakearch" and res["meta"]["cpu_features"] == "fakeisa"
         assert res["bandwidth_gbs"] == {"1": 2.0} and {c["kernel"] for c in res["cases"]} == {"fake-k"}
         c = res["cases"][0]
+        assert c["copies"] == 3 and res["meta"]["footprint_bytes"] == 1 << 20
         assert c["time_s"] == 1e-6 and c["weight_gbs"] == pytest.approx(1.0) and c["pct_bandwidth"] == pytest.approx(50.0)
         if name.startswith("qemu"):
             assert res["meta"]["emulated"] == "qemu" and bench.EMULATED_NOTE in printed

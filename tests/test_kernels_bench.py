@@ -12,7 +12,7 @@ def test_bench_kernels_smoke(klib, tmp_path, capsys):  # noqa: F811
     png = tmp_path / "bench.png"
     assert cli.main(["bench", "kernels", "--smoke", "--json", str(out), "--lib", klib, "--plot", str(png)]) == 0
     res = json.loads(out.read_text())
-    assert res["kind"] == "bitbasis-bench-kernels" and res["version"] == 1 and res["meta"]["complete"] is True
+    assert res["kind"] == "bitbasis-bench-kernels" and res["version"] == 2 and res["meta"]["complete"] is True
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     meta = res["meta"]
     for key in ("cpu_model", "cpu_features", "compiler", "git_commit", "threads", "default_kernel"):
@@ -23,6 +23,8 @@ def test_bench_kernels_smoke(klib, tmp_path, capsys):  # noqa: F811
     assert {c["op"] for c in res["cases"]} == {"gemv", "gemm"}
     for c in res["cases"]:
         assert c["time_s"] > 0 and c["median_s"] >= c["time_s"]
+        # smoke cycles through 1 MiB of copies: the copy count follows the tensor size
+        assert c["copies"] == -(-(1 << 20) // int(c["weight_bytes"])) and c["copies"] > 1
         assert abs(c["gops"] - 2 * c["shape"][0] * c["shape"][1] * c["tokens"] / c["time_s"] / 1e9) < 1e-6 * c["gops"]
         assert abs(c["pct_bandwidth"] - 100 * c["weight_gbs"] / res["bandwidth_gbs"]["1"]) < 1e-6 * c["pct_bandwidth"]
     printed = capsys.readouterr().out
@@ -32,3 +34,18 @@ def test_bench_kernels_smoke(klib, tmp_path, capsys):  # noqa: F811
 def test_bench_kernels_unknown_kernel(klib, capsys):  # noqa: F811
     assert cli.main(["bench", "kernels", "--smoke", "--kernels", "nope", "--lib", klib]) == 1
     assert "unknown kernel" in capsys.readouterr().err
+
+
+def test_bench_kernels_footprint(klib):  # noqa: F811
+    """Cold timing cycles through enough copies to exceed the footprint; 0 times one cache-hot copy."""
+    from bitbasis import bench
+    be = bench._Native(klib)
+    _, _, wbytes, copies = be.bench("scalar", 64, 256, 2, 128, 1, 1, 1, 0.0, 8 << 20)
+    assert copies == -(-(8 << 20) // int(wbytes)) and copies * wbytes >= 8 << 20
+    assert be.bench("scalar", 64, 256, 2, 128, 1, 1, 1, 0.0, 0)[3] == 1
+    auto = be.bench("scalar", 64, 256, 2, 128, 1, 1, 1, 0.0, -1)[3]
+    l3 = bench._l3_bytes() or 128 << 20
+    assert auto == min(4096, -(-4 * l3 // int(wbytes)))
+    import pytest
+    with pytest.raises(bench.KernelError, match="bad shape"):
+        be.bench("scalar", 64, 256, 9, 128, 1, 1, 1, 0.0, 0)

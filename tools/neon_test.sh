@@ -29,7 +29,7 @@ set -- "$SRC"/kernels_scalar.cpp "$SRC"/kernels_dispatch.cpp "$SRC"/kernels_neon
     "$SRC"/kernels_avx512.cpp
 if [ "$MODE" = "--bench" ]; then
     # the benchmark entry points (kernels_capi.cpp, its thread pool) behind a line-protocol driver
-    "$CXX" -std=c++17 -O2 -Wall -Wextra -march=armv8-a -static -I"$SRC" \
+    "$CXX" -std=c++17 -O2 -Wall -Wextra -march=armv8-a -static -I"$SRC" -I"$ROOT/cpp/include" \
         "$ROOT/cpp/bench/bench_kernels.cpp" "$@" "$SRC/kernels_capi.cpp" "$SRC/threadpool.cpp" \
         -o "$OUT/bench_kernels_aarch64"
     echo "== bitbasis bench kernels under qemu -cpu max (emulated)"

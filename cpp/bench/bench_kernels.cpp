@@ -6,7 +6,8 @@
 // Protocol: one request per line on stdin, one reply line on stdout, "ok\t<value>" or "err\t<message>".
 //   kernels | default | features | compiler | machine
 //   bandwidth BYTES THREADS MIN_SECONDS                          -> GB/s
-//   bench KERNEL ROWS COLS N GROUP FLAGS TOKENS THREADS MIN_SECONDS -> best median weight_bytes
+//   bench KERNEL ROWS COLS N GROUP FLAGS TOKENS THREADS MIN_SECONDS FOOTPRINT_BYTES
+//                                                    -> best median weight_bytes copies
 // Not built by CMake (cpp/tests/*.cpp are); tools/neon_test.sh compiles it with the kernel sources.
 #include <sys/utsname.h>
 
@@ -16,16 +17,7 @@
 #include <sstream>
 #include <string>
 
-extern "C" {
-const char *bbk_error(void);
-const char *bbk_kernels(void);
-const char *bbk_default_kernel(void);
-const char *bbk_cpu_features(void);
-const char *bbk_compiler(void);
-int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
-              int n_threads, double min_seconds, double *best, double *median, double *weight_bytes);
-double bbk_read_bandwidth(int64_t bytes, int n_threads, double min_seconds);
-}
+#include "bitbasis_kernels.h"
 
 static void reply(bool ok, const std::string &s) {
     std::cout << (ok ? "ok\t" : "err\t") << s << "\n" << std::flush;
@@ -69,16 +61,19 @@ int main() {
             int n, group, tokens, threads;
             uint32_t flags;
             double min_s, best, median, wbytes;
-            if (!(in >> kernel >> rows >> cols >> n >> group >> flags >> tokens >> threads >> min_s)) {
-                reply(false, "bench: expected KERNEL ROWS COLS N GROUP FLAGS TOKENS THREADS MIN_SECONDS");
+            int64_t footprint;
+            int copies;
+            if (!(in >> kernel >> rows >> cols >> n >> group >> flags >> tokens >> threads >> min_s >> footprint)) {
+                reply(false, "bench: expected KERNEL ROWS COLS N GROUP FLAGS TOKENS THREADS MIN_SECONDS FOOTPRINT_BYTES");
                 continue;
             }
-            if (bbk_bench(kernel.c_str(), rows, cols, n, group, flags, tokens, threads, min_s, &best, &median, &wbytes) != 0) {
+            if (bbk_bench(kernel.c_str(), rows, cols, n, group, flags, tokens, threads, min_s, footprint, &best, &median, &wbytes,
+                          &copies) != 0) {
                 reply(false, bbk_error());
                 continue;
             }
-            char buf[96];
-            std::snprintf(buf, sizeof buf, "%.17g %.17g %.17g", best, median, wbytes);
+            char buf[128];
+            std::snprintf(buf, sizeof buf, "%.17g %.17g %.17g %d", best, median, wbytes, copies);
             reply(true, buf);
         } else {
             reply(false, "unknown request " + cmd);

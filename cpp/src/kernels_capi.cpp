@@ -1,7 +1,10 @@
-// C entry points for testing and benchmarking the kernels from Python (bitbasis.bench,
-// tests/test_kernels.py). Not part of the model API in bitbasis.h; Python declares them itself.
+// C entry points for testing and benchmarking the kernels (declared in cpp/include/bitbasis_kernels.h).
+// Not part of the model API in bitbasis.h.
+#include "bitbasis_kernels.h"
 #include "kernels.h"
 #include "threadpool.h"
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -100,55 +103,103 @@ static double now() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Time one kernel on a random tensor: n_tok = 1 is GEMV, more is GEMM. Writes the best and the
-// median seconds per call and the bytes of the weight (every component). Returns 0 / -1.
-extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
-                         int n_threads, double min_seconds, double *best, double *median, double *weight_bytes) {
-    try {
-        if (flags & (F_SPARSE | F_COLSCALE | ~63u))
-            throw std::runtime_error("bench: only OFFSET, POW2, COLMASK and ELEMCLASS flags");
-        const Kernel &k = kernel_by_name(kernel);
-        const int C = 1 + !!(flags & F_COLMASK) + !!(flags & F_ELEMCLASS);
-        const int64_t ng = (cols + group - 1) / group, S = ((flags & F_POW2) ? 1 : n_planes) * C;
-        const int64_t pbytes = rows * ng * n_planes * (group / 8);
-        Aligned<uint8_t> planes(pbytes);
-        Aligned<uint16_t> scales(rows * ng * S), offsets(rows * ng * C);
-        // class masks (BiLLM-like): ~10% salient columns, ~20% of the other elements in class C-1
-        Aligned<uint8_t> colmask(ng * (group / 8)), elemclass(rows * ng * (group / 8));
-        std::mt19937_64 rng(7);
-        for (int64_t i = 0; i < pbytes; i += 8) {
-            const uint64_t v = rng();
-            std::memcpy(planes.p + i, &v, 8);
-        }
-        // padding columns must be zero (spec); clear them
-        for (int64_t r = 0; r < rows; r++)
-            for (int i = 0; i < n_planes; i++)
-                for (int64_t c = cols - (ng - 1) * group; c < group; c++)
-                    planes.p[((r * ng + ng - 1) * n_planes + i) * (group / 8) + c / 8] &= (uint8_t)~(1u << (c % 8));
-        for (int64_t i = 0; i < rows * ng * S; i++) scales.p[i] = (uint16_t)(0x2000 + (rng() & 0x3ff));   // ~0.01
-        for (int64_t i = 0; i < rows * ng * C; i++) offsets.p[i] = (uint16_t)(0x1c00 + (rng() & 0x3ff));
-        std::bernoulli_distribution sal(0.1), ec(0.2);
-        for (int64_t g = 0; g < ng; g++)
-            for (int j = 0; j < group / 8; j++) {
-                uint8_t b = 0;
-                for (int u = 0; u < 8; u++) b |= (g * group + j * 8 + u < cols && sal(rng)) << u;
-                colmask.p[g * (group / 8) + j] = b;
-            }
-        for (int64_t i = 0; i < rows * ng * (group / 8); i++) {
-            const int64_t col0 = (i % (ng * (group / 8))) * 8;
-            uint8_t b = 0;
-            for (int u = 0; u < 8; u++) b |= (col0 + u < cols && ec(rng)) << u;
-            elemclass.p[i] = b;
-        }
-        BBTensor t;
+// One random tensor and its arrays (BiLLM-like class masks: ~10% salient columns, ~20% of the
+// other elements in class C-1); copies share nothing, so cycling through them misses the caches.
+struct BenchTensor {
+    Aligned<uint8_t> planes, colmask, elemclass;
+    Aligned<uint16_t> scales, offsets;
+    BBTensor t;
+    int64_t pbytes, nscales, noffsets, ncolmask, nelem;
+    BenchTensor(int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags)
+        : planes(rows * ((cols + group - 1) / group) * n_planes * (group / 8)),
+          colmask(((cols + group - 1) / group) * (group / 8)),
+          elemclass(rows * ((cols + group - 1) / group) * (group / 8)),
+          scales(rows * ((cols + group - 1) / group) * ((flags & F_POW2) ? 1 : n_planes) * n_classes_of(flags)),
+          offsets(rows * ((cols + group - 1) / group) * n_classes_of(flags)) {
+        const int C = n_classes_of(flags);
+        const int64_t ng = (cols + group - 1) / group;
+        pbytes = rows * ng * n_planes * (group / 8);
+        nscales = rows * ng * ((flags & F_POW2) ? 1 : n_planes) * C;
+        noffsets = rows * ng * C;
+        ncolmask = ng * (group / 8);
+        nelem = rows * ng * (group / 8);
         t.rows = rows; t.cols = cols; t.n_planes = n_planes; t.group = group; t.flags = flags; t.n_classes = C;
         t.planes = planes.p; t.scales_f16 = scales.p; t.offsets_f16 = (flags & F_OFFSET) ? offsets.p : nullptr;
         t.colmask = (flags & F_COLMASK) ? colmask.p : nullptr;
         t.elemclass = (flags & F_ELEMCLASS) ? elemclass.p : nullptr;
-        bb_prepare(t, k.name);
-        *weight_bytes = (double)(pbytes + rows * ng * S * 2 + ((flags & F_OFFSET) ? rows * ng * C * 2 : 0) +
-                                 ((flags & F_COLMASK) ? ng * (group / 8) : 0) +
-                                 ((flags & F_ELEMCLASS) ? rows * ng * (group / 8) : 0));
+    }
+    static int n_classes_of(uint32_t flags) { return 1 + !!(flags & F_COLMASK) + !!(flags & F_ELEMCLASS); }
+    void randomize(std::mt19937_64 &rng) {
+        const int64_t cols = t.cols, group = t.group, ng = (cols + group - 1) / group;
+        for (int64_t i = 0; i < pbytes; i += 8) {
+            const uint64_t v = rng();
+            std::memcpy(planes.p + i, &v, std::min<int64_t>(8, pbytes - i));
+        }
+        // padding columns must be zero (spec); clear them
+        for (int64_t r = 0; r < t.rows; r++)
+            for (int i = 0; i < t.n_planes; i++)
+                for (int64_t c = cols - (ng - 1) * group; c < group; c++)
+                    planes.p[((r * ng + ng - 1) * t.n_planes + i) * (group / 8) + c / 8] &= (uint8_t)~(1u << (c % 8));
+        for (int64_t i = 0; i < nscales; i++) scales.p[i] = (uint16_t)(0x2000 + (rng() & 0x3ff));   // ~0.01
+        for (int64_t i = 0; i < noffsets; i++) offsets.p[i] = (uint16_t)(0x1c00 + (rng() & 0x3ff));
+        std::bernoulli_distribution sal(0.1), ec(0.2);
+        for (int64_t i = 0; i < ncolmask; i++) {
+            uint8_t b = 0;
+            for (int u = 0; u < 8; u++) b |= (i * 8 + u < cols && sal(rng)) << u;
+            colmask.p[i] = b;
+        }
+        for (int64_t i = 0; i < nelem; i++) {
+            const int64_t col0 = (i % ncolmask) * 8;
+            uint8_t b = 0;
+            for (int u = 0; u < 8; u++) b |= (col0 + u < cols && ec(rng)) << u;
+            elemclass.p[i] = b;
+        }
+    }
+    void copy_from(const BenchTensor &o) {
+        std::memcpy(planes.p, o.planes.p, pbytes);
+        std::memcpy(scales.p, o.scales.p, nscales * 2);
+        std::memcpy(offsets.p, o.offsets.p, noffsets * 2);
+        std::memcpy(colmask.p, o.colmask.p, ncolmask);
+        std::memcpy(elemclass.p, o.elemclass.p, nelem);
+    }
+    int64_t weight_bytes() const {   // every component the kernel reads from the file
+        const uint32_t f = t.flags;
+        return pbytes + nscales * 2 + ((f & F_OFFSET) ? noffsets * 2 : 0) + ((f & F_COLMASK) ? ncolmask : 0) +
+               ((f & F_ELEMCLASS) ? nelem : 0);
+    }
+};
+
+static int64_t l3_bytes() {
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (v > 0) return v;
+#endif
+    return 0;
+}
+
+extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
+                         int n_threads, double min_seconds, int64_t footprint_bytes, double *best, double *median,
+                         double *weight_bytes, int *copies) {
+    try {
+        if (flags & (F_SPARSE | F_COLSCALE | ~63u))
+            throw std::runtime_error("bench: only OFFSET, POW2, COLMASK and ELEMCLASS flags");
+        if (rows < 1 || cols < 1 || n_planes < 1 || n_planes > 8 || group < 8 || group % 8 || n_tok < 1 || n_threads < 1)
+            throw std::runtime_error("bench: bad shape, planes, group, tokens or threads");
+        const Kernel &k = kernel_by_name(kernel);
+        std::vector<std::unique_ptr<BenchTensor>> ts_;
+        ts_.emplace_back(new BenchTensor(rows, cols, n_planes, group, flags));
+        std::mt19937_64 rng(7);
+        ts_[0]->randomize(rng);
+        const int64_t wb = ts_[0]->weight_bytes();
+        if (footprint_bytes < 0) footprint_bytes = l3_bytes() > 0 ? 4 * l3_bytes() : (int64_t)128 << 20;
+        const int64_t n_copies = std::max<int64_t>(1, std::min<int64_t>(4096, (footprint_bytes + wb - 1) / wb));
+        for (int64_t c = 1; c < n_copies; c++) {
+            ts_.emplace_back(new BenchTensor(rows, cols, n_planes, group, flags));
+            ts_.back()->copy_from(*ts_[0]);
+        }
+        for (auto &bt : ts_) bb_prepare(bt->t, k.name);
+        *weight_bytes = (double)wb;
+        *copies = (int)n_copies;
         std::vector<QActs> acts(n_tok);
         std::normal_distribution<float> nd;
         std::vector<float> x(cols);
@@ -158,13 +209,16 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
         }
         std::vector<float> y((size_t)rows * n_tok);
         ThreadPool pool(n_threads);
+        size_t next = 0;
         auto call = [&] {
+            const BBTensor &t = ts_[next]->t;
+            next = (next + 1) % ts_.size();
             if (n_tok == 1)
                 pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, acts[0], y.data() + r0, r0, r1); });
             else
                 pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemm(t, acts.data(), n_tok, y.data() + r0, rows, r0, r1); });
         };
-        call();   // warm up (thread_local buffers, page faults)
+        for (size_t i = 0; i < ts_.size(); i++) call();   // warm up (thread_local buffers, page faults)
         std::vector<double> ts;
         const double start = now();
         while (ts.size() < 3 || (now() - start < min_seconds && ts.size() < 100000)) {

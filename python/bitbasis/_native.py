@@ -11,11 +11,11 @@ from cffi import FFI
 _HERE = Path(__file__).resolve().parent
 
 
-def _header_text() -> str:
-    for p in (_HERE / "bitbasis.h", _HERE.parents[1] / "cpp" / "include" / "bitbasis.h"):
+def _header_text(name: str = "bitbasis.h") -> str:
+    for p in (_HERE / name, _HERE.parents[1] / "cpp" / "include" / name):
         if p.exists():
             return p.read_text()
-    raise ImportError("bitbasis.h not found next to the package or in cpp/include")
+    raise ImportError(f"{name} not found next to the package or in cpp/include")
 
 
 def _cdef_from_header(text: str) -> str:

@@ -32,20 +32,6 @@ import numpy as np
 
 from . import format as fmt
 
-_CDEF = """
-const char *bbk_error(void);
-const char *bbk_kernels(void);
-const char *bbk_default_kernel(void);
-const char *bbk_cpu_features(void);
-const char *bbk_compiler(void);
-int bbk_matmul(const char *kernel, int repack, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags,
-               const uint8_t *planes, const uint16_t *scales, const uint16_t *offsets, const uint8_t *colmask,
-               const uint8_t *elemclass, const uint8_t *smask, const uint8_t *scodes, const uint16_t *zs,
-               const uint16_t *colscale, const float *x, int n_tok, float *y);
-int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
-              int n_threads, double min_seconds, double *best, double *median, double *weight_bytes);
-double bbk_read_bandwidth(int64_t bytes, int n_threads, double min_seconds);
-"""
 
 SHAPES = {  # (rows, cols) = (out, in) of the linear layers
     "smollm2": [(576, 576), (1536, 576), (576, 1536)],
@@ -64,8 +50,9 @@ def kernel_lib(path: str | None = None):
     if path is None:
         from ._native import _library_path
         path = str(_library_path())
+    from ._native import _cdef_from_header, _header_text
     ffi = FFI()
-    ffi.cdef(_CDEF)
+    ffi.cdef(_cdef_from_header(_header_text("bitbasis_kernels.h")))
     return ffi, ffi.dlopen(path)
 
 
@@ -116,7 +103,9 @@ def matmul(p: fmt.Packed, x: np.ndarray, kernel: str = "", repack: bool = False,
 # --- where the kernels run: this process (cffi) or a driver program (--runner) -------------------
 
 KIND_KERNELS, KIND_E2E = "bitbasis-bench-kernels", "bitbasis-bench-e2e"
-VERSION = 1   # of the kernels JSON; files without "kind"/"version" (written before them) are version 1
+VERSION = 2   # of the kernels JSON; files without "kind"/"version" (written before them) are version 1.
+# 2: cases carry "copies" (tensor copies cycled through so the weights come from memory, not the cache);
+# version 1 timed one cache-hot copy.
 EMULATED_NOTE = "emulated (qemu) — timings not comparable"
 
 
@@ -130,7 +119,7 @@ class _Native:
             path = str(_library_path())
         self.path = os.path.abspath(path)
         self.ffi, self.lib = kernel_lib(path)
-        self._out = [self.ffi.new("double *") for _ in range(3)]
+        self._out = [self.ffi.new("double *") for _ in range(3)] + [self.ffi.new("int *")]
 
     def _s(self, p) -> str:
         return self.ffi.string(p).decode()
@@ -160,11 +149,12 @@ class _Native:
             raise KernelError(_err(self.ffi, self.lib))
         return gbs
 
-    def bench(self, name, rows, cols, n, g, flags, ntok, threads, min_s) -> tuple[float, float, float]:
-        best, med, wbytes = self._out
-        if self.lib.bbk_bench(name.encode(), rows, cols, n, g, flags, ntok, threads, min_s, best, med, wbytes) != 0:
+    def bench(self, name, rows, cols, n, g, flags, ntok, threads, min_s, footprint) -> tuple[float, float, float, int]:
+        best, med, wbytes, copies = self._out
+        if self.lib.bbk_bench(name.encode(), rows, cols, n, g, flags, ntok, threads, min_s, footprint,
+                              best, med, wbytes, copies) != 0:
             raise KernelError(_err(self.ffi, self.lib))
-        return best[0], med[0], wbytes[0]
+        return best[0], med[0], wbytes[0], copies[0]
 
     def close(self):
         pass
@@ -234,10 +224,10 @@ class _Runner:
     def bandwidth(self, nbytes: int, threads: int, min_s: float) -> float:
         return float(self._ask(f"bandwidth {nbytes} {threads} {min_s!r}"))
 
-    def bench(self, name, rows, cols, n, g, flags, ntok, threads, min_s) -> tuple[float, float, float]:
-        best, med, wbytes = (float(v) for v in self._ask(
-            f"bench {name} {rows} {cols} {n} {g} {flags} {ntok} {threads} {min_s!r}").split())
-        return best, med, wbytes
+    def bench(self, name, rows, cols, n, g, flags, ntok, threads, min_s, footprint) -> tuple[float, float, float, int]:
+        best, med, wbytes, copies = self._ask(
+            f"bench {name} {rows} {cols} {n} {g} {flags} {ntok} {threads} {min_s!r} {footprint}").split()
+        return float(best), float(med), float(wbytes), int(copies)
 
     def close(self):
         if self.proc.poll() is None:
@@ -292,6 +282,14 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _l3_bytes() -> int | None:
+    try:
+        v = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return v if v > 0 else None
+
+
 def _shape_list(spec: str) -> list[tuple[int, int]]:
     """A named shape set (SHAPES) or one explicit ROWSxCOLS."""
     if spec in SHAPES:
@@ -308,22 +306,23 @@ def _shape_list(spec: str) -> list[tuple[int, int]]:
 def run(kernel_names: list[str] | None = None, planes=(1, 2, 3, 4), groups=(64, 128), shapes=("smollm2", "llama2-7b"),
         threads=(1, 2), tokens: int = 128, min_time: float = 0.2, bw_bytes: int = 256 << 20, flags: int = fmt.OFFSET,
         skip_slow_gemm: bool = True, path: str | None = None, log=print, groups_n1=None, ops=("gemv", "gemm"),
-        runner: str | None = None, checkpoint=None) -> dict:
+        runner: str | None = None, checkpoint=None, footprint: int = -1) -> dict:
     """Run the benchmark grid; returns the JSON-able result. groups_n1: the group sizes for N = 1
     (default: `groups`). runner: a bench_kernels command line instead of the library at `path`.
+    footprint: bytes of tensor copies each case cycles through (-1: 4x the L3 cache; 0: one cache-hot copy).
     checkpoint(result so far) is called after every case (meta.complete is False until the end)."""
     if not set(ops) <= {"gemv", "gemm"} or not ops:
         raise KernelError(f"ops {','.join(ops)!r}: expected gemv and/or gemm")
     be = _Runner(runner) if runner else _Native(path)
     try:
         return _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw_bytes, flags,
-                    skip_slow_gemm, log, groups_n1 or groups, ops, checkpoint)
+                    skip_slow_gemm, log, groups_n1 or groups, ops, checkpoint, footprint)
     finally:
         be.close()
 
 
 def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw_bytes, flags, skip_slow_gemm, log,
-         groups_n1, ops, checkpoint=None) -> dict:
+         groups_n1, ops, checkpoint=None, footprint=-1) -> dict:
     known = []
     for item in be.kernels().split(";"):
         if item:
@@ -345,6 +344,9 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
         "git_commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "default_kernel": be.default_kernel(), "kernel_isa": {n: isa[n] for n in kernel_names},
         "tokens_gemm": tokens, "min_time_s": min_time, "flags": flags, "loadavg_start": _loadavg(),
+        "footprint_bytes": footprint, "l3_bytes": _l3_bytes(),
+        "cache_is": ("cold: each call uses the next of `copies` tensor copies (footprint_bytes; -1 = 4x L3)"
+                     if footprint else "hot: one tensor copy, timed repeatedly (may sit in the cache)"),
         "time_is": "best of repetitions (median also recorded)",
         "gops_is": "2*rows*cols*tokens / time (dense-equivalent)",
         "emulated": be.emulated, "runner": " ".join(be.argv) if isinstance(be, _Runner) else None,
@@ -378,10 +380,11 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
                                 if ntok == 1 and name.endswith("-rows") and name[:-5] in kernel_names:
                                     _note(notes, "GEMV of <k>-rows kernels not timed: it is <k>'s GEMV")
                                     continue
-                                t, med, wbytes = be.bench(name, rows, cols, n, g, flags, ntok, th, min_time)
+                                t, med, wbytes, copies = be.bench(name, rows, cols, n, g, flags, ntok, th, min_time,
+                                                                  footprint)
                                 c = {"op": "gemv" if ntok == 1 else "gemm", "kernel": name, "shape": [rows, cols],
                                      "model": shape_set, "planes": n, "group": g, "threads": th, "tokens": ntok,
-                                     "time_s": t, "median_s": med, "weight_bytes": wbytes,
+                                     "time_s": t, "median_s": med, "weight_bytes": wbytes, "copies": copies,
                                      "weight_gbs": wbytes / t / 1e9, "gops": 2.0 * rows * cols * ntok / t / 1e9}
                                 c["pct_bandwidth"] = 100.0 * c["weight_gbs"] / bandwidth[str(th)]
                                 cases.append(c)
@@ -429,11 +432,15 @@ def main_kernels(args) -> int:
             raise KernelError(f"{s!r}: expected comma-separated integers") from None
     if args.smoke:   # CI: checks the output format in seconds, not the speed
         opts = dict(planes=(1,), groups=(128,), shapes=("smollm2",), threads=(1,), tokens=4, min_time=0.0,
-                    bw_bytes=16 << 20)
+                    bw_bytes=16 << 20, footprint=1 << 20)
     else:
         opts = dict(planes=ints(args.planes), groups=ints(args.groups), shapes=tuple(args.shapes.split(",")),
                     threads=ints(args.threads), tokens=args.tokens, min_time=args.min_time, flags=args.flags,
                     groups_n1=ints(args.groups_n1) if args.groups_n1 else None, ops=tuple(args.ops.split(",")))
+        if args.footprint_mib is not None:
+            if args.footprint_mib < 0:
+                raise KernelError(f"--footprint-mib {args.footprint_mib}: must be >= 0")
+            opts["footprint"] = int(args.footprint_mib * (1 << 20))
     for s in opts["shapes"]:
         _shape_list(s)   # fail before the bandwidth test
     if args.plot:
@@ -506,6 +513,8 @@ def _machine_line(label: str, path: str, res: dict) -> str:
         bw, isa = "", m.get("cpu_flags", "?")
     threads = ",".join(str(t) for t in m.get("threads", []))
     partial = " (INCOMPLETE run)" if m.get("complete") is False else ""
+    if "bandwidth_gbs" in res and (res.get("version", 1) < 2 or not m.get("footprint_bytes")):
+        partial += " (cache-hot timing: one tensor copy)"
     return (f"{label}{partial}: {m.get('cpu_model', '?')} | ISA {isa} | threads {threads}" + (f" | read {bw}" if bw else "")
             + (f" | {m['compiler']}" if m.get("compiler") else "")
             + f" | commit {m.get('git_commit', '?')} {m.get('date', '')} ({Path(path).name})")
