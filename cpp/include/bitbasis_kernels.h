@@ -24,7 +24,8 @@ int bbk_matmul(const char *kernel, int repack, int64_t rows, int64_t cols, int n
 
 /* Time one kernel on random tensors (n_tok = 1: GEMV, more: GEMM). Successive calls cycle through
  * copies of the tensor whose total size is at least footprint_bytes, so weights come from memory,
- * not from the last-level cache; footprint_bytes < 0 picks 4x the L3 size (128 MiB if unknown),
+ * not from the last-level cache; footprint_bytes < 0 picks 4x the L3 size, at most 512 MiB (512 MiB
+ * if unknown),
  * 0 times one (cache-hot) copy. Writes best and median seconds per call, the weight bytes of one
  * copy and the number of copies. */
 int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,

@@ -169,6 +169,8 @@ struct BenchTensor {
     }
 };
 
+static constexpr int64_t kMaxAutoFootprint = (int64_t)512 << 20;
+
 static int64_t l3_bytes() {
 #if defined(_SC_LEVEL3_CACHE_SIZE)
     const long v = sysconf(_SC_LEVEL3_CACHE_SIZE);
@@ -191,7 +193,9 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
         std::mt19937_64 rng(7);
         ts_[0]->randomize(rng);
         const int64_t wb = ts_[0]->weight_bytes();
-        if (footprint_bytes < 0) footprint_bytes = l3_bytes() > 0 ? 4 * l3_bytes() : (int64_t)128 << 20;
+        // 4x the L3, at most 512 MiB: sysconf reports the whole socket's L3 on some CPUs (EPYC: 384 MiB)
+        // while one core's reach is its own slice (32 MiB), so 512 MiB is beyond any cache either way
+        if (footprint_bytes < 0) footprint_bytes = l3_bytes() > 0 ? std::min(4 * l3_bytes(), kMaxAutoFootprint) : kMaxAutoFootprint;
         const int64_t n_copies = std::max<int64_t>(1, std::min<int64_t>(4096, (footprint_bytes + wb - 1) / wb));
         for (int64_t c = 1; c < n_copies; c++) {
             ts_.emplace_back(new BenchTensor(rows, cols, n_planes, group, flags));
@@ -218,7 +222,8 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
             else
                 pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemm(t, acts.data(), n_tok, y.data() + r0, rows, r0, r1); });
         };
-        for (size_t i = 0; i < ts_.size(); i++) call();   // warm up (thread_local buffers, page faults)
+        call();   // warm up (thread_local buffers); every copy's pages were touched when it was filled
+        call();
         std::vector<double> ts;
         const double start = now();
         while (ts.size() < 3 || (now() - start < min_seconds && ts.size() < 100000)) {

@@ -309,7 +309,7 @@ def run(kernel_names: list[str] | None = None, planes=(1, 2, 3, 4), groups=(64, 
         runner: str | None = None, checkpoint=None, footprint: int = -1) -> dict:
     """Run the benchmark grid; returns the JSON-able result. groups_n1: the group sizes for N = 1
     (default: `groups`). runner: a bench_kernels command line instead of the library at `path`.
-    footprint: bytes of tensor copies each case cycles through (-1: 4x the L3 cache; 0: one cache-hot copy).
+    footprint: bytes of tensor copies each case cycles through (-1: 4x the L3 cache, at most 512 MiB; 0: one cache-hot copy).
     checkpoint(result so far) is called after every case (meta.complete is False until the end)."""
     if not set(ops) <= {"gemv", "gemm"} or not ops:
         raise KernelError(f"ops {','.join(ops)!r}: expected gemv and/or gemm")
@@ -345,7 +345,7 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
         "default_kernel": be.default_kernel(), "kernel_isa": {n: isa[n] for n in kernel_names},
         "tokens_gemm": tokens, "min_time_s": min_time, "flags": flags, "loadavg_start": _loadavg(),
         "footprint_bytes": footprint, "l3_bytes": _l3_bytes(),
-        "cache_is": ("cold: each call uses the next of `copies` tensor copies (footprint_bytes; -1 = 4x L3)"
+        "cache_is": ("cold: each call uses the next of `copies` tensor copies (footprint_bytes; -1 = 4x L3, at most 512 MiB)"
                      if footprint else "hot: one tensor copy, timed repeatedly (may sit in the cache)"),
         "time_is": "best of repetitions (median also recorded)",
         "gops_is": "2*rows*cols*tokens / time (dense-equivalent)",

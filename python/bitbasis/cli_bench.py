@@ -21,7 +21,7 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--min-time", type=float, default=0.2, help="seconds of repetitions per case (default 0.2)")
     p.add_argument("--footprint-mib", type=float, default=None,
                    help="each case cycles through tensor copies totalling this many MiB, so weights stream from "
-                        "memory as in a real model (default: 4x the L3 cache; 0: time one cache-hot copy)")
+                        "memory as in a real model (default: 4x the L3 cache, at most 512 MiB; 0: time one cache-hot copy)")
     p.add_argument("--flags", type=int, default=1,
                    help="format flags of the timed tensors: OFFSET=1, COLMASK=2, ELEMCLASS=4, POW2=16 (default 1)")
     p.add_argument("--json", default=None,
