@@ -64,6 +64,8 @@ struct BBTensor {
     std::vector<float> offsets;             // [rows][ngroups][C] (empty without F_OFFSET)
     std::vector<float> colscale;            // [cols] (empty without F_COLSCALE)
     std::vector<int64_t> sparse_row_start;  // [rows + 1] index into sparse_codes
+    std::vector<uint32_t> sparse_col;       // [nnz] column of each sparse element
+    std::vector<float> sparse_dense;        // [nnz] the dense value it replaces
     std::vector<float> bias;                // [rows][ngroups] μ − Σ_i α_i (only when C == 1), so that
                                             // Σ_j w_j q_j = Σ_i 2 α_i P_i + bias · S
     avec<uint8_t> repacked;                 // optional ISA-specific copy of the planes (64-byte aligned)
@@ -138,8 +140,9 @@ const Kernel *find_kernel(const std::string &name);  // by name; nullptr if not 
 void gemv_scalar(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
 void gemm_scalar(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 
-// Sparse correction shared by every kernel (float).
+// Sparse correction shared by every kernel (float): one token, and n_tok tokens (GEMM layout).
 void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1);
+void add_sparse_gemm(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 
 float f16_to_f32(uint16_t h);
 

@@ -102,11 +102,9 @@ static void gemm_bytemask(const BBTensor &t, const QActs *acts, int n_tok, float
     const RowsFn fn = bytemask_fn(t.n_planes);
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
-        for (int k = 0; k < n_tok; k++) {
-            fn(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-        }
+        for (int k = 0; k < n_tok; k++) fn(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
     }
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 // ---- GEMM: tokens in the lanes --------------------------------------------------------------------
@@ -247,8 +245,7 @@ static void gemm_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float 
                 for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 8 + lane) * ldy + (rb + rr - r0)] = out[rr * 8 + lane];
         }
     }
-    if (t.flags & F_SPARSE)
-        for (int k = 0; k < n_tok; k++) add_sparse(t, acts[k], Y + k * ldy, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 void add_kernels_avx2(std::vector<Kernel> &v) {

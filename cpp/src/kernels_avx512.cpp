@@ -148,11 +148,9 @@ static void gemm_vnni(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
     const RowsFn fn = vnni_fn(t);
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
-        for (int k = 0; k < n_tok; k++) {
-            fn(t, acts[k], dv[k].data(), Y + k * ldy + (rb - r0), rb, re);
-            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-        }
+        for (int k = 0; k < n_tok; k++) fn(t, acts[k], dv[k].data(), Y + k * ldy + (rb - r0), rb, re);
     }
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 // Several classes (COLMASK / ELEMCLASS: BiLLM, ARB): the same masked select with the class masks
@@ -242,11 +240,9 @@ static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float 
     const ClassFn fn = class_fn(t.n_planes);
     for (int64_t rb = r0; rb < r1; rb += 16) {   // a block of rows stays in L1 across the tokens
         const int64_t re = std::min(r1, rb + 16);
-        for (int k = 0; k < n_tok; k++) {
-            fn(t, acts[k], dv[k].data(), Y + k * ldy + (rb - r0), rb, re);
-            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-        }
+        for (int k = 0; k < n_tok; k++) fn(t, acts[k], dv[k].data(), Y + k * ldy + (rb - r0), rb, re);
     }
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 // ---- avx512-vpopcnt -----------------------------------------------------------------------------
@@ -418,11 +414,9 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
     for (int k = 0; k < n_tok; k++) bit_acts(t, acts[k], bs[k]);
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
-        for (int k = 0; k < n_tok; k++) {
-            vpopcnt_rows(t, bs[k], acts[k], Y + k * ldy + (rb - r0), rb, re);
-            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-        }
+        for (int k = 0; k < n_tok; k++) vpopcnt_rows(t, bs[k], acts[k], Y + k * ldy + (rb - r0), rb, re);
     }
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 // ---- GEMM: tokens in the lanes (vpdpbusd) ---------------------------------------------------------
@@ -558,8 +552,7 @@ static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *
                 for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 16 + lane) * ldy + (rb + rr - r0)] = out[rr * 16 + lane];
         }
     }
-    if (t.flags & F_SPARSE)
-        for (int k = 0; k < n_tok; k++) add_sparse(t, acts[k], Y + k * ldy, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 void add_kernels_avx512(std::vector<Kernel> &v) {

@@ -103,11 +103,9 @@ static void gemm_neon(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
     constexpr int64_t ROW_BLOCK = 16;
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
-        for (int k = 0; k < n_tok; k++) {
-            FN(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-            if (t.flags & F_SPARSE) add_sparse(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
-        }
+        for (int k = 0; k < n_tok; k++) FN(t, acts[k], Y + k * ldy + (rb - r0), rb, re);
     }
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 // ---- GEMM with the dot product extension: tokens in the lanes -------------------------------------
@@ -249,8 +247,7 @@ static void gemm_tokens_dot(const BBTensor &t, const QActs *acts, int n_tok, flo
                 for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 4 + lane) * ldy + (rb + rr - r0)] = out[rr * 4 + lane];
         }
     }
-    if (t.flags & F_SPARSE)
-        for (int k = 0; k < n_tok; k++) add_sparse(t, acts[k], Y + k * ldy, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 void add_kernels_neon(std::vector<Kernel> &v) {

@@ -68,6 +68,8 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
     for (int64_t b = 0; b < nb; b++) out.dS[b * QK / group] += out.d[b] * (float)out.qsum[b];
 }
 
+static void prepare_sparse(BBTensor &t);
+
 void bb_prepare(BBTensor &t, const std::string &isa) {
     if (t.rows < 1 || t.cols < 1 || t.n_planes < 1 || t.n_planes > 8 || t.group < 64 || t.group % 64)
         throw std::runtime_error("bb_prepare: invalid binary-basis header");
@@ -99,15 +101,9 @@ void bb_prepare(BBTensor &t, const std::string &isa) {
         }
     }
     t.sparse_row_start.clear();
-    if (t.flags & F_SPARSE) {
-        const int64_t nb = t.ngroups * (t.group / 8);
-        t.sparse_row_start.resize(t.rows + 1, 0);
-        for (int64_t r = 0; r < t.rows; r++) {
-            int64_t n = 0;
-            for (int64_t b = 0; b < nb; b++) n += __builtin_popcount(t.sparse_mask[r * nb + b]);
-            t.sparse_row_start[r + 1] = t.sparse_row_start[r] + n;
-        }
-    }
+    t.sparse_col.clear();
+    t.sparse_dense.clear();
+    if (t.flags & F_SPARSE) prepare_sparse(t);
     bb_repack(t, isa);
 }
 
@@ -191,29 +187,70 @@ void gemm_scalar(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int6
     for (int k = 0; k < n_tok; k++) gemv_scalar(t, acts[k], Y + k * ldy, r0, r1);
 }
 
-void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+// Each sparse element's column and the dense value it replaces (spec order: planes ascending, then
+// μ), computed once here so that the kernels' correction is a plain sparse dot product.
+static void prepare_sparse(BBTensor &t) {
     const int N = t.n_planes, C = t.n_classes, G = t.group;
     const int64_t gb = G / 8, nb = t.ngroups * gb;
     const bool off = !t.offsets.empty();
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *m = t.sparse_mask + r * nb;
-        int64_t idx = t.sparse_row_start[r];
-        const float zs = f16_to_f32(t.sparse_zs[2 * r]), zm = f16_to_f32(t.sparse_zs[2 * r + 1]);
-        float acc = 0.0f;
+    t.sparse_row_start.assign(t.rows + 1, 0);
+    for (int64_t r = 0; r < t.rows; r++) {
         for (int64_t b = 0; b < nb; b++) {
-            for (uint32_t bits = m[b]; bits; bits &= bits - 1) {
+            for (uint32_t bits = t.sparse_mask[r * nb + b]; bits; bits &= bits - 1) {
                 const int64_t col = b * 8 + __builtin_ctz(bits), g = col / G;
                 const int j = (int)(col % G), c = C == 1 ? 0 : class_of(t, r, g, j);
                 const uint8_t *pl = t.planes + (r * t.ngroups + g) * N * gb;
                 const float *al = t.scales.data() + ((r * t.ngroups + g) * C + c) * N;
-                float dense = 0.0f;   // the spec's order: planes ascending, then μ
+                float dense = 0.0f;
                 for (int i = 0; i < N; i++) dense += bit(pl + i * gb, j) ? al[i] : -al[i];
                 if (off) dense += t.offsets[(r * t.ngroups + g) * C + c];
-                const float v = zs * (float)t.sparse_codes[idx++] + zm;
-                acc += v * a.x[col] - dense * (a.d[col / QK] * (float)a.q[col]);
+                t.sparse_col.push_back((uint32_t)col);
+                t.sparse_dense.push_back(dense);
             }
         }
+        t.sparse_row_start[r + 1] = (int64_t)t.sparse_col.size();
+    }
+}
+
+void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        const float zs = f16_to_f32(t.sparse_zs[2 * r]), zm = f16_to_f32(t.sparse_zs[2 * r + 1]);
+        float acc = 0.0f;
+        for (int64_t e = t.sparse_row_start[r]; e < t.sparse_row_start[r + 1]; e++) {
+            const uint32_t col = t.sparse_col[e];
+            const float v = zs * (float)t.sparse_codes[e] + zm;
+            acc += v * a.x[col] - t.sparse_dense[e] * (a.d[col / QK] * (float)a.q[col]);
+        }
         y[r - r0] += acc;
+    }
+}
+
+// The same for n_tok tokens at once. The activations are transposed to [column][token] first, so the
+// inner loop runs over contiguous tokens (vectorizable) and each sparse element is read once, not
+// once per token; the sums are the ones add_sparse forms for each token, in the same order.
+void add_sparse_gemm(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (n_tok == 1) return add_sparse(t, acts[0], Y, r0, r1);
+    thread_local std::vector<float> xt, xqt, acc;
+    const int64_t cols = t.cols;
+    xt.resize(cols * n_tok);
+    xqt.resize(cols * n_tok);
+    acc.resize(n_tok);
+    for (int k = 0; k < n_tok; k++)
+        for (int64_t j = 0; j < cols; j++) {
+            xt[j * n_tok + k] = acts[k].x[j];
+            xqt[j * n_tok + k] = acts[k].d[j / QK] * (float)acts[k].q[j];
+        }
+    for (int64_t r = r0; r < r1; r++) {
+        const float zs = f16_to_f32(t.sparse_zs[2 * r]), zm = f16_to_f32(t.sparse_zs[2 * r + 1]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float *__restrict ac = acc.data();
+        for (int64_t e = t.sparse_row_start[r]; e < t.sparse_row_start[r + 1]; e++) {
+            const int64_t col = t.sparse_col[e];
+            const float v = zs * (float)t.sparse_codes[e] + zm, dn = t.sparse_dense[e];
+            const float *__restrict xa = xt.data() + col * n_tok, *__restrict xb = xqt.data() + col * n_tok;
+            for (int k = 0; k < n_tok; k++) ac[k] += v * xa[k] - dn * xb[k];
+        }
+        for (int k = 0; k < n_tok; k++) Y[k * ldy + (r - r0)] += ac[k];
     }
 }
 
