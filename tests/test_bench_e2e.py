@@ -58,6 +58,7 @@ def test_e2e_cli_output(tiny_files, tmp_path, capsys):
     assert cli.main(argv) == 0
     text = capsys.readouterr().out
     res = json.loads(out.read_text())
+    assert res["kind"] == "bitbasis-bench-e2e" and res["version"] == 1
     assert {"cpu_model", "cpu_flags", "git_commit", "threads", "omp_wait_policy"} <= set(res["meta"])
     engines = {"bitbasis"} | ({"llama.cpp"} if with_llama else set())
     assert {r["engine"] for r in res["runs"]} == engines

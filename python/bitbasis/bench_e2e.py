@@ -187,7 +187,8 @@ def run(models: list[tuple[str, str]], threads=(1, 2), prompt: int = 128, decode
                 log(f"rep {rep} {_label(engine, path):40s} t={th} prompt {r['prompt_tok_s']:8.2f} tok/s  "
                     f"decode {r['decode_tok_s'] or 0:8.2f} tok/s  peak RSS {r['peak_rss_bytes'] / 2**20:7.1f} MiB")
     meta["loadavg_end"] = _loadavg()
-    return {"meta": meta, "runs": runs, "summary": summarize(runs, models, threads)}
+    from .bench import KIND_E2E
+    return {"kind": KIND_E2E, "version": 1, "meta": meta, "runs": runs, "summary": summarize(runs, models, threads)}
 
 
 def summarize(runs: list[dict], models: list[tuple[str, str]], threads) -> list[dict]:
