@@ -86,7 +86,7 @@ def cmd_chat(a) -> int:
                 print(f"bitbasis: {e}", file=sys.stderr)
                 continue
             for piece in m.generate(ids, max_tokens=budget, temperature=a.temp, top_k=a.top_k, top_p=a.top_p,
-                                    seed=a.seed, reuse_cache=True):
+                                    seed=a.seed, reuse_cache=True, stop_at_eos=not a.ignore_eos):
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -113,5 +113,7 @@ def add_commands(sub) -> None:
     c.add_argument("-m", "--model", required=True, help="GGUF file")
     c.add_argument("-n", "--n-predict", type=int, default=512, help="most tokens per reply (default 512)")
     c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--ignore-eos", action="store_true",
+                   help="replies run to -n tokens past the end-of-text token (testing Ctrl-C, benchmarks)")
     _add_sampling(c, 0.7)
     c.set_defaults(func=cmd_chat)
