@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from bitbasis import cli
 from test_kernels import kbuild, klib  # noqa: F401  (session fixtures: the cmake build)
@@ -44,7 +45,11 @@ def test_bench_kernels_footprint(klib):  # noqa: F811
     assert copies == -(-(8 << 20) // int(wbytes)) and copies * wbytes >= 8 << 20
     assert be.bench("scalar", 64, 256, 2, 128, 1, 1, 1, 0.0, 0)[3] == 1
     auto = be.bench("scalar", 64, 256, 2, 128, 1, 1, 1, 0.0, -1)[3]
-    foot = min(4 * bench._l3_bytes(), 512 << 20) if bench._l3_bytes() else 512 << 20
+    foot = be.auto_footprint()
+    # glibc's getconf reads the same sysconf(_SC_LEVEL3_CACHE_SIZE) as the C side (Python's os.sysconf lacks it)
+    got = subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True).stdout.strip()
+    l3 = int(got) if got.isdigit() else 0
+    assert foot == (min(4 * l3, 512 << 20) if l3 > 0 else 512 << 20) and foot >= 16 << 20
     assert auto == min(4096, -(-foot // int(wbytes)))
     import pytest
     with pytest.raises(bench.KernelError, match="bad shape"):

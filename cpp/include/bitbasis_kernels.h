@@ -32,6 +32,9 @@ int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int 
               int n_threads, double min_seconds, int64_t footprint_bytes, double *best, double *median,
               double *weight_bytes, int *copies);
 
+/* The footprint bbk_bench uses for footprint_bytes < 0. */
+int64_t bbk_auto_footprint(void);
+
 /* STREAM-style read bandwidth over a buffer of `bytes`: best GB/s. */
 double bbk_read_bandwidth(int64_t bytes, int n_threads, double min_seconds);
 

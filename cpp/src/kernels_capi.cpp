@@ -179,6 +179,12 @@ static int64_t l3_bytes() {
     return 0;
 }
 
+// 4x the L3, at most 512 MiB: sysconf reports the whole socket's L3 on some CPUs (EPYC: 384 MiB)
+// while one core's reach is its own slice (32 MiB), so 512 MiB is beyond any cache either way.
+extern "C" int64_t bbk_auto_footprint(void) {
+    return l3_bytes() > 0 ? std::min(4 * l3_bytes(), kMaxAutoFootprint) : kMaxAutoFootprint;
+}
+
 extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags, int n_tok,
                          int n_threads, double min_seconds, int64_t footprint_bytes, double *best, double *median,
                          double *weight_bytes, int *copies) {
@@ -193,9 +199,7 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
         std::mt19937_64 rng(7);
         ts_[0]->randomize(rng);
         const int64_t wb = ts_[0]->weight_bytes();
-        // 4x the L3, at most 512 MiB: sysconf reports the whole socket's L3 on some CPUs (EPYC: 384 MiB)
-        // while one core's reach is its own slice (32 MiB), so 512 MiB is beyond any cache either way
-        if (footprint_bytes < 0) footprint_bytes = l3_bytes() > 0 ? std::min(4 * l3_bytes(), kMaxAutoFootprint) : kMaxAutoFootprint;
+        if (footprint_bytes < 0) footprint_bytes = bbk_auto_footprint();
         const int64_t n_copies = std::max<int64_t>(1, std::min<int64_t>(4096, (footprint_bytes + wb - 1) / wb));
         for (int64_t c = 1; c < n_copies; c++) {
             ts_.emplace_back(new BenchTensor(rows, cols, n_planes, group, flags));

@@ -143,6 +143,9 @@ class _Native:
     def cpu_model(self) -> str:
         return _cpu_model()
 
+    def auto_footprint(self) -> int:
+        return int(self.lib.bbk_auto_footprint())
+
     def bandwidth(self, nbytes: int, threads: int, min_s: float) -> float:
         gbs = self.lib.bbk_read_bandwidth(nbytes, threads, min_s)
         if gbs < 0:
@@ -221,6 +224,9 @@ class _Runner:
         cpu = self.argv[self.argv.index("-cpu") + 1] if "-cpu" in self.argv[:-1] else "default"
         return f"{self.machine()} under {os.path.basename(self.argv[0])} -cpu {cpu} on {_cpu_model()}"
 
+    def auto_footprint(self) -> None:   # not in the line protocol; the cases record their copies
+        return None
+
     def bandwidth(self, nbytes: int, threads: int, min_s: float) -> float:
         return float(self._ask(f"bandwidth {nbytes} {threads} {min_s!r}"))
 
@@ -282,14 +288,6 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _l3_bytes() -> int | None:
-    try:
-        v = os.sysconf("SC_LEVEL3_CACHE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-    return v if v > 0 else None
-
-
 def _shape_list(spec: str) -> list[tuple[int, int]]:
     """A named shape set (SHAPES) or one explicit ROWSxCOLS."""
     if spec in SHAPES:
@@ -344,7 +342,7 @@ def _run(be, kernel_names, planes, groups, shapes, threads, tokens, min_time, bw
         "git_commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "default_kernel": be.default_kernel(), "kernel_isa": {n: isa[n] for n in kernel_names},
         "tokens_gemm": tokens, "min_time_s": min_time, "flags": flags, "loadavg_start": _loadavg(),
-        "footprint_bytes": footprint, "l3_bytes": _l3_bytes(),
+        "footprint_bytes": footprint, "auto_footprint_bytes": be.auto_footprint(),
         "cache_is": ("cold: each call uses the next of `copies` tensor copies (footprint_bytes; -1 = 4x L3, at most 512 MiB)"
                      if footprint else "hot: one tensor copy, timed repeatedly (may sit in the cache)"),
         "time_is": "best of repetitions (median also recorded)",
