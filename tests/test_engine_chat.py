@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import signal
 import sys
 
 import pytest
@@ -43,10 +44,15 @@ def test_chat_two_turns_and_clean_exit(model_files):
         assert reply, f"empty reply to {q!r}: {out!r}"
 
 
-def test_chat_ctrl_c_stops_reply_and_eof_quits(model_files):
+@pytest.mark.parametrize("parent_sigint", ["default", "ignored"])
+def test_chat_ctrl_c_stops_reply_and_eof_quits(model_files, parent_sigint):
+    """"ignored": started by a parent that ignores SIGINT (inherited through exec; seen in a full pytest
+    run), chat must still stop a reply on Ctrl-C."""
     path = model_files("qbb", 4, 128, rounds=0, iters=0)   # a model that still speaks
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if parent_sigint == "ignored" else None
     child = pexpect.spawn(sys.executable, ["-m", "bitbasis.cli", "chat", "-m", str(path), "-n", "4000", "-t", "2",
-                                           "--ctx", "8192", "--ignore-eos"], env=_env(), encoding="utf-8", timeout=180)
+                                           "--ctx", "8192", "--ignore-eos"], env=_env(), encoding="utf-8", timeout=180,
+                          preexec_fn=pre)
     try:
         child.expect_exact("> ")
         child.sendline("Write a very long story about a dragon.")

@@ -53,7 +53,12 @@ def _chat_tokens(m, history: list[dict], reply_budget: int) -> list[int]:
 
 
 def cmd_chat(a) -> int:
+    import signal
     from .engine import Model
+    # Ctrl-C must stop a reply even when the parent started us with SIGINT ignored or blocked (both
+    # are inherited through exec; Python then never raises KeyboardInterrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     m = Model(a.model, threads=a.threads, n_ctx=a.ctx)
     if not m.tokenizer.chat_template:
         if not m.chat_template:
