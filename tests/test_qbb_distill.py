@@ -83,3 +83,36 @@ def test_checkpoint_of_other_settings_is_refused(tiny_dir, tmp_path):
     _distilled(tiny_dir, tmp_path / "c.pt", steps=2)
     with pytest.raises(ValueError, match="other settings"):
         _distilled(tiny_dir, tmp_path / "c.pt", steps=3)
+
+
+def test_sign_training_starts_at_the_file_and_its_export_is_what_it_computes():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 200, generator=g) * 0.05
+    for n, offset in ((2, False), (3, True)):
+        bb = get_quantizer("qbb", bases=n, group=64, iters=0, offset=offset).quantize(w)
+        m = D.BasisLinear(bb, train_signs=True)
+        np.testing.assert_allclose(m.weight().detach().numpy(), bbf.dequantize(bb), rtol=0, atol=1e-6)
+        with torch.no_grad():                       # move the latents: some signs must follow
+            m.u.add_(torch.randn(m.u.shape, generator=g) * 2)
+            m.a.add_(0.1)
+        m.clip_latent()
+        out = m.export(bb)
+        assert not np.array_equal(out.signs, bb.signs)
+        np.testing.assert_allclose(bbf.dequantize(bbf.round_trip(out)), m.weight().detach().numpy(),
+                                   rtol=0, atol=1e-3 * float(np.abs(out.scales).max()))   # fp16 scales in the file
+        alpha, mu = m.scales()                      # clipped to one unit past the extreme levels
+        reach = alpha.abs().sum(-1) / m.unit + 1
+        centre = torch.zeros_like(reach) if mu is None else mu / m.unit
+        assert bool(((m.u - centre[..., None]).abs() <= reach[..., None] + 1e-5).all())
+
+
+def test_sign_training_lowers_the_distillation_loss(tiny_dir, tmp_path):
+    q = get_quantizer("qbb", bases=2, group=64, distill_steps=24, distill_ckpt=str(tmp_path / "s.pt"),
+                      distill_train="signs", distill_sign_lr=0.05, distill_lr=1e-2, device="cpu",
+                      **dict(SMALL, distill_seqs=8))
+    base = get_quantizer("qbb", bases=2, group=64, **SMALL).quantize_model(tiny_dir, progress=False)
+    out = q.quantize_model(tiny_dir, progress=False)
+    assert any(not np.array_equal(out[k].signs, bb.signs) for k, bb in base.items())
+    hist = np.array(torch.load(tmp_path / "s.pt", weights_only=False)["history"])
+    kl = hist[:, 0]
+    assert kl[-6:].mean() < kl[12:18].mean(), kl       # after every block is swapped in (step 12), it falls

@@ -159,9 +159,10 @@ def distill_file(path, out, model_dir: Path, distill_opts: dict, force: bool = F
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
     quantized, kv = quantized_from_file(path, model_dir)
     first = next(iter(quantized.values()))
-    opts = {f"distill_{k}": v for k, v in distill_opts.items() if k != "seed"}
+    opts = {f"distill_{k}": v for k, v in distill_opts.items() if k not in ("seed", "device")}
     try:
-        q = get_quantizer("qbb", bases=first.n_planes, group=first.group, seed=distill_opts.get("seed", 0), **opts)
+        q = get_quantizer("qbb", bases=first.n_planes, group=first.group, seed=distill_opts.get("seed", 0),
+                          device=distill_opts.get("device") or "", **opts)
     except (QuantizerError, TypeError) as e:
         raise ConvertError(f"distill: {e}") from None
     if q.distill_steps < 0:

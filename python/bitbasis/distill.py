@@ -9,6 +9,14 @@ every block is the student's. Small models diverge easily (an outside reproducti
 so the scales train as relative corrections α = α₀·(1 + a), μ = μ₀ + |α₀|·m with a small learning
 rate and clipped gradients. A checkpoint (.pt) is written every few steps; a rerun with the same
 settings resumes from it.
+
+Beyond the paper, `train="signs"` trains the signs too (quantization-aware distillation): each linear
+keeps a latent real weight V (starting at the quantized weight, so step 0 is the file), the forward
+pass puts every latent on its nearest level Σ ±α_i + μ of the current scales (quant.qbb.nearest_signs,
+LQ-Net's quantizer) and the backward pass is straight-through to V (BinaryConnect); latents are clipped
+one unit past the extreme levels so that none drifts where no gradient brings it back, and the
+learning rates follow a cosine decay so that late steps stop flipping signs back and forth. Same
+teacher data, loss and block swap; the file format and its bits are the same.
 """
 from __future__ import annotations
 
@@ -27,6 +35,9 @@ from .quant.base import groups_view
 
 GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
 CKPT_EVERY = 10          # steps between checkpoints
+CKPT_EVERY_SIGNS = 250   # ... when the latent weights train too (a checkpoint holds them and their Adam state)
+TRAIN = ("scales", "signs")
+LR_FLOOR = 0.05          # train="signs": cosine decay of the learning rates down to this fraction
 MSE_WEIGHT = 1.0         # loss = KL + MSE_WEIGHT · MSE(logits)
 CLIP = 1.0               # gradient-norm clip
 
@@ -36,9 +47,11 @@ class DistillError(ValueError):
 
 
 class BasisLinear(torch.nn.Module):
-    """y = x Wᵀ with W = Σ_i α_i ⊙ B_i + μ per row and group (signs frozen, scales trainable)."""
+    """y = x Wᵀ with W = Σ_i α_i ⊙ B_i + μ per row and group. train_signs=False: signs frozen, scales
+    trainable (the paper). train_signs=True: B = nearest-level signs of a trainable latent weight,
+    straight-through (module docstring)."""
 
-    def __init__(self, bb: BinaryBasis):
+    def __init__(self, bb: BinaryBasis, train_signs: bool = False):
         super().__init__()
         if bb.n_classes != 1 or bb.sparse_mask is not None or bb.colscale is not None:
             raise DistillError("distillation handles plain planes + scales (+ offset) only")
@@ -54,27 +67,60 @@ class BasisLinear(torch.nn.Module):
             self.register_buffer("mu0", torch.from_numpy(np.asarray(bb.offsets, np.float32)[:, :, 0].copy()))
             self.register_buffer("mu_unit", alpha0.abs().mean(-1))
             self.m = torch.nn.Parameter(torch.zeros_like(self.mu0))
+        self.train_signs = bool(train_signs)
+        if self.train_signs:                    # latent V = u · unit, u in units of the group's mean |α|
+            self.register_buffer("valid", (self.signs[0] != 0).float())
+            self.register_buffer("unit", alpha0.abs().mean(-1).clamp(min=1e-12))
+            self.u = torch.nn.Parameter(self._sum(self.signs.float(), *self.scales()) / self.unit[..., None])
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = self.alpha0 * (1 + self.a)
         mu = self.mu0 + self.mu_unit * self.m if self.has_mu else None
         return alpha, mu
 
+    @staticmethod
+    def _sum(s, alpha, mu):
+        w = alpha[..., 0, None] * s[0]
+        for i in range(1, s.shape[0]):
+            w = w + alpha[..., i, None] * s[i]
+        return w if mu is None else w + mu[..., None]
+
+    def current_signs(self) -> torch.Tensor:
+        """±1 [N, rows, ng, G] (0 in the padding): frozen, or the latents' nearest levels."""
+        if not self.train_signs:
+            return self.signs.float()
+        from .quant.qbb import nearest_signs
+        alpha, mu = self.scales()
+        with torch.no_grad():
+            return nearest_signs(self.u * self.unit[..., None], alpha, mu, self.valid)
+
     def weight(self) -> torch.Tensor:
         alpha, mu = self.scales()
-        w = alpha[..., 0, None] * self.signs[0]
-        for i in range(1, self.signs.shape[0]):
-            w = w + alpha[..., i, None] * self.signs[i]
-        if mu is not None:
-            w = w + mu[..., None]
+        w = self._sum(self.current_signs(), alpha, mu)
+        if self.train_signs:                    # straight-through: the value of w, the gradient of V too
+            lat = self.u * self.unit[..., None]
+            w = w + (lat - lat.detach())
         return w.reshape(w.shape[0], -1)[:, :self.cols]
+
+    @torch.no_grad()
+    def clip_latent(self) -> None:
+        """Keep V within one unit past the extreme levels μ ± Σ|α_i|."""
+        if self.train_signs:
+            alpha, mu = self.scales()
+            reach = alpha.abs().sum(-1) / self.unit + 1
+            centre = torch.zeros_like(reach) if mu is None else mu / self.unit
+            self.u.copy_(torch.maximum(torch.minimum(self.u, (centre + reach)[..., None]), (centre - reach)[..., None]))
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight())
 
     def export(self, bb: BinaryBasis) -> BinaryBasis:
         alpha, mu = self.scales()
-        return BinaryBasis(signs=bb.signs, scales=alpha.detach().cpu().numpy()[:, :, None, :].astype(np.float32),
+        signs = bb.signs
+        if self.train_signs:
+            s = self.current_signs()
+            signs = (s > 0).reshape(s.shape[0], s.shape[1], -1)[:, :, :self.cols].cpu().numpy()
+        return BinaryBasis(signs=signs, scales=alpha.detach().cpu().numpy()[:, :, None, :].astype(np.float32),
                            group=bb.group,
                            offsets=None if mu is None else mu.detach().cpu().numpy()[:, :, None].astype(np.float32))
 
@@ -158,35 +204,52 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], q, progress: bool = Tr
     teacher = hf.load_torch_model(model_dir).to(dev)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = copy.deepcopy(teacher)                    # frozen too: only the scales below train
+    student = copy.deepcopy(teacher)                    # frozen too: only the scales (+ latents) below train
+    train = q.distill_train
+    if train not in TRAIN:
+        raise DistillError(f"distill_train={train!r}: must be one of {', '.join(TRAIN)}")
     modules: dict[str, BasisLinear] = {}
     for name, bb in quantized.items():
         parent, attr, _ = _linear_parent(student, name)
-        modules[name] = BasisLinear(bb).to(dev)
+        modules[name] = BasisLinear(bb, train_signs=train == "signs").to(dev)
         setattr(parent, attr, modules[name])
     n_blocks = len(student.model.layers)
     fp_layers = list(teacher.model.layers)
     q_layers = list(student.model.layers)
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.Adam(params, lr=q.distill_lr)
+    scale_params = [p for m in modules.values() for k, p in m.named_parameters() if k in ("a", "m")]
+    groups = [{"params": scale_params, "lr": q.distill_lr}]
+    if train == "signs":
+        groups.append({"params": [m.u for m in modules.values()], "lr": q.distill_sign_lr})
+    params = [p for g_ in groups for p in g_["params"]]
+    opt = torch.optim.Adam(groups)
+    if train == "signs":                                # cosine from 1 to LR_FLOOR over the steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    else:
+        sched = None
+    kept = (".a", ".m", ".u") if train == "signs" else (".a", ".m")
+    every = CKPT_EVERY_SIGNS if train == "signs" else CKPT_EVERY
 
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
     if state is not None and state.get("key") != key:
         raise DistillError(f"{ckpt}: checkpoint of other settings; remove it or set distill_ckpt")
     if state is None:
-        data = generate_data(teacher, q.distill_seqs, q.distill_len, max(q.distill_batch, 8), q.seed, dev, progress)
+        data = generate_data(teacher, q.distill_seqs, q.distill_len, q.distill_gen_batch or max(q.distill_batch, 8),
+                             q.seed, dev, progress)
         state = {"key": key, "step": 0, "data": data, "history": []}
         _save(ckpt, state)
     else:
         student.load_state_dict(state["student"], strict=False)
         opt.load_state_dict(state["opt"])
+        if sched is not None:
+            sched.load_state_dict(state["sched"])
     data = state["data"]
     g = torch.Generator().manual_seed(q.seed + 1)          # batch order: one permutation per epoch
     epochs = -(-steps * q.distill_batch // len(data))
     order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(epochs)])
 
     swap_steps = max(1, steps // 2)
-    bar = tqdm(range(state["step"], steps), desc=f"distill scales ({n_blocks} blocks swapped in over {swap_steps} steps)",
+    bar = tqdm(range(state["step"], steps), desc=f"distill {train} ({n_blocks} blocks swapped in over {swap_steps} steps)",
                disable=not progress, unit="step", initial=state["step"], total=steps)
     for t in bar:
         n_student = min(n_blocks, math.ceil(n_blocks * (t + 1) / swap_steps))   # progressive swap
@@ -201,12 +264,16 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], q, progress: bool = Tr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
+        if sched is not None:
+            sched.step()
+            for m in modules.values():
+                m.clip_latent()
         state["history"].append((kl, mse))
         if progress:
             bar.set_postfix(blocks=n_student, kl=f"{kl:.4f}", mse=f"{mse:.3f}")
-        if (t + 1) % CKPT_EVERY == 0 or t + 1 == steps:
-            state.update(step=t + 1, opt=opt.state_dict(),
-                         student={k: v for k, v in student.state_dict().items() if k.endswith((".a", ".m"))})
+        if (t + 1) % every == 0 or t + 1 == steps:
+            state.update(step=t + 1, opt=opt.state_dict(), sched=None if sched is None else sched.state_dict(),
+                         student={k: v for k, v in student.state_dict().items() if k.endswith(kept)})
             _save(ckpt, state)
     student.model.layers = torch.nn.ModuleList(q_layers)
     return {name: modules[name].export(bb) for name, bb in quantized.items()}

@@ -270,6 +270,9 @@ class QBB(Quantizer):
     distill_len: int = 128
     distill_batch: int = 4
     distill_ckpt: str = ""       # checkpoint file (default: under BITBASIS_CACHE)
+    distill_train: str = "scales"  # scales (the paper) | signs (latent weights too, straight-through)
+    distill_sign_lr: float = 0.01  # Adam lr of the latent weights, in units of the group's mean |α|
+    distill_gen_batch: int = 0   # sequences the teacher writes at once (0: max(distill_batch, 8))
     seed: int = 0
     device: str = ""             # cpu | cuda (default: cuda when present)
 
@@ -283,8 +286,12 @@ class QBB(Quantizer):
             setattr(self, k, v)
         if self.iters < 0 or self.rounds < 0 or self.distill_steps < 0:
             raise QuantizerError("iters, rounds and distill_steps must be >= 0")
-        if not (self.lr > 0 and self.scale_lr >= 0 and self.distill_lr > 0):
-            raise QuantizerError("lr and distill_lr must be > 0, scale_lr >= 0")
+        if not (self.lr > 0 and self.scale_lr >= 0 and self.distill_lr > 0 and self.distill_sign_lr > 0):
+            raise QuantizerError("lr, distill_lr and distill_sign_lr must be > 0, scale_lr >= 0")
+        if self.distill_train not in ("scales", "signs"):
+            raise QuantizerError(f"distill_train={self.distill_train}: must be scales or signs")
+        if self.distill_gen_batch < 0:
+            raise QuantizerError("distill_gen_batch must be >= 0")
         if self.distill_steps and (self.distill_seqs < 1 or self.distill_len < 8 or self.distill_batch < 1):
             raise QuantizerError("distill_seqs >= 1, distill_len >= 8, distill_batch >= 1")
         if self.offset is None:
