@@ -38,6 +38,7 @@ CKPT_EVERY = 10          # steps between checkpoints
 CKPT_EVERY_SIGNS = 250   # ... when the latent weights train too (a checkpoint holds them and their Adam state)
 TRAIN = ("scales", "signs")
 LR_FLOOR = 0.05          # train="signs": cosine decay of the learning rates down to this fraction
+CLIP_LATENT_EVERY = 8    # train="signs": steps between latent clips (each clip is a dozen kernels per linear)
 MSE_WEIGHT = 1.0         # loss = KL + MSE_WEIGHT · MSE(logits)
 CLIP = 1.0               # gradient-norm clip
 
@@ -71,6 +72,8 @@ class BasisLinear(torch.nn.Module):
         if self.train_signs:                    # latent V = u · unit, u in units of the group's mean |α|
             self.register_buffer("valid", (self.signs[0] != 0).float())
             self.register_buffer("unit", alpha0.abs().mean(-1).clamp(min=1e-12))
+            from .quant.qbb import level_codes
+            self.register_buffer("combos", level_codes(n))
             self.u = torch.nn.Parameter(self._sum(self.signs.float(), *self.scales()) / self.unit[..., None])
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,7 +95,7 @@ class BasisLinear(torch.nn.Module):
         from .quant.qbb import nearest_signs
         alpha, mu = self.scales()
         with torch.no_grad():
-            return nearest_signs(self.u * self.unit[..., None], alpha, mu, self.valid)
+            return nearest_signs(self.u * self.unit[..., None], alpha, mu, self.valid, self.combos)
 
     def weight(self) -> torch.Tensor:
         alpha, mu = self.scales()
@@ -128,7 +131,11 @@ class BasisLinear(torch.nn.Module):
 def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, device, progress=True) -> torch.Tensor:
     """[n_seqs, length] token ids written by the teacher from random first tokens."""
     from tqdm import tqdm
+    device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
+    # sampling where the logits are: torch.multinomial on the CPU costs ~1 ms per row of a 49k vocabulary,
+    # which made a 512-sequence batch on a GPU take a second per token (the CPU path is unchanged)
+    g_dev = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     vocab = teacher.config.vocab_size
     out = []
     bar = tqdm(range(0, n_seqs, batch), desc="distill: teacher writes data", disable=not progress, unit="batch")
@@ -145,8 +152,8 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
             if t < GREEDY_TOKENS:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                p = torch.softmax(logits, -1).cpu()
-                nxt = torch.multinomial(p, 1, generator=g).to(device)
+                p = torch.softmax(logits, -1)
+                nxt = torch.multinomial(p, 1, generator=g_dev)
             ids = torch.cat([ids, nxt], 1)
             pos = nxt
         out.append(ids.cpu())
@@ -266,8 +273,9 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], q, progress: bool = Tr
         opt.step()
         if sched is not None:
             sched.step()
-            for m in modules.values():
-                m.clip_latent()
+            if (t + 1) % CLIP_LATENT_EVERY == 0 or t + 1 == steps:
+                for m in modules.values():
+                    m.clip_latent()
         state["history"].append((kl, mse))
         if progress:
             bar.set_postfix(blocks=n_student, kl=f"{kl:.4f}", mse=f"{mse:.3f}")

@@ -186,12 +186,19 @@ def descend(wg, s, alpha, mu, valid, iters: int, lr: float, scale_lr: float, hes
     return best[1], best[2], best[3], hist
 
 
-def nearest_signs(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+def level_codes(n: int, device=None) -> torch.Tensor:
+    """±1 [2^N, N]: row c holds the signs of level c (bit i of c = s_i)."""
+    code = torch.arange(2 ** n, device=device)
+    return torch.where((code[:, None] >> torch.arange(n, device=device)) & 1 == 1, 1.0, -1.0)
+
+
+def nearest_signs(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, valid: torch.Tensor,
+                  combos: torch.Tensor | None = None) -> torch.Tensor:
     """For fixed scales, the signs that put every weight on its nearest of the 2^N levels
-    Σ_i ±α_i + μ of its group (exact minimiser of ‖W − Ŵ‖² over the signs; LQ-Net's QEM step)."""
+    Σ_i ±α_i + μ of its group (exact minimiser of ‖W − Ŵ‖² over the signs; LQ-Net's QEM step).
+    combos: level_codes(N), when the caller keeps it."""
     n = alpha.shape[-1]
-    code = torch.arange(2 ** n, device=wg.device)
-    combos = torch.where((code[:, None] >> torch.arange(n, device=wg.device)) & 1 == 1, 1.0, -1.0)  # bit i = s_i
+    combos = level_codes(n, wg.device) if combos is None else combos
     levels = alpha @ combos.T                                                  # [rows, ng, 2^N]
     if mu is not None:
         levels = levels + mu[..., None]
@@ -227,9 +234,7 @@ def gptq_signs(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, mu: 
     rows, cols = w.shape
     n = alpha.shape[-1]
     W, U = prepare(w, hessian, percdamp)
-    code = torch.arange(2 ** n, device=w.device)
-    combos = torch.where((code[:, None] >> torch.arange(n, device=w.device)) & 1 == 1, 1.0, -1.0)
-    levels = alpha @ combos.T                                                   # [rows, ng, 2^N]
+    levels = alpha @ level_codes(n, w.device).T                                                   # [rows, ng, 2^N]
     if mu is not None:
         levels = levels + mu[..., None]
     levels = levels.cpu().numpy()
