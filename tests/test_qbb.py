@@ -171,3 +171,18 @@ def test_gptq_compensation_on_qbb_levels_lowers_the_weighted_error():
     wg, valid = _grouped(w)
     before, after = (float(layer_loss(wg, reconstruct(*st[i][1:]), valid, h)) for i in (1, 2))
     assert after < 0.9 * before
+
+
+def test_gptq4_init_reproduces_the_gptq_4bit_model_exactly():
+    """Issue 5: from a GPTQ 4-bit model, whose codes are exactly 4 bit-planes plus an offset, the start
+    is lossless: N = 4 with no further step dequantizes to GPTQ's own weights, bit for bit."""
+    w = _w(32, 256)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(512, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g) / 16)
+    h = 2 / 512 * x.T @ x
+    q = get_quantizer("qbb", bases=4, group=128, init="gptq4", offset=True, rounds=0, iters=0, refit=False,
+                      compensate=0)
+    got = bbf.dequantize(bbf.round_trip(q.quantize(w, h)))
+    want = bbf.dequantize(bbf.round_trip(get_quantizer("gptq", bases=4, group=128, mse=False).quantize(w, h)))
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - w.numpy()).max() > 0                 # a real 4-bit code, not the float weights
