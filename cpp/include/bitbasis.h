@@ -27,6 +27,9 @@ int bb_n_layer(const bb_model *m);
 int bb_n_threads(const bb_model *m);
 /* The binary-basis kernel in use (e.g. "scalar", "avx512-vpopcnt"). */
 const char *bb_kernel_name(const bb_model *m);
+/* 1 when the model was opened with BITBASIS_PRECISE_ACTS=1 (a second int8 pass over each
+   activation's rounding residual: float-reference accuracy, about twice the matmul time). */
+int bb_precise_acts(const bb_model *m);
 
 /* Run n tokens at the current cache position and append them to the KV cache. logits (may be
    NULL) receives n * n_vocab floats when all_logits, else n_vocab floats for the last token.

@@ -53,6 +53,7 @@ extern "C" int bb_n_embd(const bb_model *m) { return (int)m->model->hp().n_embd;
 extern "C" int bb_n_layer(const bb_model *m) { return (int)m->model->hp().n_layer; }
 extern "C" int bb_n_threads(const bb_model *m) { return m->model->n_threads(); }
 extern "C" const char *bb_kernel_name(const bb_model *m) { return m->model->kernel_name(); }
+extern "C" int bb_precise_acts(const bb_model *m) { return m->model->precise_acts() ? 1 : 0; }
 extern "C" int bb_n_past(const bb_model *m) { return (int)m->model->n_past(); }
 
 extern "C" int bb_eval(bb_model *m, const int *tokens, int n, float *logits, int all_logits) {

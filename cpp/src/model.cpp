@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -386,6 +387,7 @@ void Model::load() {
     h.rope_base = (float)base;
 
     kernel_ = &select_kernel();
+    if (const char *e = std::getenv("BITBASIS_PRECISE_ACTS")) precise_acts_ = e[0] == '1';
     validate_bb_headers();
 
     const GTensor *te = f.tensor("token_embd.weight");
@@ -430,19 +432,33 @@ void Model::load() {
 
 // --- forward ------------------------------------------------------------------------------------
 
-std::vector<QActs> &Model::acts_for(const BBTensor &t, ActsCache &ac) {
+ActsCache::Entry &Model::acts_for(const BBTensor &t, ActsCache &ac) {
     const float *cs = t.colscale.empty() ? nullptr : t.colscale.data();
     for (size_t i = 0; i < ac.used; i++)
-        if (ac.entries[i].group == t.group && ac.entries[i].colscale == cs) return ac.entries[i].acts;
+        if (ac.entries[i].group == t.group && ac.entries[i].colscale == cs) return ac.entries[i];
     if (ac.used == ac.entries.size()) ac.entries.push_back({});
     ActsCache::Entry &e = ac.entries[ac.used++];
     e.group = t.group;
     e.colscale = cs;
     if ((int)e.acts.size() < ac.n_tok) e.acts.resize(ac.n_tok);
+    if (precise_acts_ && (int)e.resid.size() < ac.n_tok) e.resid.resize(ac.n_tok);
     pool_.parallel_for(ac.n_tok, 1, [&](int64_t a, int64_t b, int) {
-        for (int64_t i = a; i < b; i++) quantize_acts(ac.x + i * ac.cols, ac.cols, t.group, cs, e.acts[i]);
+        thread_local std::vector<float> r;
+        for (int64_t i = a; i < b; i++) {
+            const float *x = ac.x + i * ac.cols;
+            QActs &q = e.acts[i];
+            quantize_acts(x, ac.cols, t.group, cs, q);
+            if (!precise_acts_) continue;
+            r.resize(ac.cols);
+            for (int64_t j = 0; j < ac.cols; j++)   // in the column-scaled domain the kernels see
+                r[j] = (cs ? x[j] * cs[j] : x[j]) - q.d[j / QK] * (float)q.q[j];
+            quantize_acts(r.data(), ac.cols, t.group, nullptr, e.resid[i]);
+            // raw x = 0: the sparse correction then only removes the residual's dense share (the
+            // sparse values already met the exact x in the first pass)
+            std::fill(e.resid[i].x.begin(), e.resid[i].x.end(), 0.0f);
+        }
     });
-    return e.acts;
+    return e;
 }
 
 void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
@@ -450,14 +466,22 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
     const int64_t rows = w.rows, cols = w.cols;
     if (w.bb) {
         const BBTensor &t = *w.bb;
-        std::vector<QActs> &acts = acts_for(t, ac);
+        const ActsCache::Entry &e = acts_for(t, ac);
         const Kernel &k = *kernel_;
-        if (n == 1)
-            pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, acts[0], y + r0, r0, r1); });
-        else
-            pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) {
-                k.gemm(t, acts.data(), n, y + r0, rows, r0, r1);
-            });
+        auto run = [&](const std::vector<QActs> &a, float *out) {
+            if (n == 1)
+                pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, a[0], out + r0, r0, r1); });
+            else
+                pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) {
+                    k.gemm(t, a.data(), n, out + r0, rows, r0, r1);
+                });
+        };
+        run(e.acts, y);
+        if (precise_acts_) {
+            resid_y_.resize((size_t)rows * n);
+            run(e.resid, resid_y_.data());
+            for (int64_t i = 0; i < rows * n; i++) y[i] += resid_y_[i];
+        }
         return;
     }
     const float *x = ac.x;

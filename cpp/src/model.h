@@ -44,6 +44,7 @@ struct ActsCache {
         int group;
         const float *colscale;
         std::vector<QActs> acts;
+        std::vector<QActs> resid;   // precise_acts: the int8 code of each token's rounding residual
     };
     std::vector<Entry> entries;
     size_t used = 0;
@@ -65,6 +66,7 @@ public:
     const char *kernel_name() const { return kernel_->name; }
     const GGUFFile &file() const { return *file_; }
     int n_threads() const { return pool_.size(); }
+    bool precise_acts() const { return precise_acts_; }
 
 private:
     void load();
@@ -72,7 +74,7 @@ private:
     void load_linear(Linear &w, const std::string &name, int64_t rows, int64_t cols);
     void validate_bb_headers();
     void matmul(const Linear &w, ActsCache &ac, float *y);
-    std::vector<QActs> &acts_for(const BBTensor &t, ActsCache &ac);
+    ActsCache::Entry &acts_for(const BBTensor &t, ActsCache &ac);
     void embed(const int32_t *tokens, int64_t n, float *x);
     void forward(const int32_t *tokens, int64_t n, float *logits, bool all_logits);
 
@@ -88,6 +90,12 @@ private:
     std::vector<std::vector<float>> kcache_, vcache_;   // per layer [pos][n_head_kv*head_dim]
     std::vector<std::vector<float>> scratch_;           // per thread
     ActsCache ac_[3];
+    // BITBASIS_PRECISE_ACTS=1: every binary-basis product runs twice, on the int8 activations and on
+    // the int8 code of their rounding residual (x − d·q), and adds the two. The kernels are linear in
+    // the activations, so this is exact up to the residual's own rounding (~1/127 of the first):
+    // float-reference accuracy at twice the matmul cost, for perplexity measurements.
+    bool precise_acts_ = false;
+    std::vector<float> resid_y_;
 };
 
 }  // namespace bb

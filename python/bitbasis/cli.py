@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", choices=["auto", "engine", "torch"], default="auto",
                    help="C++ engine (default for GGUF when available) or the PyTorch reference")
     q.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
+    q.add_argument("--precise-acts", action="store_true",
+                   help="engine: a second int8 pass over each activation's rounding residual "
+                        "(BITBASIS_PRECISE_ACTS=1): float-reference accuracy at about twice the matmul time")
     q.add_argument("--json", action="store_true", help="print the result as JSON")
     q.set_defaults(func=cmd_ppl)
 

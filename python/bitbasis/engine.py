@@ -35,6 +35,7 @@ class Model:
         self.n_ctx = int(self._lib.bb_n_ctx(m))
         self.threads = int(self._lib.bb_n_threads(m))
         self.kernel = self._ffi.string(self._lib.bb_kernel_name(m)).decode()
+        self.precise_acts = bool(self._lib.bb_precise_acts(m))   # BITBASIS_PRECISE_ACTS=1 at open
         self._tok = None
         self.tokens: list[int] = []   # what the KV cache holds, in order
         self.last_stats: dict = {}

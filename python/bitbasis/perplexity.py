@@ -88,7 +88,7 @@ def run_perplexity(model_spec: str, text_spec: str | Path, protocol: str = "llam
                 m = Model(str(model_spec), threads=threads)
                 tokens = np.asarray(m.tokenize(text), np.int64)
                 res = perplexity(m.logits, tokens, protocol, ctx, max_windows, progress)
-                res["backend"] = "engine"
+                res["backend"] = "engine" + ("+precise-acts" if m.precise_acts else "")
                 return res
             except ImportError:
                 if backend == "engine":
@@ -112,6 +112,9 @@ def run_perplexity(model_spec: str, text_spec: str | Path, protocol: str = "llam
 
 def perplexity_cli(a) -> int:
     import json
+    import os
+    if getattr(a, "precise_acts", False):
+        os.environ["BITBASIS_PRECISE_ACTS"] = "1"     # read by the engine when it opens the model
     res = run_perplexity(a.model, a.text, a.protocol, a.ctx, a.windows, a.backend, a.threads)
     if a.json:
         print(json.dumps(res))
