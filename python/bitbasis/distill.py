@@ -32,11 +32,11 @@ import torch
 
 from .format import BinaryBasis, full_scales
 from .quant.base import groups_view
+from .quant.qbb import level_codes, nearest_signs, reconstruct
 
 GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
 CKPT_EVERY = 10          # steps between checkpoints
 CKPT_EVERY_SIGNS = 250   # ... when the latent weights train too (a checkpoint holds them and their Adam state)
-TRAIN = ("scales", "signs")
 LR_FLOOR = 0.05          # train="signs": cosine decay of the learning rates down to this fraction
 CLIP_LATENT_EVERY = 8    # train="signs": steps between latent clips (each clip is a dozen kernels per linear)
 MSE_WEIGHT = 1.0         # loss = KL + MSE_WEIGHT · MSE(logits)
@@ -72,34 +72,25 @@ class BasisLinear(torch.nn.Module):
         if self.train_signs:                    # latent V = u · unit, u in units of the group's mean |α|
             self.register_buffer("valid", (self.signs[0] != 0).float())
             self.register_buffer("unit", alpha0.abs().mean(-1).clamp(min=1e-12))
-            from .quant.qbb import level_codes
             self.register_buffer("combos", level_codes(n))
-            self.u = torch.nn.Parameter(self._sum(self.signs.float(), *self.scales()) / self.unit[..., None])
+            self.u = torch.nn.Parameter(reconstruct(self.signs.float(), *self.scales()) / self.unit[..., None])
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = self.alpha0 * (1 + self.a)
         mu = self.mu0 + self.mu_unit * self.m if self.has_mu else None
         return alpha, mu
 
-    @staticmethod
-    def _sum(s, alpha, mu):
-        w = alpha[..., 0, None] * s[0]
-        for i in range(1, s.shape[0]):
-            w = w + alpha[..., i, None] * s[i]
-        return w if mu is None else w + mu[..., None]
-
     def current_signs(self) -> torch.Tensor:
         """±1 [N, rows, ng, G] (0 in the padding): frozen, or the latents' nearest levels."""
         if not self.train_signs:
             return self.signs.float()
-        from .quant.qbb import nearest_signs
         alpha, mu = self.scales()
         with torch.no_grad():
             return nearest_signs(self.u * self.unit[..., None], alpha, mu, self.valid, self.combos)
 
     def weight(self) -> torch.Tensor:
         alpha, mu = self.scales()
-        w = self._sum(self.current_signs(), alpha, mu)
+        w = reconstruct(self.current_signs(), alpha, mu)
         if self.train_signs:                    # straight-through: the value of w, the gradient of V too
             lat = self.u * self.unit[..., None]
             w = w + (lat - lat.detach())
@@ -212,9 +203,7 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], q, progress: bool = Tr
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(teacher)                    # frozen too: only the scales (+ latents) below train
-    train = q.distill_train
-    if train not in TRAIN:
-        raise DistillError(f"distill_train={train!r}: must be one of {', '.join(TRAIN)}")
+    train = q.distill_train                             # "scales" | "signs", checked by QBB.check
     modules: dict[str, BasisLinear] = {}
     for name, bb in quantized.items():
         parent, attr, _ = _linear_parent(student, name)
