@@ -186,3 +186,23 @@ def test_gptq4_init_reproduces_the_gptq_4bit_model_exactly():
     want = bbf.dequantize(bbf.round_trip(get_quantizer("gptq", bases=4, group=128, mse=False).quantize(w, h)))
     np.testing.assert_array_equal(got, want)
     assert np.abs(got - w.numpy()).max() > 0                 # a real 4-bit code, not the float weights
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_gptq_init_is_the_gptq_n_bit_model_exactly(n):
+    """init=gptq: the GPTQ N-bit code (mse grid) is N planes plus an offset, so the start dequantizes
+    to GPTQ's own N-bit weights, bit for bit; the Hessian-weighted descent then never raises tr(ΔW H ΔWᵀ)."""
+    w = _w(32, 256)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(512, 256, generator=g) @ (torch.eye(256) + 0.3 * torch.randn(256, 256, generator=g) / 16)
+    h = 2 / 512 * x.T @ x
+    q = get_quantizer("qbb", bases=n, group=128, init="gptq", rounds=0, iters=0, refit=False, compensate=0)
+    assert q.offset and q.needs_hessian
+    got = bbf.dequantize(bbf.round_trip(q.quantize(w, h)))
+    want = bbf.dequantize(bbf.round_trip(get_quantizer("gptq", bases=n, group=128).quantize(w, h)))
+    np.testing.assert_array_equal(got, want)
+    st = get_quantizer("qbb", bases=n, group=128, init="gptq", rounds=0, iters=40, compensate=0).stages(w, h)
+    assert [s for s, *_ in st] == ["init", "descend"]
+    wg, valid = _grouped(w)
+    before, after = (float(layer_loss(wg, reconstruct(*st[i][1:]), valid, h)) for i in (0, 1))
+    assert after < before

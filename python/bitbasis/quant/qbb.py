@@ -7,6 +7,9 @@ Step 1, initialisation (`init`):
            q − 7.5 = Σ_{i=0..3} 2^{i−1} s_i  ⇒  α_i = d·2^{i−1}, μ = d·(7.5 − z)  (lossless for N = 4).
            N < 4 keeps the N most significant planes; N > 4 adds cascade planes on the residual.
   gptq4    the same, from the GPTQ 4-bit code (needs calibration: a Hessian per layer).
+  gptq     the GPTQ N-bit code itself (mse range search), whose codes are exactly N planes plus an
+           offset: q − (2^N−1)/2 = Σ_{i<N} 2^{i−1} s_i; lossless with respect to that GPTQ model, and a
+           far better N < 4 start than truncating a 4-bit code (it was compensated at N bits).
   cascade  the analytic residual cascade (quant.simple.residual_cascade).
 Step 2, per layer and data-free:
   alternate  exact alternating minimisation of ‖W − Ŵ‖² (LQ-Net's QEM): every weight to its nearest of
@@ -15,7 +18,7 @@ Step 2, per layer and data-free:
              latent real B with a straight-through sign, ONE basis updated per step (cycling) while
              every scale updates every step (QBB eq. 4); `iters` steps; the best iterate is kept.
   Then a closed-form least-squares refit of the scales for the final signs (never worse; checked).
-  With calibration (hessian=true, or init=gptq4): `compensate` rounds of GPTQ on the fixed QBB levels
+  With calibration (hessian=true, or init=gptq4 | gptq): `compensate` rounds of GPTQ on the fixed QBB levels
   (each column to its nearest level, error spread over later columns), each followed by a refit; a
   round is kept only when tr(ΔW H ΔWᵀ) drops.
 Step 3, data-free distillation of the scales: bitbasis.distill (option distill_steps).
@@ -36,7 +39,7 @@ from ..format import BinaryBasis, dequantize
 from .base import Quantizer, QuantizerError, groups_view, register
 from .simple import residual_cascade
 
-INITS = ("int4", "gptq4", "cascade")
+INITS = ("int4", "gptq4", "gptq", "cascade")
 PRESETS = {"": {}, "fast": {"rounds": 4, "iters": 0}, "paper": {"iters": 15000}}
 
 
@@ -259,12 +262,12 @@ def gptq_signs(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, mu: 
 class QBB(Quantizer):
     """QBB: N binary bases with per-row, per-group scales (module docstring)."""
     name = "qbb"
-    init: str = "int4"           # int4 | gptq4 | cascade
+    init: str = "int4"           # int4 | gptq4 | gptq | cascade
     rounds: int = 8              # exact alternation rounds (nearest-level signs / least-squares scales)
     iters: int = 50              # gradient steps per layer (step 2); preset=paper: 15000
     lr: float = 0.02             # Adam lr of the latent signs (latents live in [−1, 1])
     scale_lr: float = 0.01       # Adam lr of α, μ relative to mean |α| of the layer
-    offset: bool | None = None   # store μ per group (OFFSET); default: only when N ≥ 4 (int4 is lossless then)
+    offset: bool | None = None   # store μ per group (OFFSET); default: N ≥ 4 or init=gptq (lossless starts)
     refit: bool = True           # closed-form least-squares scales for the final signs
     hessian: bool = False        # calibrate: activation-weighted objective + GPTQ compensation on QBB levels
     compensate: int = 2          # with a Hessian: rounds of GPTQ on the levels, each followed by a refit
@@ -300,15 +303,15 @@ class QBB(Quantizer):
         if self.distill_steps and (self.distill_seqs < 1 or self.distill_len < 8 or self.distill_batch < 1):
             raise QuantizerError("distill_seqs >= 1, distill_len >= 8, distill_batch >= 1")
         if self.offset is None:
-            self.offset = self.bases >= 4
-        if self.init == "gptq4":
+            self.offset = self.bases >= 4 or self.init == "gptq"
+        if self.init in ("gptq4", "gptq"):
             from . import METHODS
             if "gptq" not in METHODS:
-                raise QuantizerError("init=gptq4 needs the gptq method (quant/gptq.py), which is not installed")
+                raise QuantizerError(f"init={self.init} needs the gptq method (quant/gptq.py), which is not installed")
 
     @property
     def needs_hessian(self) -> bool:   # GPTQ initialisation / the weighted objective are calibrated
-        return self.init == "gptq4" or bool(self.hessian)
+        return self.init in ("gptq4", "gptq") or bool(self.hessian)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -327,6 +330,11 @@ class QBB(Quantizer):
                 r = w - mu[:, torch.arange(w.shape[1], device=dev) // g]
             signs, alpha = residual_cascade(r, n, g)
             return grouped_signs(signs.to(dev), g), alpha.to(dev), mu, True
+        if self.init == "gptq":                                    # the GPTQ N-bit model, as N planes
+            from . import get_quantizer
+            from ..format import round_trip
+            s, alpha, mu = basis_tensors(round_trip(get_quantizer("gptq", bases=n, group=g).quantize(w, hessian)), dev)
+            return s, alpha, (mu if self.offset else None), not self.offset
         if self.init == "gptq4":
             from . import get_quantizer
             # min-max grid (mse=False): the QBB results in docs/results.md were measured with it
