@@ -6,7 +6,7 @@
 // float part is summed in a fixed order per (row, group), so SIMD results equal the scalar
 // reference up to float reassociation across groups (tests allow 1e-5 relative).
 //
-// Files: kernels_scalar.cpp (reference, quantize_acts, bb_prepare), kernels_avx512.cpp (bit-serial
+// Files: kernels_scalar.cpp (reference, quantize_acts, bb_prepare, portable dense dots), kernels_avx512.cpp (bit-serial
 // vpopcntq and masked-select vpdpbusd gemv; tokens-in-lanes vpdpbusd gemm), kernels_avx2.cpp
 // (byte-mask gemv, tokens-in-lanes vpmaddubsw gemm), kernels_neon.cpp (byte-mask gemv with sdot or
 // pairwise adds, tokens-in-lanes sdot gemm), kernels_dispatch.cpp (registry, CPU detection),
@@ -114,16 +114,30 @@ using GemvFn = void (*)(const BBTensor &t, const QActs &a, float *y, int64_t r0,
 using GemmFn = void (*)(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy,
                         int64_t r0, int64_t r1);
 
+// Dense dot products (model.cpp's F32 / F16→F32 / Q8_0 weights and attention): part of each ISA's
+// kernel set so that one CPU check covers every wide instruction the engine runs.
+using DotF32Fn = float (*)(const float *a, const float *b, int64_t n);
+using DotQ8Fn = float (*)(const uint8_t *row, const float *x, int64_t n);   // row: n/32 Q8_0 blocks
+
 struct Kernel {
-    const char *name;   // "avx512-vpopcnt", "avx512-vnni", "avx2-bytemask", "neon-dotprod", "neon-bytemask",
-                        // "scalar"; "<name>-rows": same gemv, gemm = gemv's row loop per token (measured
-                        // alternative to the tokens-in-lanes gemm)
-    const char *isa;    // "scalar" | "avx2" | "avx512" | "neon"
+    const char *name;      // "avx512-vpopcnt", "avx512-vnni", "avx2-bytemask", "neon-dotprod", "neon-bytemask",
+                           // "scalar"; "<name>-rows": same gemv, gemm = gemv's row loop per token (measured
+                           // alternative to the tokens-in-lanes gemm)
+    const char *isa;       // "scalar" | "avx2" | "avx512" | "neon"
+    const char *features;  // cpu_features() names the code needs, comma separated ("" = baseline). On x86
+                           // the same string is the BB_ISA_BEGIN target of the code, so what is
+                           // compiled in and what is checked cannot drift apart.
     GemvFn gemv;
     GemmFn gemm;
-    bool (*supported)(); // CPU has the features
+    DotF32Fn dot_f32;
+    DotQ8Fn dot_q8;
     void (*repack)(BBTensor &t) = nullptr;  // optional load-time repack (fills t.repacked)
+
+    bool supported() const;                 // this CPU has every feature
 };
+
+// The features of `k` this CPU lacks, space separated ("" when it can run k).
+std::string missing_features(const Kernel &k);
 
 // All kernels compiled in; the first supported one for an ISA is that ISA's default.
 const std::vector<Kernel> &all_kernels();
@@ -145,5 +159,36 @@ void add_sparse(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t
 void add_sparse_gemm(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 
 float f16_to_f32(uint16_t h);
+
+// The portable dense dots (the scalar kernel set's), fixed-width partial sums the compiler vectorizes
+// for the baseline ISA.
+float dot_f32_scalar(const float *a, const float *b, int64_t n);
+float dot_q8_scalar(const uint8_t *row, const float *x, int64_t n);
+
+// ---- ISA isolation ----------------------------------------------------------------------------------
+// No file is compiled with -mavx2 / -mavx512* (or any other ISA flag): a translation unit built with
+// such a flag compiles *every* function it emits for that ISA, including its out-of-line copies of
+// header templates (std::vector<int>::assign, ...). Those copies are COMDAT: the linker keeps one for
+// the whole library, possibly the AVX-512 one, and then ordinary code runs it on any CPU (a SIGILL in
+// std::vector<int>::_M_fill_assign from model.cpp on every AVX2-only CPU, issue 15).
+// Instead, a file's wide code sits between BB_ISA_BEGIN("<features>") and BB_ISA_END, inside
+// `namespace bb::<isa> { namespace { ... } }`:
+//  - functions *defined* in the region are compiled for <features>; header templates instantiated
+//    from there keep the file's baseline target (inlined copies inside a wide function are wide, which
+//    is fine; out-of-line copies, the ones the linker shares, are baseline);
+//  - the anonymous namespace gives every wide function internal linkage, so none can be merged with,
+//    or called by name from, another file: the only way in is a Kernel entry, which select_kernel()
+//    hands out only when the CPU has k.features.
+// tests/test_isa_isolation.py disassembles the built library and fails if any instruction beyond the
+// x86-64 baseline appears outside bb::avx2:: / bb::avx512:: (and CI runs everything under qemu as a
+// Haswell (AVX2) and a Nehalem (SSE4.2) CPU). The feature strings double as Kernel::features.
+#define BB_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define BB_ISA_BEGIN(features) BB_PRAGMA(clang attribute push(__attribute__((target(features))), apply_to = function))
+#define BB_ISA_END BB_PRAGMA(clang attribute pop)
+#else
+#define BB_ISA_BEGIN(features) BB_PRAGMA(GCC push_options) BB_PRAGMA(GCC target(features))
+#define BB_ISA_END BB_PRAGMA(GCC pop_options)
+#endif
 
 }  // namespace bb

@@ -1,4 +1,6 @@
-// AVX2 kernel (compiled with -mavx2 -mfma -mf16c -mpopcnt).
+// AVX2 kernel and dense dots: the code between BB_ISA_BEGIN(AVX2) and BB_ISA_END is compiled for AVX2,
+// FMA, F16C and POPCNT, the rest of the file (registration) for the baseline (see "ISA isolation" in
+// kernels.h).
 //
 //  avx2-bytemask  Σ_j (2b_j − 1) q_j = 2 P − S with P = Σ_{b_j=1} q_j: 32 plane bits become a byte
 //                 mask (broadcast, vpshufb, compare), the mask selects the int8 activations and
@@ -13,9 +15,11 @@
 #include <algorithm>
 #include <cstring>
 
-namespace bb {
+#define AVX2 "avx2,fma,f16c,popcnt"
 
-static bool has_avx2() { return cpu_has("avx2") && cpu_has("fma"); }
+BB_ISA_BEGIN(AVX2)
+namespace bb::avx2 {
+namespace {
 
 static inline uint32_t load_u32(const void *p) {
     uint32_t v;
@@ -29,13 +33,33 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
 }
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
+float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum256(acc);
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    float s = hsum256(_mm256_add_ps(s0, s1));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+// Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
+float dot_q8(const uint8_t *row, const float *x, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        __m256 s = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k))));
+            s = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * 32 + 8 * k), s);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dh)), s, acc);
+    }
+    return hsum256(acc);
 }
 
 static_assert(QK == 32, "one 32-column chunk is one activation block");
@@ -248,10 +272,17 @@ static void gemm_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
+}  // namespace
+}  // namespace bb::avx2
+BB_ISA_END
+
+namespace bb {
+
 void add_kernels_avx2(std::vector<Kernel> &v) {
+    using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
-    v.push_back(Kernel{"avx2-bytemask", "avx2", gemv_bytemask, gemm_tokens8, has_avx2, nullptr});
-    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", gemv_bytemask, gemm_bytemask, has_avx2, nullptr});
+    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, nullptr});
+    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, nullptr});
 }
 
 }  // namespace bb

@@ -1,4 +1,4 @@
-// AVX-512 kernels (compiled with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vpopcntdq).
+// AVX-512 kernels and dense dots, compiled for AVX-512 only inside the BB_ISA_BEGIN regions below.
 //
 // Both handle any N, G, OFFSET, POW2, COLSCALE (folded into the activations) and SPARSE
 // (add_sparse); tensors with classes (COLMASK / ELEMCLASS) take the masked-select class path. Both use Σ_j w_j q_j = Σ_i 2 α_i P_i + (μ − Σ_i α_i) S with P_i = Σ_{bit_i=1} q_j,
@@ -18,20 +18,21 @@
 
 // GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_ps); not our code.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 
-namespace bb {
+// Two regions (see "ISA isolation" in kernels.h): everything but the bit-serial kernel needs VNNI; the
+// bit-serial code also needs VPOPCNTDQ (Ice Lake and later, Zen 4). Each string is also the
+// Kernel::features of the kernels built from it.
+#define AVX512_VNNI "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c,popcnt"
+#define AVX512_VPOPCNT "avx512f,avx512bw,avx512vl,avx512vnni,avx512vpopcntdq,avx2,fma,f16c,popcnt"
 
-static bool has_vnni() {
-    return cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") && cpu_has("avx512vnni");
-}
-static bool has_vpopcnt() {
-    return cpu_has("avx512f") && cpu_has("avx512bw") && cpu_has("avx512vl") && cpu_has("avx512vpopcntdq");
-}
-static bool has_vpopcnt_vnni() { return has_vpopcnt() && has_vnni(); }
+BB_ISA_BEGIN(AVX512_VNNI)
+namespace bb::avx512 {
+namespace {
 
 // Kernels below need one class; everything else is the scalar reference's job.
 static inline bool common_case(const BBTensor &t) { return t.n_classes == 1 && !t.bias.empty(); }
@@ -57,13 +58,33 @@ static inline __m512 dup_pairs(__m256 v) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7), _mm512_castps256_ps512(v));
 }
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
+float dot_f32(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
     if (i < n) {
         const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+// Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
+float dot_q8(const uint8_t *row, const float *x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(x + b * 32));
+        s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + b * 32 + 16), s);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(dh)), s, acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -245,6 +266,150 @@ static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
+// ---- GEMM: tokens in the lanes (vpdpbusd) ---------------------------------------------------------
+//
+// For 4 columns j..j+3 one zmm holds 16 tokens × 4 int8 activations (s8), and a row's plane bits of
+// those columns are one dword of 0/1 bytes (u8) broadcast from memory: one vpdpbusd adds
+// Σ_{bit_j=1} q_j for 16 tokens, i.e. P_i of each token exactly. Per activation block (QK = 32
+// columns, 8 steps) the block scale is applied: dense = Σ_b d_b Σ_i 2 α_i P_ib + (μ − Σ_i α_i)·dS_g.
+// The bits of a block of rows are unpacked to bytes once and reused by every tile of 16 tokens; a
+// tile's activations are reused by every row and plane of the block.
+
+struct TokTiles {
+    int ntiles = 0;
+    avec<int8_t> x;           // [tile][cols_pad/4][16 tokens][4]
+    avec<float> d, dS;        // [tile][nblocks][16], [tile][ng][16]
+};
+
+static void build_tiles(const BBTensor &t, const QActs *acts, int n_tok, TokTiles &tt) {
+    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4, nb = cp / QK;
+    tt.ntiles = (n_tok + 15) / 16;
+    tt.x.assign((size_t)tt.ntiles * cp * 16, 0);   // padding tokens: q = 0
+    tt.d.assign((size_t)tt.ntiles * nb * 16, 0.0f);
+    tt.dS.assign((size_t)tt.ntiles * ng * 16, 0.0f);
+    for (int k = 0; k < n_tok; k++) {
+        const int tile = k / 16, lane = k % 16;
+        const int8_t *q = acts[k].q.data();
+        int8_t *x = tt.x.data() + (size_t)tile * cp * 16 + lane * 4;
+        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 64, q + c4 * 4, 4);
+        for (int64_t b = 0; b < nb; b++) tt.d[(tile * nb + b) * 16 + lane] = acts[k].d[b];
+        for (int64_t g = 0; g < ng; g++) tt.dS[(tile * ng + g) * 16 + lane] = acts[k].dS[g];
+    }
+}
+
+// Row stride of the unpacked bits: cols_pad + 64, so that the R·N bit streams of a block do not
+// all map to the same L1 sets (cols_pad is often a multiple of 4 KiB).
+static inline int64_t sign_stride(const BBTensor &t) { return t.ngroups * t.group + 64; }
+
+// Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
+static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
+    const int N = t.n_planes, G = t.group, s = G / 64;
+    const int64_t ng = t.ngroups, cp = sign_stride(t);
+    const __m512i one = _mm512_set1_epi8(1);
+    for (int rr = 0; rr < nr; rr++) {
+        const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
+        for (int64_t g = 0; g < ng; g++)
+            for (int i = 0; i < N; i++)
+                for (int c = 0; c < s; c++)
+                    _mm512_storeu_si512(B + (rr * N + i) * cp + g * G + c * 64,
+                                        _mm512_maskz_mov_epi8(_cvtu64_mask64(load_u64(pl + ((g * N + i) * s + c) * 8)), one));
+    }
+}
+
+template <int N, int R>
+static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][16] */) {
+    const int G = t.group;
+    const int64_t ng = t.ngroups, nb = ng * G / QK, cp = sign_stride(t);
+    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
+    __m512 fv[R];
+    for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        for (int64_t b = g * G / QK; b < (g + 1) * G / QK; b++) {
+            __m512i acc[R][N];
+            for (int rr = 0; rr < R; rr++)
+                for (int i = 0; i < N; i++) acc[rr][i] = _mm512_setzero_si512();
+            for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
+                const __m512i xv = _mm512_loadu_si512(X + c4 * 64);
+                for (int rr = 0; rr < R; rr++)
+                    for (int i = 0; i < N; i++) {
+                        int32_t w;
+                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
+                        acc[rr][i] = _mm512_dpbusd_epi32(acc[rr][i], _mm512_set1_epi32(w), xv);
+                    }
+            }
+            const __m512 dv = _mm512_loadu_ps(tt.d.data() + (tile * nb + b) * 16);
+            for (int rr = 0; rr < R; rr++) {
+                const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
+                __m512 gs = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rr][0]), _mm512_set1_ps(2.0f * al[0]));
+                for (int i = 1; i < N; i++) gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rr][i]), _mm512_set1_ps(2.0f * al[i]), gs);
+                fv[rr] = _mm512_fmadd_ps(gs, dv, fv[rr]);
+            }
+        }
+        const __m512 dS = _mm512_loadu_ps(tt.dS.data() + (tile * ng + g) * 16);
+        for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_fmadd_ps(_mm512_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
+    }
+    for (int rr = 0; rr < R; rr++) _mm512_storeu_ps(out + rr * 16, fv[rr]);
+}
+
+using TokFn = void (*)(const BBTensor &, const TokTiles &, int, const uint8_t *, int64_t, float *);
+
+// Rows per block: R·N accumulators + R sums stay in the 32 zmm registers.
+template <int N>
+static constexpr int rows_for() { return N == 1 ? 8 : N <= 4 ? 4 : 2; }
+
+template <int N>
+static void tok_pick(TokFn &full, TokFn &one, int &R) {
+    full = tok_block<N, rows_for<N>()>;
+    one = tok_block<N, 1>;
+    R = rows_for<N>();
+}
+
+static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
+    if (n_tok < 2) return gemv_vnni(t, acts[0], Y, r0, r1);
+    TokFn full = nullptr, one = nullptr;
+    int R = 1;
+    switch (t.n_planes) {
+        case 1: tok_pick<1>(full, one, R); break;
+        case 2: tok_pick<2>(full, one, R); break;
+        case 3: tok_pick<3>(full, one, R); break;
+        case 4: tok_pick<4>(full, one, R); break;
+        case 5: tok_pick<5>(full, one, R); break;
+        case 6: tok_pick<6>(full, one, R); break;
+        case 7: tok_pick<7>(full, one, R); break;
+        default: tok_pick<8>(full, one, R); break;
+    }
+    thread_local TokTiles tt;
+    thread_local avec<uint8_t> B;
+    build_tiles(t, acts, n_tok, tt);
+    const int64_t cp = sign_stride(t);
+    B.resize((size_t)R * t.n_planes * cp);
+    alignas(64) float out[8 * 16];
+    for (int64_t rb = r0; rb < r1; rb += R) {
+        const int nr = (int)std::min<int64_t>(R, r1 - rb);
+        unpack_bits(t, rb, nr, B.data());
+        for (int tile = 0; tile < tt.ntiles; tile++) {
+            if (nr == R) {
+                full(t, tt, tile, B.data(), rb, out);
+            } else {   // last rows: one at a time (B rows are laid out for nr rows)
+                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 16);
+            }
+            const int nt = std::min(16, n_tok - tile * 16);
+            for (int rr = 0; rr < nr; rr++)
+                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 16 + lane) * ldy + (rb + rr - r0)] = out[rr * 16 + lane];
+        }
+    }
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+}
+
+}  // namespace
+}  // namespace bb::avx512
+BB_ISA_END
+
+BB_ISA_BEGIN(AVX512_VPOPCNT)
+namespace bb::avx512 {
+namespace {
+
 // ---- avx512-vpopcnt -----------------------------------------------------------------------------
 
 // A token's activations in the layout the bit-serial loop streams: the row's planes are M = ng·N·s
@@ -419,151 +584,22 @@ static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-// ---- GEMM: tokens in the lanes (vpdpbusd) ---------------------------------------------------------
-//
-// For 4 columns j..j+3 one zmm holds 16 tokens × 4 int8 activations (s8), and a row's plane bits of
-// those columns are one dword of 0/1 bytes (u8) broadcast from memory: one vpdpbusd adds
-// Σ_{bit_j=1} q_j for 16 tokens, i.e. P_i of each token exactly. Per activation block (QK = 32
-// columns, 8 steps) the block scale is applied: dense = Σ_b d_b Σ_i 2 α_i P_ib + (μ − Σ_i α_i)·dS_g.
-// The bits of a block of rows are unpacked to bytes once and reused by every tile of 16 tokens; a
-// tile's activations are reused by every row and plane of the block.
+}  // namespace
+}  // namespace bb::avx512
+BB_ISA_END
 
-struct TokTiles {
-    int ntiles = 0;
-    avec<int8_t> x;           // [tile][cols_pad/4][16 tokens][4]
-    avec<float> d, dS;        // [tile][nblocks][16], [tile][ng][16]
-};
-
-static void build_tiles(const BBTensor &t, const QActs *acts, int n_tok, TokTiles &tt) {
-    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4, nb = cp / QK;
-    tt.ntiles = (n_tok + 15) / 16;
-    tt.x.assign((size_t)tt.ntiles * cp * 16, 0);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * nb * 16, 0.0f);
-    tt.dS.assign((size_t)tt.ntiles * ng * 16, 0.0f);
-    for (int k = 0; k < n_tok; k++) {
-        const int tile = k / 16, lane = k % 16;
-        const int8_t *q = acts[k].q.data();
-        int8_t *x = tt.x.data() + (size_t)tile * cp * 16 + lane * 4;
-        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 64, q + c4 * 4, 4);
-        for (int64_t b = 0; b < nb; b++) tt.d[(tile * nb + b) * 16 + lane] = acts[k].d[b];
-        for (int64_t g = 0; g < ng; g++) tt.dS[(tile * ng + g) * 16 + lane] = acts[k].dS[g];
-    }
-}
-
-// Row stride of the unpacked bits: cols_pad + 64, so that the R·N bit streams of a block do not
-// all map to the same L1 sets (cols_pad is often a multiple of 4 KiB).
-static inline int64_t sign_stride(const BBTensor &t) { return t.ngroups * t.group + 64; }
-
-// Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
-static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
-    const int N = t.n_planes, G = t.group, s = G / 64;
-    const int64_t ng = t.ngroups, cp = sign_stride(t);
-    const __m512i one = _mm512_set1_epi8(1);
-    for (int rr = 0; rr < nr; rr++) {
-        const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
-        for (int64_t g = 0; g < ng; g++)
-            for (int i = 0; i < N; i++)
-                for (int c = 0; c < s; c++)
-                    _mm512_storeu_si512(B + (rr * N + i) * cp + g * G + c * 64,
-                                        _mm512_maskz_mov_epi8(_cvtu64_mask64(load_u64(pl + ((g * N + i) * s + c) * 8)), one));
-    }
-}
-
-template <int N, int R>
-static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][16] */) {
-    const int G = t.group;
-    const int64_t ng = t.ngroups, nb = ng * G / QK, cp = sign_stride(t);
-    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
-    __m512 fv[R];
-    for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        for (int64_t b = g * G / QK; b < (g + 1) * G / QK; b++) {
-            __m512i acc[R][N];
-            for (int rr = 0; rr < R; rr++)
-                for (int i = 0; i < N; i++) acc[rr][i] = _mm512_setzero_si512();
-            for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
-                const __m512i xv = _mm512_loadu_si512(X + c4 * 64);
-                for (int rr = 0; rr < R; rr++)
-                    for (int i = 0; i < N; i++) {
-                        int32_t w;
-                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                        acc[rr][i] = _mm512_dpbusd_epi32(acc[rr][i], _mm512_set1_epi32(w), xv);
-                    }
-            }
-            const __m512 dv = _mm512_loadu_ps(tt.d.data() + (tile * nb + b) * 16);
-            for (int rr = 0; rr < R; rr++) {
-                const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
-                __m512 gs = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rr][0]), _mm512_set1_ps(2.0f * al[0]));
-                for (int i = 1; i < N; i++) gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rr][i]), _mm512_set1_ps(2.0f * al[i]), gs);
-                fv[rr] = _mm512_fmadd_ps(gs, dv, fv[rr]);
-            }
-        }
-        const __m512 dS = _mm512_loadu_ps(tt.dS.data() + (tile * ng + g) * 16);
-        for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_fmadd_ps(_mm512_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
-    }
-    for (int rr = 0; rr < R; rr++) _mm512_storeu_ps(out + rr * 16, fv[rr]);
-}
-
-using TokFn = void (*)(const BBTensor &, const TokTiles &, int, const uint8_t *, int64_t, float *);
-
-// Rows per block: R·N accumulators + R sums stay in the 32 zmm registers.
-template <int N>
-static constexpr int rows_for() { return N == 1 ? 8 : N <= 4 ? 4 : 2; }
-
-template <int N>
-static void tok_pick(TokFn &full, TokFn &one, int &R) {
-    full = tok_block<N, rows_for<N>()>;
-    one = tok_block<N, 1>;
-    R = rows_for<N>();
-}
-
-static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
-    if (n_tok < 2) return gemv_vnni(t, acts[0], Y, r0, r1);
-    TokFn full = nullptr, one = nullptr;
-    int R = 1;
-    switch (t.n_planes) {
-        case 1: tok_pick<1>(full, one, R); break;
-        case 2: tok_pick<2>(full, one, R); break;
-        case 3: tok_pick<3>(full, one, R); break;
-        case 4: tok_pick<4>(full, one, R); break;
-        case 5: tok_pick<5>(full, one, R); break;
-        case 6: tok_pick<6>(full, one, R); break;
-        case 7: tok_pick<7>(full, one, R); break;
-        default: tok_pick<8>(full, one, R); break;
-    }
-    thread_local TokTiles tt;
-    thread_local avec<uint8_t> B;
-    build_tiles(t, acts, n_tok, tt);
-    const int64_t cp = sign_stride(t);
-    B.resize((size_t)R * t.n_planes * cp);
-    alignas(64) float out[8 * 16];
-    for (int64_t rb = r0; rb < r1; rb += R) {
-        const int nr = (int)std::min<int64_t>(R, r1 - rb);
-        unpack_bits(t, rb, nr, B.data());
-        for (int tile = 0; tile < tt.ntiles; tile++) {
-            if (nr == R) {
-                full(t, tt, tile, B.data(), rb, out);
-            } else {   // last rows: one at a time (B rows are laid out for nr rows)
-                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 16);
-            }
-            const int nt = std::min(16, n_tok - tile * 16);
-            for (int rr = 0; rr < nr; rr++)
-                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 16 + lane) * ldy + (rb + rr - r0)] = out[rr * 16 + lane];
-        }
-    }
-    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
-}
+namespace bb {
 
 void add_kernels_avx512(std::vector<Kernel> &v) {
     // fastest first (bitbasis bench kernels): the bit-serial kernel stays near memory bandwidth at
     // G = 64..128 where the masked-select one pays a float reduction per (group, plane)
     // gemm: tokens-in-lanes vpdpbusd; the "-rows" variants keep each kernel's own row loop per token
     // (the alternative GEMM strategy, measured by bench kernels)
-    v.push_back(Kernel{"avx512-vpopcnt", "avx512", gemv_vpopcnt, gemm_tokens, has_vpopcnt_vnni, repack_pairs});
-    v.push_back(Kernel{"avx512-vnni", "avx512", gemv_vnni, gemm_tokens, has_vnni, nullptr});
-    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", gemv_vpopcnt, gemm_vpopcnt, has_vpopcnt_vnni, repack_pairs});
-    v.push_back(Kernel{"avx512-vnni-rows", "avx512", gemv_vnni, gemm_vnni, has_vnni, nullptr});
+    using namespace avx512;
+    v.push_back(Kernel{"avx512-vpopcnt", "avx512", AVX512_VPOPCNT, gemv_vpopcnt, gemm_tokens, dot_f32, dot_q8, repack_pairs});
+    v.push_back(Kernel{"avx512-vnni", "avx512", AVX512_VNNI, gemv_vnni, gemm_tokens, dot_f32, dot_q8, nullptr});
+    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", AVX512_VPOPCNT, gemv_vpopcnt, gemm_vpopcnt, dot_f32, dot_q8, repack_pairs});
+    v.push_back(Kernel{"avx512-vnni-rows", "avx512", AVX512_VNNI, gemv_vnni, gemm_vnni, dot_f32, dot_q8, nullptr});
 }
 
 }  // namespace bb

@@ -253,14 +253,17 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
         for (int u = 0; u < 8; u++) acc[u] += p[i + u];      \
     for (int u = 0; u < 8; u++) s[u] += acc[u];
 #if defined(__x86_64__)
-__attribute__((target("avx2"))) static void sum_slice_avx2(const uint64_t *__restrict p, int64_t a, int64_t b,
-                                                           uint64_t *__restrict s) {
-    BBK_SUM_SLICE_BODY
-}
+BB_ISA_BEGIN("avx2")   // "ISA isolation" in kernels.h: internal linkage, called only after cpu_has("avx2")
+namespace bb::avx2 {
+namespace {
+void sum_slice(const uint64_t *__restrict p, int64_t a, int64_t b, uint64_t *__restrict s) { BBK_SUM_SLICE_BODY }
+}  // namespace
+}  // namespace bb::avx2
+BB_ISA_END
 #endif
 static void sum_slice(const uint64_t *__restrict p, int64_t a, int64_t b, uint64_t *__restrict s) {
 #if defined(__x86_64__)
-    if (cpu_has("avx2")) return sum_slice_avx2(p, a, b, s);
+    if (cpu_has("avx2")) return bb::avx2::sum_slice(p, a, b, s);
 #endif
     BBK_SUM_SLICE_BODY
 }

@@ -1,6 +1,8 @@
-// Kernel registry and run-time selection (CPUID on x86-64, getauxval on aarch64).
+// Kernel registry and run-time selection (CPUID on x86-64, getauxval on aarch64): the engine's one
+// CPU detector. Compiled for the baseline ISA, like every file (see "ISA isolation" in kernels.h).
 #include "kernels.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <sstream>
 #include <stdexcept>
@@ -24,8 +26,6 @@ namespace bb {
 __attribute__((weak)) void add_kernels_avx512(std::vector<Kernel> &);
 __attribute__((weak)) void add_kernels_avx2(std::vector<Kernel> &);
 __attribute__((weak)) void add_kernels_neon(std::vector<Kernel> &);
-
-static bool always() { return true; }
 
 static std::vector<std::string> detect() {
     std::vector<std::string> f;
@@ -78,13 +78,29 @@ std::string cpu_features() {
     return s;
 }
 
+std::string missing_features(const Kernel &k) {
+    std::string missing, f;
+    for (const char *p = k.features;; p++) {
+        if (*p && *p != ',') {
+            f += *p;
+            continue;
+        }
+        if (!f.empty() && !cpu_has(f)) missing += (missing.empty() ? "" : " ") + f;
+        f.clear();
+        if (!*p) break;
+    }
+    return missing;
+}
+
+bool Kernel::supported() const { return missing_features(*this).empty(); }
+
 const std::vector<Kernel> &all_kernels() {
     static const std::vector<Kernel> ks = [] {
         std::vector<Kernel> v;
         if (add_kernels_avx512) add_kernels_avx512(v);
         if (add_kernels_avx2) add_kernels_avx2(v);
         if (add_kernels_neon) add_kernels_neon(v);
-        v.push_back(Kernel{"scalar", "scalar", gemv_scalar, gemm_scalar, always, nullptr});
+        v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, nullptr});
         return v;
     }();
     return ks;
@@ -115,8 +131,8 @@ const Kernel &select_kernel() {
         if (!k) throw std::runtime_error(std::string("BITBASIS_KERNEL=") + name + ": unknown kernel (built: " +
                                          kernel_names() + ")");
         if (!k->supported())
-            throw std::runtime_error(std::string("BITBASIS_KERNEL=") + name + ": this CPU lacks its features (has: " +
-                                     cpu_features() + ")");
+            throw std::runtime_error(std::string("BITBASIS_KERNEL=") + name + ": this CPU lacks " + missing_features(*k) +
+                                     " (has: " + cpu_features() + ")");
         return *k;
     }
     if (const char *isa = std::getenv("BITBASIS_ISA"); isa && *isa) {
@@ -124,8 +140,16 @@ const Kernel &select_kernel() {
         if (s != "scalar" && s != "avx2" && s != "avx512" && s != "neon")
             throw std::runtime_error("BITBASIS_ISA=" + s + ": must be scalar, avx2, avx512 or neon");
         const Kernel *k = isa_default(s);
-        if (!k) throw std::runtime_error("BITBASIS_ISA=" + s + ": not supported by this CPU/build (has: " +
-                                         cpu_features() + "; built: " + kernel_names() + ")");
+        if (!k) {   // name what is missing: the ISA's kernel that lacks the fewest features
+            std::string lack;
+            auto words = [](const std::string &w) { return std::count(w.begin(), w.end(), ' ') + !w.empty(); };
+            for (const auto &kk : all_kernels())
+                if (s == kk.isa && (lack.empty() || words(missing_features(kk)) < words(lack))) lack = missing_features(kk);
+            if (lack.empty())
+                throw std::runtime_error("BITBASIS_ISA=" + s + ": this build has no " + s + " kernels (built: " +
+                                         kernel_names() + ")");
+            throw std::runtime_error("BITBASIS_ISA=" + s + ": this CPU lacks " + lack + " (has: " + cpu_features() + ")");
+        }
         return *k;
     }
     for (const auto &k : all_kernels())
@@ -140,7 +164,7 @@ void bb_repack(BBTensor &t, const std::string &kernel) {
     if (kernel.empty() || kernel == "scalar") return;
     const Kernel *k = find_kernel(kernel);
     if (!k) k = isa_default(kernel);
-    if (!k) throw std::runtime_error("bb_prepare: unknown or unsupported kernel '" + kernel + "'");
+    if (!k || !k->supported()) throw std::runtime_error("bb_prepare: unknown or unsupported kernel '" + kernel + "'");
     if (k->repack) k->repack(t);
 }
 

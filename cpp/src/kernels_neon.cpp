@@ -15,10 +15,10 @@
 #include <algorithm>
 #include <cstring>
 
-namespace bb {
-
-static bool has_neon() { return cpu_has("neon"); }
-static bool has_dotprod() { return cpu_has("neon") && cpu_has("dotprod"); }
+// ASIMD is part of the aarch64 baseline; only the functions marked with the dot-product target need
+// more, and they have internal linkage like everything here (see "ISA isolation" in kernels.h).
+namespace bb::neon {
+namespace {
 
 static inline uint16_t load_u16(const void *p) {
     uint16_t v;
@@ -26,7 +26,7 @@ static inline uint16_t load_u16(const void *p) {
     return v;
 }
 
-static float dot_f32(const float *a, const float *b, int64_t n) {
+float dot_f32(const float *a, const float *b, int64_t n) {
     float32x4_t acc = vdupq_n_f32(0.0f);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) acc = vfmaq_f32(acc, vld1q_f32(a + i), vld1q_f32(b + i));
@@ -250,11 +250,18 @@ static void gemm_tokens_dot(const BBTensor &t, const QActs *acts, int n_tok, flo
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
+}  // namespace
+}  // namespace bb::neon
+
+namespace bb {
+
 void add_kernels_neon(std::vector<Kernel> &v) {
-    // gemm: tokens in the lanes (sdot by element); "-rows" keeps the row loop per token
-    v.push_back(Kernel{"neon-dotprod", "neon", gemv_neon<rows_dot>, gemm_tokens_dot, has_dotprod, nullptr});
-    v.push_back(Kernel{"neon-bytemask", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, has_neon, nullptr});
-    v.push_back(Kernel{"neon-dotprod-rows", "neon", gemv_neon<rows_dot>, gemm_neon<rows_dot>, has_dotprod, nullptr});
+    using namespace neon;
+    // gemm: tokens in the lanes (sdot by element); "-rows" keeps the row loop per token. Dense Q8_0
+    // dots: the portable loop, which the compiler vectorizes with the baseline ASIMD.
+    v.push_back(Kernel{"neon-dotprod", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_tokens_dot, dot_f32, dot_q8_scalar, nullptr});
+    v.push_back(Kernel{"neon-bytemask", "neon", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, dot_f32, dot_q8_scalar, nullptr});
+    v.push_back(Kernel{"neon-dotprod-rows", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_neon<rows_dot>, dot_f32, dot_q8_scalar, nullptr});
 }
 
 }  // namespace bb

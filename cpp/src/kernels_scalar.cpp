@@ -70,6 +70,38 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
 
 static void prepare_sparse(BBTensor &t);
 
+// Dense dot products (f32, and Q8_0 rows dequantized on the fly: all in float, so F32/F16/Q8_0
+// weights give what the float reference gives), with fixed-width partial sums the compiler can
+// vectorize for the baseline ISA.
+float dot_f32_scalar(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    float s = 0;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
+float dot_q8_scalar(const uint8_t *row, const float *x, int64_t n) {
+    float total = 0;
+    for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const int8_t *q = (const int8_t *)(blk + 2);
+        const float *xb = x + b * 32;
+        float acc[16] = {0};
+        for (int j = 0; j < 16; j++) acc[j] = (float)q[j] * xb[j] + (float)q[16 + j] * xb[16 + j];
+        float s = 0;
+        for (int j = 0; j < 16; j++) s += acc[j];
+        total += f16_to_f32(dh) * s;
+    }
+    return total;
+}
+
 void bb_prepare(BBTensor &t, const std::string &isa) {
     if (t.rows < 1 || t.cols < 1 || t.n_planes < 1 || t.n_planes > 8 || t.group < 64 || t.group % 64)
         throw std::runtime_error("bb_prepare: invalid binary-basis header");

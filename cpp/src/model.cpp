@@ -6,10 +6,6 @@
 #include <cstring>
 #include <stdexcept>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 namespace bb {
 
 namespace {
@@ -19,129 +15,6 @@ namespace {
 const char *const BB_SUFFIXES[] = {"bbp", "bbs", "bbo", "bbc", "bbe", "bbm", "bbv", "bbz", "bbk"};
 constexpr uint32_t KNOWN_FLAGS = F_OFFSET | F_COLMASK | F_ELEMCLASS | F_SPARSE | F_POW2 | F_COLSCALE;
 constexpr int64_t BATCH = 512;  // tokens per forward chunk: bounds the activation buffers
-
-// Dense dot products (f32, and Q8_0 rows dequantized on the fly: all in float, so F32/F16/Q8_0
-// weights give what the float reference gives). Explicit AVX-512 / AVX2 versions are picked at run
-// time; the portable ones use fixed-width partial sums the compiler can vectorize.
-float dot_f32_generic(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
-    float s = 0;
-    for (int j = 0; j < 16; j++) s += acc[j];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-// Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
-float dot_q8_generic(const uint8_t *row, const float *x, int64_t n) {
-    float total = 0;
-    for (int64_t b = 0; b < n / 32; b++) {
-        const uint8_t *blk = row + b * 34;
-        uint16_t dh;
-        std::memcpy(&dh, blk, 2);
-        const int8_t *q = (const int8_t *)(blk + 2);
-        const float *xb = x + b * 32;
-        float acc[16] = {0};
-        for (int j = 0; j < 16; j++) acc[j] = (float)q[j] * xb[j] + (float)q[16 + j] * xb[16 + j];
-        float s = 0;
-        for (int j = 0; j < 16; j++) s += acc[j];
-        total += f16_to_f32(dh) * s;
-    }
-    return total;
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define BB_X86 1
-// GCC 12's AVX-512 headers trip -Wuninitialized inside their own intrinsics (a known false positive)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-__attribute__((target("avx512f,avx512bw,fma,f16c"))) float dot_f32_avx512(const float *a, const float *b, int64_t n) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-__attribute__((target("avx512f,avx512bw,fma,f16c"))) float dot_q8_avx512(const uint8_t *row, const float *x, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < n / 32; b++) {
-        const uint8_t *blk = row + b * 34;
-        uint16_t dh;
-        std::memcpy(&dh, blk, 2);
-        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
-        __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(x + b * 32));
-        s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + b * 32 + 16), s);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(_cvtsh_ss(dh)), s, acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-__attribute__((target("avx2,fma,f16c"))) static float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma,f16c"))) float dot_f32_avx2(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    float s = hsum256(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-__attribute__((target("avx2,fma,f16c"))) float dot_q8_avx2(const uint8_t *row, const float *x, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < n / 32; b++) {
-        const uint8_t *blk = row + b * 34;
-        uint16_t dh;
-        std::memcpy(&dh, blk, 2);
-        __m256 s = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            const __m256 w =
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * k))));
-            s = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + b * 32 + 8 * k), s);
-        }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(_cvtsh_ss(dh)), s, acc);
-    }
-    return hsum256(acc);
-}
-#pragma GCC diagnostic pop
-#endif
-
-using DotF32 = float (*)(const float *, const float *, int64_t);
-using DotQ8 = float (*)(const uint8_t *, const float *, int64_t);
-
-int simd_level() {  // 2: AVX-512, 1: AVX2+FMA, 0: portable
-#ifdef BB_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-#endif
-    return 0;
-}
-
-#ifdef BB_X86
-const DotF32 dense_dot_f32 = simd_level() == 2 ? dot_f32_avx512 : simd_level() == 1 ? dot_f32_avx2 : dot_f32_generic;
-const DotQ8 dense_dot_q8 = simd_level() == 2 ? dot_q8_avx512 : simd_level() == 1 ? dot_q8_avx2 : dot_q8_generic;
-#else
-const DotF32 dense_dot_f32 = dot_f32_generic;
-const DotQ8 dense_dot_q8 = dot_q8_generic;
-#endif
 
 }  // namespace
 
@@ -489,8 +362,8 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
         thread_local std::vector<float> buf;
         if (n == 1 && w.type != TT_F16) {
             for (int64_t r = r0; r < r1; r++)
-                y[r] = w.type == TT_F32 ? dense_dot_f32((const float *)w.data + r * cols, x, cols)
-                                        : dense_dot_q8(w.data + r * (cols / 32) * 34, x, cols);
+                y[r] = w.type == TT_F32 ? kernel_->dot_f32((const float *)w.data + r * cols, x, cols)
+                                        : kernel_->dot_q8(w.data + r * (cols / 32) * 34, x, cols);
             return;
         }
         buf.resize(cols);
@@ -500,7 +373,7 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
                 dequant_row(w, r, buf.data());
                 row = buf.data();
             }
-            for (int t = 0; t < n; t++) y[(int64_t)t * rows + r] = dense_dot_f32(row, x + (int64_t)t * cols, cols);
+            for (int t = 0; t < n; t++) y[(int64_t)t * rows + r] = kernel_->dot_f32(row, x + (int64_t)t * cols, cols);
         }
     });
 }
@@ -580,7 +453,7 @@ void Model::forward(const int32_t *tokens, int64_t n, float *logits, bool all_lo
                 const int64_t len = pos0 + t + 1;
                 float mx = -INFINITY;
                 for (int64_t p = 0; p < len; p++) {
-                    sc[p] = dense_dot_f32(qv, kc.data() + p * kvd + kvh * hd, hd) * kq_scale;
+                    sc[p] = kernel_->dot_f32(qv, kc.data() + p * kvd + kvh * hd, hd) * kq_scale;
                     mx = std::max(mx, sc[p]);
                 }
                 float sum = 0;

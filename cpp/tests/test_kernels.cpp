@@ -251,6 +251,29 @@ static void test_dispatch() {
             CHECK(any && std::string(k.isa) == isa, "BITBASIS_ISA=%s picked %s", isa, k.name);
         } catch (const std::exception &e) {
             CHECK(!any, "BITBASIS_ISA=%s threw although supported: %s", isa, e.what());
+            // a refusal names what is missing: a feature this CPU lacks, or that the build has none
+            const std::string msg = e.what();
+            bool named = msg.find("this build has no") != std::string::npos;
+            for (const auto &k : all_kernels())
+                if (std::string(k.isa) == isa) {
+                    const std::string lack = missing_features(k);
+                    named |= !lack.empty() && msg.find(lack.substr(0, lack.find(' '))) != std::string::npos;
+                }
+            CHECK(named && msg.find('\n') == std::string::npos, "BITBASIS_ISA=%s refusal does not name the missing feature: %s",
+                  isa, e.what());
+        }
+    }
+    // every kernel's features are names the detector knows (a typo would make a kernel unusable)
+    for (const auto &k : all_kernels()) {
+        const std::string f = k.features;
+        size_t a = 0;
+        while (a < f.size()) {
+            const size_t b = std::min(f.find(',', a), f.size());
+            const std::string one = f.substr(a, b - a);
+            CHECK(std::string(" popcnt fma f16c avx2 avx512f avx512bw avx512vl avx512dq avx512vnni avx512bitalg "
+                              "avx512vpopcntdq neon dotprod ").find(" " + one + " ") != std::string::npos,
+                  "kernel %s: unknown feature '%s'", k.name, one.c_str());
+            a = b + 1;
         }
     }
     setenv("BITBASIS_ISA", "mmx", 1);
