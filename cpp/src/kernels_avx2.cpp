@@ -272,6 +272,170 @@ static void gemm_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
+// ---- avx2-lut: table lookup (T-MAC) --------------------------------------------------------------
+//
+// For 4 columns the 16 partial sums P[m] = Σ_{k: bit k of m} q_k of the int8 activations form one
+// table; a row's 4 plane bits of those columns (a nibble) index it, so one vpshufb looks up 4 weights
+// in each of its 32 bytes. |P| ≤ 4·127 needs 16 bits: the table is kept as its low and its high
+// bytes, looked up twice and interleaved back into int16 — exact, so this kernel equals the scalar
+// reference (T-MAC instead quantizes the table to 8 bits). The weights are repacked at load time so
+// that one 32-byte load holds the nibbles of 32 rows × 8 columns of one plane (rows j and j + 16 in
+// the low and high nibble of byte j; columns 4p..4p+3 in lane 0, 4p+4..4p+7 in lane 1) and the
+// loads stream in order; 2α and μ − Σα are repacked beside them per 32-row tile.
+// Per activation block (QK = 32 columns) the int16 sums (|·| ≤ 4·508) are widened and scaled by d_b.
+
+constexpr const char *REPACK_LUT = "avx2-lut";
+constexpr int LUT_ROWS = 32;   // rows per tile
+
+struct LutLayout {   // byte offsets inside t.repacked
+    int64_t ntiles, plane_bytes, alpha_off, bias_off, total;
+    explicit LutLayout(const BBTensor &t) {
+        ntiles = (t.rows + LUT_ROWS - 1) / LUT_ROWS;
+        plane_bytes = ntiles * t.ngroups * t.n_planes * (t.group / 8) * 32;   // [tile][g][i][pair][32]
+        alpha_off = plane_bytes;                                               // f32 [tile][g][i][32] = 2α
+        bias_off = alpha_off + ntiles * t.ngroups * t.n_planes * LUT_ROWS * 4;  // f32 [tile][g][32] = μ − Σα
+        total = bias_off + ntiles * t.ngroups * LUT_ROWS * 4;
+    }
+};
+
+void repack_lut(BBTensor &t) {
+    if (t.n_classes != 1 || t.bias.empty()) return;   // only the common case runs here
+    const LutLayout L(t);
+    const int N = t.n_planes, G = t.group, gb = G / 8;
+    const int64_t ng = t.ngroups;
+    t.repacked.assign((size_t)L.total, 0);
+    uint8_t *W = t.repacked.data();
+    float *A = reinterpret_cast<float *>(W + L.alpha_off), *Bs = reinterpret_cast<float *>(W + L.bias_off);
+    for (int64_t r = 0; r < t.rows; r++) {
+        const int64_t rt = r / LUT_ROWS, j = r % LUT_ROWS;
+        for (int64_t g = 0; g < ng; g++) {
+            for (int i = 0; i < N; i++) {
+                const uint8_t *bits = t.planes + ((r * ng + g) * N + i) * gb;
+                uint8_t *dst = W + ((rt * ng + g) * N + i) * gb * 32;
+                for (int c4 = 0; c4 < G / 4; c4++) {
+                    const uint8_t nib = (bits[c4 / 2] >> (4 * (c4 & 1))) & 0xF;
+                    dst[(c4 / 2) * 32 + (c4 & 1) * 16 + j % 16] |= (uint8_t)(nib << (j < 16 ? 0 : 4));
+                }
+                A[((rt * ng + g) * N + i) * LUT_ROWS + j] = 2.0f * t.scales[(r * ng + g) * N + i];
+            }
+            Bs[(rt * ng + g) * LUT_ROWS + j] = t.bias[r * ng + g];
+        }
+    }
+    t.repacked_for = REPACK_LUT;
+}
+
+// The activation tables of one token: per pair of 4-column groups, 32 low bytes then 32 high bytes
+// (lane 0: columns 4p..4p+3, lane 1: 4p+4..4p+7), matching the repacked weights.
+void build_lut(const QActs &a, int64_t cols_pad, uint8_t *T) {
+    for (int64_t c4 = 0; c4 < cols_pad / 4; c4++) {
+        const int8_t *q = a.q.data() + c4 * 4;
+        int16_t P[16];
+        P[0] = 0;
+        for (int k = 0; k < 4; k++)
+            for (int m = 0; m < (1 << k); m++) P[(1 << k) + m] = (int16_t)(P[m] + q[k]);
+        uint8_t *lo = T + (c4 / 2) * 64 + (c4 & 1) * 16;
+        for (int m = 0; m < 16; m++) {
+            lo[m] = (uint8_t)(P[m] & 0xff);
+            lo[32 + m] = (uint8_t)((uint16_t)P[m] >> 8);
+        }
+    }
+}
+
+// y of the 32 rows of tile rt (out[32]) for one token.
+template <int N>
+void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out) {
+    const int G = t.group, gb = G / 8, nb = G / QK;
+    const int64_t ng = t.ngroups;
+    const uint8_t *W = t.repacked.data();
+    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m256 fv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *Tg = T + g * gb * 64;
+        for (int i = 0; i < N; i++) {
+            const uint8_t *w = W + ((rt * ng + g) * N + i) * gb * 32;
+            __m256 F[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int b = 0; b < nb; b++) {
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                for (int p = b * 4; p < b * 4 + 4; p++) {
+                    const __m256i tl = _mm256_load_si256(reinterpret_cast<const __m256i *>(Tg + p * 64));
+                    const __m256i th = _mm256_load_si256(reinterpret_cast<const __m256i *>(Tg + p * 64 + 32));
+                    const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i *>(w + p * 32));
+                    const __m256i il = _mm256_and_si256(wv, low4), ih = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
+                    const __m256i l0 = _mm256_shuffle_epi8(tl, il), h0 = _mm256_shuffle_epi8(th, il);
+                    const __m256i l1 = _mm256_shuffle_epi8(tl, ih), h1 = _mm256_shuffle_epi8(th, ih);
+                    acc[0] = _mm256_add_epi16(acc[0], _mm256_unpacklo_epi8(l0, h0));   // rows 0-7 (lane: column half)
+                    acc[1] = _mm256_add_epi16(acc[1], _mm256_unpackhi_epi8(l0, h0));   // rows 8-15
+                    acc[2] = _mm256_add_epi16(acc[2], _mm256_unpacklo_epi8(l1, h1));   // rows 16-23
+                    acc[3] = _mm256_add_epi16(acc[3], _mm256_unpackhi_epi8(l1, h1));   // rows 24-31
+                }
+                // add the two column halves: rows 0-15 and 16-31 as int16
+                const __m256i s01 = _mm256_add_epi16(_mm256_permute2x128_si256(acc[0], acc[1], 0x20),
+                                                     _mm256_permute2x128_si256(acc[0], acc[1], 0x31));
+                const __m256i s23 = _mm256_add_epi16(_mm256_permute2x128_si256(acc[2], acc[3], 0x20),
+                                                     _mm256_permute2x128_si256(acc[2], acc[3], 0x31));
+                const __m256 d = _mm256_set1_ps(a.d[g * nb + b]);
+                F[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s01))), d, F[0]);
+                F[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s01, 1))), d, F[1]);
+                F[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s23))), d, F[2]);
+                F[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s23, 1))), d, F[3]);
+            }
+            const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
+            for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(F[k], _mm256_load_ps(al + 8 * k), fv[k]);
+        }
+        const __m256 dS = _mm256_set1_ps(a.dS[g]);
+        const float *bs = Bs + (rt * ng + g) * LUT_ROWS;
+        for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(_mm256_load_ps(bs + 8 * k), dS, fv[k]);
+    }
+    for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, fv[k]);
+}
+
+using LutTileFn = void (*)(const BBTensor &, const LutLayout &, const QActs &, const uint8_t *, int64_t, float *);
+
+LutTileFn lut_fn(int n) {
+    switch (n) {
+        case 1: return lut_tile<1>;
+        case 2: return lut_tile<2>;
+        case 3: return lut_tile<3>;
+        case 4: return lut_tile<4>;
+        case 5: return lut_tile<5>;
+        case 6: return lut_tile<6>;
+        case 7: return lut_tile<7>;
+        default: return lut_tile<8>;
+    }
+}
+
+// Rows [r0, r1) of every token: tiles outer (a tile's weights stay in L1 while the tokens pass),
+// tokens inner. A tile split between two callers is computed by both; each writes only its rows.
+void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    const LutLayout L(t);
+    const int64_t cp = t.ngroups * t.group, tbytes = cp / 8 * 64;   // table bytes per token
+    thread_local avec<uint8_t> T;
+    if ((int64_t)T.size() < n_tok * tbytes) T.resize((size_t)(n_tok * tbytes));
+    for (int k = 0; k < n_tok; k++) build_lut(acts[k], cp, T.data() + k * tbytes);
+    const LutTileFn fn = lut_fn(t.n_planes);
+    alignas(32) float out[LUT_ROWS];
+    for (int64_t rt = r0 / LUT_ROWS; rt * LUT_ROWS < r1; rt++) {
+        const int64_t a = std::max(r0, rt * LUT_ROWS), e = std::min(r1, (rt + 1) * LUT_ROWS);
+        for (int k = 0; k < n_tok; k++) {
+            fn(t, L, acts[k], T.data() + k * tbytes, rt, out);
+            for (int64_t r = a; r < e; r++) Y[k * ldy + (r - r0)] = out[r - rt * LUT_ROWS];
+        }
+    }
+}
+
+void gemv_lut(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    if (t.repacked_for != REPACK_LUT) return gemv_bytemask(t, a, y, r0, r1);
+    lut_rows(t, &a, 1, y, 0, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (t.repacked_for != REPACK_LUT) return gemm_tokens8(t, acts, n_tok, Y, ldy, r0, r1);
+    lut_rows(t, acts, n_tok, Y, ldy, r0, r1);
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+}
+
 }  // namespace
 }  // namespace bb::avx2
 BB_ISA_END
@@ -281,6 +445,8 @@ namespace bb {
 void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
+    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, repack_lut});
+    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, repack_lut});
     v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, nullptr});
     v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, nullptr});
 }
