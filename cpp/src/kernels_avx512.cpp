@@ -17,8 +17,10 @@
 #include "kernels.h"
 
 // GCC 12's own intrinsic headers trip -Wmaybe-uninitialized (_mm512_undefined_ps); not our code.
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 #include <immintrin.h>
 
 #include <algorithm>

@@ -59,7 +59,8 @@ static const Kernel &kernel_by_name(const char *name) {
     if (!name || !*name) return select_kernel();
     const Kernel *k = find_kernel(name);
     if (!k) throw std::runtime_error(std::string("unknown kernel ") + name);
-    if (!k->supported()) throw std::runtime_error(std::string("kernel ") + name + " is not supported by this CPU");
+    if (!k->supported())
+        throw std::runtime_error(std::string("kernel ") + name + ": this CPU lacks " + missing_features(*k));
     return *k;
 }
 
