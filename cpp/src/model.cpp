@@ -39,19 +39,28 @@ static void dequant_row(const Linear &w, int64_t r, float *out) {
 
 // --- loading ------------------------------------------------------------------------------------
 
-Model::Model(const std::string &path, int n_threads, int64_t n_ctx)
-    : pool_(std::max(1, std::min(n_threads, 256))) {
+Model::Model(const std::string &path, int n_threads) : pool_(std::max(1, std::min(n_threads, 256))) {
     try {
         file_.reset(new GGUFFile(path));
         load();
     } catch (const std::runtime_error &e) {
         fail(path + ": " + e.what());
     }
-    n_ctx_ = n_ctx > 0 ? n_ctx : hp_.n_ctx_train;
-    if (n_ctx_ > (1 << 24)) fail(path + ": context " + std::to_string(n_ctx_) + " too large");
-    kcache_.resize(hp_.n_layer);
-    vcache_.resize(hp_.n_layer);
     scratch_.resize(pool_.size());
+}
+
+Context::Context(const Model &model, int64_t n_ctx) : model_(model) {
+    n_ctx_ = n_ctx > 0 ? n_ctx : model.hp().n_ctx_train;
+    if (n_ctx_ > (1 << 24)) fail("context " + std::to_string(n_ctx_) + " too large");
+    kcache_.resize(model.hp().n_layer);
+    vcache_.resize(model.hp().n_layer);
+}
+
+void Context::set_n_past(int64_t n) {
+    if (n < 0 || n > n_past_)
+        fail("cannot set the cache position to " + std::to_string(n) + " (it holds " + std::to_string(n_past_) +
+             " tokens)");
+    n_past_ = n;
 }
 
 std::vector<float> Model::load_vector(const std::string &name, int64_t n, bool required) {
@@ -255,6 +264,21 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
         return;
     }
     const float *x = ac.x;
+    if (w.type == TT_Q8_0 && !precise_acts_) {
+        // Q8_0 weights (the token embedding / tied head) multiply int8 activations with one scale per
+        // 32 columns, as llama.cpp's Q8_0 × Q8_0 dot: exact int32 block sums instead of a float
+        // multiply per weight. Quantized once per token here, before the rows are split.
+        q8_acts_.resize(n);
+        for (int t = 0; t < n; t++) quantize_acts(x + (int64_t)t * cols, cols, 64, nullptr, q8_acts_[t]);
+        pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1, int) {
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *row = w.data + r * (cols / 32) * 34;
+                for (int t = 0; t < n; t++)
+                    y[(int64_t)t * rows + r] = kernel_->dot_q8q8(row, q8_acts_[t].q.data(), q8_acts_[t].d.data(), cols);
+            }
+        });
+        return;
+    }
     pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1, int) {
         thread_local std::vector<float> buf;
         if (n == 1 && w.type != TT_F16) {
@@ -313,14 +337,16 @@ static void rope(float *v, int64_t n_tok, int64_t n_heads, int64_t head_dim, int
     }
 }
 
-void Model::forward(const int32_t *tokens, int64_t n, float *logits, bool all_logits) {
+void Model::forward(const int32_t *tokens, Context *const *ctx, const int64_t *pos, int64_t n,
+                    const int64_t *out_idx, int64_t n_out, float *logits) {
     const HParams &h = hp_;
     const int64_t E = h.n_embd, hd = h.head_dim, qd = h.n_head * hd, kvd = h.n_head_kv * hd, F = h.n_ff;
-    const int64_t pos0 = n_past_, n_kv = pos0 + n;
     std::vector<float> x(n * E), hb(n * E), o(n * E), q(n * qd), k(n * kvd), v(n * kvd), att(n * qd), g(n * F),
         u(n * F);
     embed(tokens, n, x.data());
-    for (auto &s : scratch_) s.resize(n_kv);
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < n; t++) max_len = std::max(max_len, pos[t] + 1);
+    for (auto &s : scratch_) s.resize(max_len);
     const float kq_scale = 1.0f / std::sqrt((float)hd);
     const int64_t group = h.n_head / h.n_head_kv;
 
@@ -331,26 +357,24 @@ void Model::forward(const int32_t *tokens, int64_t n, float *logits, bool all_lo
         matmul(L.wq, ac_[0], q.data());
         matmul(L.wk, ac_[0], k.data());
         matmul(L.wv, ac_[0], v.data());
-        rope(q.data(), n, h.n_head, hd, h.n_rot, pos0, inv_freq_);
-        rope(k.data(), n, h.n_head_kv, hd, h.n_rot, pos0, inv_freq_);
-        std::vector<float> &kc = kcache_[l], &vc = vcache_[l];
-        if ((int64_t)kc.size() < n_kv * kvd) {
-            kc.resize(n_kv * kvd);
-            vc.resize(n_kv * kvd);
+        for (int64_t t = 0; t < n; t++) {   // each token at its own position, into its own cache
+            rope(q.data() + t * qd, 1, h.n_head, hd, h.n_rot, pos[t], inv_freq_);
+            rope(k.data() + t * kvd, 1, h.n_head_kv, hd, h.n_rot, pos[t], inv_freq_);
+            std::memcpy(ctx[t]->kcache_[l].data() + pos[t] * kvd, k.data() + t * kvd, kvd * 4);
+            std::memcpy(ctx[t]->vcache_[l].data() + pos[t] * kvd, v.data() + t * kvd, kvd * 4);
         }
-        std::memcpy(kc.data() + pos0 * kvd, k.data(), n * kvd * 4);
-        std::memcpy(vc.data() + pos0 * kvd, v.data(), n * kvd * 4);
 
-        // Causal attention: query t sees positions [0, pos0 + t].
+        // Causal attention: a token at position p sees positions [0, p] of its own context.
         pool_.parallel_for(n * h.n_head, 1, [&](int64_t a, int64_t b, int tid) {
             float *sc = scratch_[tid].data();
             for (int64_t idx = a; idx < b; idx++) {
                 const int64_t t = idx / h.n_head, hh = idx % h.n_head, kvh = hh / group;
+                const float *kc = ctx[t]->kcache_[l].data(), *vc = ctx[t]->vcache_[l].data();
                 const float *qv = q.data() + t * qd + hh * hd;
-                const int64_t len = pos0 + t + 1;
+                const int64_t len = pos[t] + 1;
                 float mx = -INFINITY;
                 for (int64_t p = 0; p < len; p++) {
-                    sc[p] = kernel_->dot_f32(qv, kc.data() + p * kvd + kvh * hd, hd) * kq_scale;
+                    sc[p] = kernel_->dot_f32(qv, kc + p * kvd + kvh * hd, hd) * kq_scale;
                     mx = std::max(mx, sc[p]);
                 }
                 float sum = 0;
@@ -363,7 +387,7 @@ void Model::forward(const int32_t *tokens, int64_t n, float *logits, bool all_lo
                 const float inv = 1.0f / sum;
                 for (int64_t p = 0; p < len; p++) {
                     const float wgt = sc[p] * inv;
-                    const float *vv = vc.data() + p * kvd + kvh * hd;
+                    const float *vv = vc + p * kvd + kvh * hd;
                     for (int64_t i = 0; i < hd; i++) out[i] += wgt * vv[i];
                 }
             }
@@ -381,43 +405,81 @@ void Model::forward(const int32_t *tokens, int64_t n, float *logits, bool all_lo
         matmul(L.wdown, ac_[2], o.data());
         for (int64_t i = 0; i < n * E; i++) x[i] += o[i];
     }
-    n_past_ = n_kv;
-    if (!logits) return;
+    if (!logits || n_out == 0) return;
     const Linear &head = output_.rows ? output_ : tok_embd_;
-    if (all_logits) {
-        rms_norm(x.data(), output_norm_.data(), hb.data(), n, E, h.eps);
-        ac_[0].reset(hb.data(), (int)n, E);
-    } else {
-        rms_norm(x.data() + (n - 1) * E, output_norm_.data(), hb.data(), 1, E, h.eps);
-        ac_[0].reset(hb.data(), 1, E);
-    }
+    for (int64_t i = 0; i < n_out; i++)   // the rows that want logits, packed
+        rms_norm(x.data() + out_idx[i] * E, output_norm_.data(), hb.data() + i * E, 1, E, h.eps);
+    ac_[0].reset(hb.data(), (int)n_out, E);
     matmul(head, ac_[0], logits);
 }
 
-void Model::eval(const int32_t *tokens, int64_t n, float *logits, bool all_logits) {
-    if (n <= 0) fail("eval: no tokens");
-    for (int64_t i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= hp_.n_vocab)
-            fail("token id " + std::to_string(tokens[i]) + " is outside the vocabulary [0, " +
-                 std::to_string(hp_.n_vocab) + ")");
-    if (n > n_ctx_ - n_past_)
-        fail("context full: " + std::to_string(n_past_) + " + " + std::to_string(n) + " tokens exceed n_ctx " +
-             std::to_string(n_ctx_));
-    for (int64_t i = 0; i < n; i += BATCH) {
-        const int64_t m = std::min(BATCH, n - i);
-        const bool last = i + m == n;
-        float *lg = nullptr;
-        if (logits && all_logits) lg = logits + i * hp_.n_vocab;
-        else if (logits && last) lg = logits;
-        forward(tokens + i, m, lg, all_logits);
+void Model::decode(const Batch &b, float *logits, bool all_logits) {
+    if (b.n_seq <= 0) fail("decode: no sequences");
+    if (!b.ctxs || !b.n_tokens || !b.tokens) fail("decode: missing batch arrays");
+    int64_t total = 0;
+    for (int i = 0; i < b.n_seq; i++) {
+        Context *c = b.ctxs[i];
+        if (!c) fail("decode: sequence " + std::to_string(i) + " has no context");
+        if (&c->model() != this) fail("decode: sequence " + std::to_string(i) + "'s context belongs to another model");
+        for (int j = 0; j < i; j++)
+            if (b.ctxs[j] == c) fail("decode: sequences " + std::to_string(j) + " and " + std::to_string(i) + " share a context");
+        const int64_t m = b.n_tokens[i];
+        if (m <= 0) fail("decode: sequence " + std::to_string(i) + " has no tokens");
+        if (m > c->n_ctx_ - c->n_past_)
+            throw ContextFull("context full: " + std::to_string(c->n_past_) + " + " + std::to_string(m) +
+                              " tokens exceed n_ctx " + std::to_string(c->n_ctx_) +
+                              (b.n_seq > 1 ? " (sequence " + std::to_string(i) + ")" : ""));
+        total += m;
     }
+    for (int64_t i = 0; i < total; i++)
+        if (b.tokens[i] < 0 || b.tokens[i] >= hp_.n_vocab)
+            fail("token id " + std::to_string(b.tokens[i]) + " is outside the vocabulary [0, " +
+                 std::to_string(hp_.n_vocab) + ")");
+
+    std::lock_guard<std::mutex> lock(mu_);
+    // where each token goes; the caches grow to hold them before anything runs
+    std::vector<Context *> ctx(total);
+    std::vector<int64_t> pos(total), last(b.n_seq);
+    const int64_t kvd = hp_.n_head_kv * hp_.head_dim;
+    for (int i = 0, t = 0; i < b.n_seq; i++) {
+        Context *c = b.ctxs[i];
+        for (int64_t j = 0; j < b.n_tokens[i]; j++, t++) ctx[t] = c, pos[t] = c->n_past_ + j;
+        last[i] = t - 1;
+        const size_t need = (size_t)(c->n_past_ + b.n_tokens[i]) * kvd;
+        for (int64_t l = 0; l < hp_.n_layer; l++)
+            if (c->kcache_[l].size() < need) {   // grow by half at least, up to the whole context
+                const size_t cap = (size_t)c->n_ctx_ * kvd;
+                c->kcache_[l].resize(std::max(need, std::min(cap, c->kcache_[l].size() * 3 / 2)));
+                c->vcache_[l].resize(c->kcache_[l].size());
+            }
+    }
+    // chunks of at most BATCH tokens bound the activation buffers
+    for (int64_t t0 = 0, s = 0; t0 < total; t0 += BATCH) {
+        const int64_t m = std::min(BATCH, total - t0);
+        std::vector<int64_t> out_idx;
+        float *lg = nullptr;
+        if (logits && all_logits) {
+            for (int64_t t = 0; t < m; t++) out_idx.push_back(t);
+            lg = logits + t0 * hp_.n_vocab;
+        } else if (logits) {
+            const int64_t s0 = s;
+            for (; s < b.n_seq && last[s] < t0 + m; s++) out_idx.push_back(last[s] - t0);
+            lg = logits + s0 * hp_.n_vocab;
+        }
+        forward(b.tokens + t0, ctx.data() + t0, pos.data() + t0, m, out_idx.data(), (int64_t)out_idx.size(), lg);
+    }
+    for (int i = 0; i < b.n_seq; i++) b.ctxs[i]->n_past_ += b.n_tokens[i];
 }
 
-void Model::set_n_past(int64_t n) {
-    if (n < 0 || n > n_past_)
-        fail("cannot set the cache position to " + std::to_string(n) + " (it holds " + std::to_string(n_past_) +
-             " tokens)");
-    n_past_ = n;
+void Model::eval(Context &c, const int32_t *tokens, int64_t n, float *logits, bool all_logits) {
+    if (n <= 0) fail("eval: no tokens");
+    Context *cp = &c;
+    Batch b;
+    b.n_seq = 1;
+    b.ctxs = &cp;
+    b.n_tokens = &n;
+    b.tokens = tokens;
+    decode(b, logits, all_logits);
 }
 
 }  // namespace bb

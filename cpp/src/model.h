@@ -2,10 +2,17 @@
 // RoPE on adjacent pairs (q/k rows carry llama.cpp's permutation), grouped-query attention with an
 // f32 KV cache, SwiGLU MLP, tied or untied output head. Dense weights are F32/F16/Q8_0; the block
 // linear weights may be binary-basis tensors, run through the kernel interface (kernels.h).
+//
+// As llama.cpp splits llama_model from llama_context: a Model holds the mmap'd weights, loaded once;
+// any number of Contexts each hold one sequence's KV cache and position. Model::decode runs one
+// forward pass over tokens of several contexts at once, so the weights are read once for all of
+// them (continuous batching: one matmul for every sequence's next token).
 #pragma once
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -51,18 +58,50 @@ struct ActsCache {
     void reset(const float *x_, int n, int64_t c) { x = x_, n_tok = n, cols = c, used = 0; }
 };
 
-class Model {
+class Model;
+
+// One sequence: its KV cache and position. Bound to the Model it was made for (which must outlive it).
+class Context {
 public:
-    Model(const std::string &path, int n_threads, int64_t n_ctx);  // throws std::runtime_error
-
-    // Run `n` tokens at positions n_past.. and append them to the KV cache. logits: [n][n_vocab]
-    // when all_logits, else [n_vocab] for the last token; may be null.
-    void eval(const int32_t *tokens, int64_t n, float *logits, bool all_logits);
-    void set_n_past(int64_t n);
-
-    const HParams &hp() const { return hp_; }
+    Context(const Model &model, int64_t n_ctx);  // n_ctx <= 0: the model's training context
+    const Model &model() const { return model_; }
     int64_t n_ctx() const { return n_ctx_; }
     int64_t n_past() const { return n_past_; }
+    void set_n_past(int64_t n);  // keep the first n tokens (n <= n_past)
+
+private:
+    friend class Model;
+    const Model &model_;
+    int64_t n_ctx_ = 0, n_past_ = 0;
+    std::vector<std::vector<float>> kcache_, vcache_;   // per layer [pos][n_head_kv*head_dim], grown on use
+};
+
+// A batch for Model::decode: sequence i appends n_tokens[i] tokens (taken in order from `tokens`)
+// to ctxs[i]; the contexts are distinct.
+struct Batch {
+    int n_seq = 0;
+    Context *const *ctxs = nullptr;
+    const int64_t *n_tokens = nullptr;
+    const int32_t *tokens = nullptr;
+};
+
+// Thrown when a sequence would run past its context: the caller can tell "full" from other errors.
+struct ContextFull : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+class Model {
+public:
+    Model(const std::string &path, int n_threads);  // throws std::runtime_error
+
+    // Run a batch; logits (may be null): [Σ n_tokens][n_vocab] when all_logits, else [n_seq][n_vocab],
+    // the last token of each sequence. Everything is checked first: on error no context changes.
+    // Calls serialise on an internal lock (the workspace and thread pool are shared).
+    void decode(const Batch &b, float *logits, bool all_logits);
+    // One context, `n` tokens (the single-sequence case of decode).
+    void eval(Context &c, const int32_t *tokens, int64_t n, float *logits, bool all_logits);
+
+    const HParams &hp() const { return hp_; }
     const char *kernel_name() const { return kernel_->name; }
     const GGUFFile &file() const { return *file_; }
     int n_threads() const { return pool_.size(); }
@@ -76,18 +115,20 @@ private:
     void matmul(const Linear &w, ActsCache &ac, float *y);
     ActsCache::Entry &acts_for(const BBTensor &t, ActsCache &ac);
     void embed(const int32_t *tokens, int64_t n, float *x);
-    void forward(const int32_t *tokens, int64_t n, float *logits, bool all_logits);
+    // n tokens, token i of context ctx[i] at position pos[i]; logits of the n_out tokens out_idx.
+    void forward(const int32_t *tokens, Context *const *ctx, const int64_t *pos, int64_t n, const int64_t *out_idx,
+                 int64_t n_out, float *logits);
 
     std::unique_ptr<GGUFFile> file_;
     ThreadPool pool_;
     const Kernel *kernel_ = nullptr;
     HParams hp_;
-    int64_t n_ctx_ = 0, n_past_ = 0;
     std::vector<float> inv_freq_;      // [n_rot/2], rope_freqs factors applied
     std::vector<float> output_norm_;
     Linear tok_embd_, output_;
     std::vector<Layer> layers_;
-    std::vector<std::vector<float>> kcache_, vcache_;   // per layer [pos][n_head_kv*head_dim]
+    // the workspace of a forward pass, shared by every context: decode holds mu_ while it runs
+    std::mutex mu_;
     std::vector<std::vector<float>> scratch_;           // per thread
     ActsCache ac_[3];
     // BITBASIS_PRECISE_ACTS=1: every binary-basis product runs twice, on the int8 activations and on
@@ -96,6 +137,7 @@ private:
     // float-reference accuracy at twice the matmul cost, for perplexity measurements.
     bool precise_acts_ = false;
     std::vector<float> resid_y_;
+    std::vector<QActs> q8_acts_;   // int8 activations of the Q8_0 (head) matmul, per token
 };
 
 }  // namespace bb

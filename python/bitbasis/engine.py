@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -20,7 +21,288 @@ def _err(ffi, L) -> str:
     return ffi.string(L.bb_last_error()).decode("utf-8", "replace") or "unknown error"
 
 
+class ContextFull(EngineError):
+    """The tokens do not fit what is left of the context (the engine's -2)."""
+
+
+def _check(ffi, L, rc: int) -> None:
+    if rc == -2:
+        raise ContextFull(_err(ffi, L))
+    if rc != 0:
+        raise EngineError(_err(ffi, L))
+
+
+def _tokens32(tokens, n_vocab: int) -> np.ndarray:
+    toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+    if toks.ndim != 1 or toks.size == 0:
+        raise EngineError("eval needs a non-empty 1-D token sequence")
+    if toks.min() < 0 or toks.max() >= n_vocab:
+        bad = int(toks[(toks < 0) | (toks >= n_vocab)][0])
+        raise EngineError(f"token id {bad} is outside the vocabulary [0, {n_vocab})")
+    return toks.astype(np.int32)
+
+
+@dataclass
+class Sampling:
+    """How the next token is picked. temperature 0 = greedy. repeat_penalty (llama.cpp's: logits of
+    the last repeat_last_n tokens divided by it when positive, multiplied when negative),
+    frequency/presence penalties (OpenAI's: minus f * count, minus p if present), then top-k,
+    then top-p."""
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def penalize(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        if self.repeat_penalty == 1.0 and not self.frequency_penalty and not self.presence_penalty:
+            return logits
+        lg = logits.astype(np.float32, copy=True)
+        if self.repeat_penalty != 1.0 and self.repeat_last_n != 0 and len(history):
+            last = history[-self.repeat_last_n:] if self.repeat_last_n > 0 else history
+            ids = np.unique(np.asarray(last, np.int64))
+            v = lg[ids]
+            lg[ids] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        if (self.frequency_penalty or self.presence_penalty) and len(history):
+            ids, counts = np.unique(np.asarray(history, np.int64), return_counts=True)
+            lg[ids] -= self.frequency_penalty * counts + self.presence_penalty
+        return lg
+
+
+class Generation:
+    """One reply, a step at a time: `step(logits)` samples the next token and returns the text it
+    adds (possibly ""); `done` / `finish_reason` ("stop": end of text or a stop string, "length":
+    max_tokens or the context) say when it ended; `next_token` is what to evaluate next otherwise.
+    Text is decoded over a window of the tokens (as vLLM does), so a multi-byte character split
+    across tokens comes out whole, and a piece that could begin a stop string is held back until
+    it cannot. Context.generate and the server's batched scheduler both drive this, so a reply is
+    the same token for token whichever ran it."""
+
+    def __init__(self, model: "Model", prompt: Sequence[int], n_ctx: int, max_tokens: int | None = 128,
+                 sampling: Sampling | None = None, stop: Sequence[str] = (), stop_at_eos: bool = True,
+                 sample_fn=None):
+        self.model, self.prompt, self.n_ctx = model, list(prompt), n_ctx
+        self.max_tokens = None if max_tokens is None or max_tokens < 0 else int(max_tokens)
+        self.sampling = sampling or Sampling()
+        self.stop = [s for s in stop if s]
+        self.eos = model.eos_ids if stop_at_eos else set()
+        self.sample_fn = sample_fn or model.sample
+        self.rng = np.random.default_rng(self.sampling.seed)
+        self.tokens: list[int] = []
+        self.text = ""          # decoded so far (may run ahead of what was emitted)
+        self.emitted = 0        # characters of text handed out
+        self.done = self.max_tokens == 0
+        self.finish_reason: str | None = "length" if self.done else None
+        self.next_token: int | None = None
+        self._pre = self._read = 0
+
+    def _decode_more(self) -> None:
+        d = self.model.detokenize
+        prefix = d(self.tokens[self._pre:self._read])
+        new = d(self.tokens[self._pre:])
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            self.text += new[len(prefix):]
+            self._pre, self._read = self._read, len(self.tokens)
+
+    def _finish(self, reason: str) -> None:
+        self.done, self.finish_reason, self.next_token = True, reason, None
+
+    def step(self, logits: np.ndarray) -> str:
+        if self.done:
+            return ""
+        s = self.sampling
+        lg = s.penalize(logits, self.prompt + self.tokens)
+        tok = int(self.sample_fn(lg, s.temperature, s.top_k, s.top_p, self.rng))
+        if tok in self.eos:
+            self._finish("stop")
+            return self._flush()
+        self.tokens.append(tok)
+        self._decode_more()
+        for st in self.stop:
+            i = self.text.find(st, max(0, self.emitted - len(st)))
+            if i >= 0:
+                self.text = self.text[:i]
+                self._finish("stop")
+                return self._emit(len(self.text))
+        if self.max_tokens is not None and len(self.tokens) >= self.max_tokens:
+            self._finish("length")
+            return self._flush()
+        if len(self.prompt) + len(self.tokens) > self.n_ctx:   # no room to evaluate it
+            self._finish("length")
+            return self._flush()
+        self.next_token = tok
+        hold = 0   # a tail that may be the start of a stop string waits
+        for st in self.stop:
+            for k in range(min(len(st) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(st[:k]):
+                    hold = max(hold, k)
+                    break
+        return self._emit(len(self.text) - hold)
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+    def _flush(self) -> str:
+        """At the end: whatever the tokens decode to, a last partial character included."""
+        if len(self.tokens) > self._read:
+            d = self.model.detokenize
+            self.text += d(self.tokens[self._pre:])[len(d(self.tokens[self._pre:self._read])):]
+            self._read = len(self.tokens)
+        return self._emit(len(self.text))
+
+
+class Context:
+    """One sequence over a Model's weights: its own KV cache and position (as llama.cpp's
+    llama_context). Made by `Model.context(n_ctx)`; `tokens` is what its cache holds, in order."""
+
+    def __init__(self, model: "Model", n_ctx: int = 0, _default: bool = False):
+        self.model = model
+        self._ffi, self._lib = model._ffi, model._lib
+        self._c = None
+        if _default:            # the model's own context: the single-sequence C calls
+            self.n_ctx = int(self._lib.bb_n_ctx(model._m))
+        else:
+            c = self._lib.bb_context_new(model._m, int(n_ctx))
+            if c == self._ffi.NULL:
+                raise EngineError(_err(self._ffi, self._lib))
+            self._c = c
+            self.n_ctx = int(self._lib.bb_context_n_ctx(c))
+        self.tokens: list[int] = []
+        self.last_stats: dict = {}
+        self.last_tokens: list[int] = []
+        self.prefilled = 0
+
+    def close(self) -> None:
+        if self._c is not None and self.model._m is not None:
+            self._lib.bb_context_free(self._c)
+        self._c = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<bitbasis.Context {len(self.tokens)}/{self.n_ctx} tokens of {os.path.basename(self.model.path)}>"
+
+    @property
+    def n_past(self) -> int:
+        return len(self.tokens)
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    def rewind(self, n: int) -> None:
+        """Keep the first n tokens of the KV cache."""
+        if self._c is None:
+            rc = self._lib.bb_set_n_past(self.model._m, int(n))
+        else:
+            rc = self._lib.bb_context_set_n_past(self._c, int(n))
+        _check(self._ffi, self._lib, rc)
+        del self.tokens[n:]
+
+    def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the context; logits [n, vocab] (all_logits) or [vocab] of the last."""
+        m = self.model
+        t32 = _tokens32(tokens, m.n_vocab)
+        n = int(t32.size)
+        out = np.empty((n, m.n_vocab) if all_logits else (m.n_vocab,), np.float32)
+        tp = self._ffi.cast("int *", t32.ctypes.data)
+        lp = self._ffi.cast("float *", out.ctypes.data)
+        if self._c is None:
+            rc = self._lib.bb_eval(m._m, tp, n, lp, int(all_logits))
+        else:
+            rc = self._lib.bb_context_eval(m._m, self._c, tp, n, lp, int(all_logits))
+        _check(self._ffi, self._lib, rc)
+        self.tokens.extend(int(t) for t in t32)
+        return out
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [n, vocab] of every position, in a fresh context."""
+        self.reset()
+        return self.eval(tokens, all_logits=True)
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Make the KV cache hold exactly `tokens`, reusing its longest common prefix; returns the
+        logits of the last token."""
+        tokens = list(tokens)
+        if not tokens:
+            raise EngineError("empty prompt")
+        keep = common_prefix(self.tokens, tokens)
+        keep = min(keep, len(tokens) - 1)   # re-run at least one token to get its logits
+        self.rewind(keep)
+        self.prefilled = len(tokens) - keep
+        return self.eval(tokens[keep:])
+
+    def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        m = self.model
+        toks = m.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not toks:
+            bos = m.meta_int("tokenizer.ggml.bos_token_id")
+            toks = [bos if bos is not None else 0]
+        if len(toks) >= self.n_ctx:
+            raise EngineError(f"prompt of {len(toks)} tokens does not fit the context of {self.n_ctx}")
+        return toks
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop_at_eos: bool = True,
+                 reuse_cache: bool = False, stop: Sequence[str] = (), repeat_penalty: float = 1.0,
+                 sampling: Sampling | None = None) -> Iterator[str]:
+        """Yield the text of the continuation piece by piece (max_tokens None or -1: until the end
+        of text or of the context). `last_stats` holds token counts and timings, `last_tokens` the
+        generated ids, `last_finish` "stop" or "length"."""
+        m = self.model
+        toks = self.prompt_tokens(prompt)
+        sampling = sampling or Sampling(temperature, top_k, top_p, seed, repeat_penalty)
+        m.tokenizer  # loaded before any timing starts
+        g = Generation(m, toks, self.n_ctx, max_tokens, sampling, stop, stop_at_eos, sample_fn=m.sample)
+        self.last_tokens = g.tokens
+        self.last_finish = None
+        if not reuse_cache:
+            self.reset()
+        t0 = time.perf_counter()
+        logits = self.prefill(toks)
+        t_prompt = time.perf_counter() - t0
+        stats = self.last_stats = {"prompt_tokens": self.prefilled, "prompt_s": t_prompt, "gen_tokens": 0,
+                                   "gen_s": 0.0, "gen_evals": 0, "gen_eval_s": 0.0}
+        t1 = time.perf_counter()
+        try:
+            while not g.done:
+                piece = g.step(logits)
+                if piece:
+                    yield piece
+                if g.done:
+                    break
+                te = time.perf_counter()
+                logits = self.eval([g.next_token])
+                stats["gen_eval_s"] += time.perf_counter() - te
+                stats["gen_evals"] += 1
+        finally:
+            stats.update(gen_tokens=len(g.tokens), gen_s=time.perf_counter() - t1)
+            self.last_finish = g.finish_reason
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Model:
+    """The weights of a GGUF file, loaded (mmap'd) once, and a default context for the
+    single-sequence calls (eval, generate, chat, ...); `context()` makes more sequences over the
+    same weights and `decode()` runs a step of several of them as one batch."""
+
     def __init__(self, path: str | os.PathLike, threads: int = 2, n_ctx: int = 0):
         self.path = str(path)
         self._ffi, self._lib = lib()
@@ -32,13 +314,13 @@ class Model:
             raise EngineError(_err(self._ffi, self._lib))
         self._m = m
         self.n_vocab = int(self._lib.bb_n_vocab(m))
-        self.n_ctx = int(self._lib.bb_n_ctx(m))
+        self.n_ctx_train = int(self._lib.bb_n_ctx_train(m))
         self.threads = int(self._lib.bb_n_threads(m))
         self.kernel = self._ffi.string(self._lib.bb_kernel_name(m)).decode()
         self.precise_acts = bool(self._lib.bb_precise_acts(m))   # BITBASIS_PRECISE_ACTS=1 at open
         self._tok = None
-        self.tokens: list[int] = []   # what the KV cache holds, in order
-        self.last_stats: dict = {}
+        self._ctx = Context(self, _default=True)
+        self.n_ctx = self._ctx.n_ctx
 
     def close(self) -> None:
         if self._m is not None:
@@ -56,6 +338,12 @@ class Model:
 
     def __exit__(self, *exc):
         self.close()
+
+    def __repr__(self) -> str:
+        name = self.meta_string("general.name") if self._m is not None else None
+        state = "closed" if self._m is None else f"kernel {self.kernel}, {self.threads} threads"
+        return (f"<bitbasis.Model {os.path.basename(self.path)!r}{f' ({name})' if name else ''}: vocab {self.n_vocab}, "
+                f"context {self.n_ctx}/{self.n_ctx_train}, {state}>")
 
     # --- metadata and tokenizer -----------------------------------------------------------------
 
@@ -94,40 +382,60 @@ class Model:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    # --- evaluation -----------------------------------------------------------------------------
+    # --- contexts -------------------------------------------------------------------------------
+
+    def context(self, n_ctx: int = 0) -> Context:
+        """A new sequence over these weights with its own KV cache (n_ctx 0: the file's length)."""
+        return Context(self, n_ctx)
+
+    def decode(self, batch: Sequence[tuple[Context, Sequence[int]]]) -> np.ndarray:
+        """One forward pass over several contexts at once: each (context, tokens) appends its tokens;
+        returns the logits [n_seq, vocab] of each sequence's last token. ContextFull (nothing ran)
+        when a sequence does not fit."""
+        if not batch:
+            raise EngineError("decode: empty batch")
+        ctxs, counts, toks = [], [], []
+        for c, t in batch:
+            if c.model is not self or c._c is None:
+                raise EngineError("decode: contexts must come from this model's context()")
+            t32 = _tokens32(t, self.n_vocab)
+            ctxs.append(c._c)
+            counts.append(t32.size)
+            toks.append(t32)
+        flat = np.ascontiguousarray(np.concatenate(toks))
+        out = np.empty((len(batch), self.n_vocab), np.float32)
+        rc = self._lib.bb_decode(self._m, len(batch), self._ffi.new("bb_context *[]", ctxs),
+                                 self._ffi.new("int[]", counts), self._ffi.cast("int *", flat.ctypes.data),
+                                 self._ffi.cast("float *", out.ctypes.data))
+        _check(self._ffi, self._lib, rc)
+        for (c, _), t in zip(batch, toks):
+            c.tokens.extend(int(x) for x in t)
+        return out
+
+    # --- the default context --------------------------------------------------------------------
+
+    tokens = property(lambda self: self._ctx.tokens)
+    last_stats = property(lambda self: self._ctx.last_stats)
+    last_tokens = property(lambda self: self._ctx.last_tokens)
+    prefilled = property(lambda self: self._ctx.prefilled)
 
     def reset(self) -> None:
-        self._lib.bb_reset(self._m)
-        self.tokens = []
+        self._ctx.reset()
 
     def rewind(self, n: int) -> None:
         """Keep the first n tokens of the KV cache."""
-        if self._lib.bb_set_n_past(self._m, int(n)) != 0:
-            raise EngineError(_err(self._ffi, self._lib))
-        del self.tokens[n:]
+        self._ctx.rewind(n)
 
     def eval(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append tokens to the context; logits [n, vocab] (all_logits) or [vocab] of the last."""
-        toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
-        if toks.ndim != 1 or toks.size == 0:
-            raise EngineError("eval needs a non-empty 1-D token sequence")
-        if toks.min() < 0 or toks.max() >= self.n_vocab:
-            bad = int(toks[(toks < 0) | (toks >= self.n_vocab)][0])
-            raise EngineError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        t32 = toks.astype(np.int32)
-        n = int(t32.size)
-        out = np.empty((n, self.n_vocab) if all_logits else (self.n_vocab,), np.float32)
-        rc = self._lib.bb_eval(self._m, self._ffi.cast("int *", t32.ctypes.data), n,
-                               self._ffi.cast("float *", out.ctypes.data), int(all_logits))
-        if rc != 0:
-            raise EngineError(_err(self._ffi, self._lib))
-        self.tokens.extend(int(t) for t in toks)
-        return out
+        return self._ctx.eval(tokens, all_logits)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits [n, vocab] of every position, in a fresh context."""
-        self.reset()
-        return self.eval(tokens, all_logits=True)
+        return self._ctx.logits(tokens)
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._ctx.prefill(tokens)
 
     def perplexity(self, text: str, protocol: str = "llamacpp", ctx: int | None = None,
                    max_windows: int | None = None, progress: bool = False) -> dict:
@@ -156,71 +464,19 @@ class Model:
             p = q / q.sum()
         return int(rng.choice(p.size, p=p))
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """Make the KV cache hold exactly `tokens`, reusing its longest common prefix; returns the
-        logits of the last token."""
-        tokens = list(tokens)
-        if not tokens:
-            raise EngineError("empty prompt")
-        keep = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            keep += 1
-        keep = min(keep, len(tokens) - 1)   # re-run at least one token to get its logits
-        self.rewind(keep)
-        self.prefilled = len(tokens) - keep
-        return self.eval(tokens[keep:])
+    def generate(self, prompt: str | Sequence[int], max_tokens: int | None = 128, **kw) -> Iterator[str]:
+        """Context.generate on the default context: a stream of text pieces."""
+        return self._ctx.generate(prompt, max_tokens, **kw)
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, seed: int | None = None, stop_at_eos: bool = True,
-                 reuse_cache: bool = False) -> Iterator[str]:
-        """Yield the text of the continuation piece by piece. Text is decoded from all the tokens
-        generated so far, so a multi-byte character split across tokens comes out whole.
-        `self.last_stats` holds token counts and timings; `self.last_tokens` the generated ids."""
-        toks = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not toks:
-            bos = self.meta_int("tokenizer.ggml.bos_token_id")
-            toks = [bos if bos is not None else 0]
-        if len(toks) >= self.n_ctx:
-            raise EngineError(f"prompt of {len(toks)} tokens does not fit the context of {self.n_ctx}")
-        rng = np.random.default_rng(seed)
-        self.tokenizer  # loaded before any timing starts
-        eos = self.eos_ids if stop_at_eos else set()
-        if not reuse_cache:
-            self.reset()
-        t0 = time.perf_counter()
-        logits = self.prefill(toks)
-        t_prompt = time.perf_counter() - t0
-        n_prompt = self.prefilled
-        out: list[int] = []
-        self.last_tokens = out
-        printed = ""
-        t1 = time.perf_counter()
-        self.last_stats = {"prompt_tokens": n_prompt, "prompt_s": t_prompt, "gen_tokens": 0, "gen_s": 0.0,
-                           "gen_evals": 0, "gen_eval_s": 0.0}
-        stats = self.last_stats
-        try:
-            for _ in range(max_tokens):
-                tok = self.sample(logits, temperature, top_k, top_p, rng)
-                if tok in eos:
-                    break
-                out.append(tok)
-                text = self.detokenize(out)
-                if not text.endswith("\ufffd") and len(text) > len(printed):
-                    piece, printed = text[len(printed):], text
-                    yield piece
-                if len(out) >= max_tokens or len(self.tokens) >= self.n_ctx:
-                    break
-                te = time.perf_counter()
-                logits = self.eval([tok])
-                stats["gen_eval_s"] += time.perf_counter() - te
-                stats["gen_evals"] += 1
-        finally:
-            self.last_stats.update(gen_tokens=len(out), gen_s=time.perf_counter() - t1)
-        text = self.detokenize(out)
-        if len(text) > len(printed):
-            yield text[len(printed):]
+    def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the file's chat template (sandboxed, with limits on size
+        and time: bitbasis.chat_template)."""
+        from .chat_template import render_chat
+        return render_chat(self, messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(self, messages: Sequence[dict], max_tokens: int | None = 512, **kw) -> Iterator[str]:
+        """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        return self.generate(self.tokenize(self.chat_prompt(messages)), max_tokens, **kw)
 
 
 def engine_available() -> bool:
@@ -231,4 +487,4 @@ def engine_available() -> bool:
         return False
 
 
-__all__ = ["EngineError", "Model", "engine_available"]
+__all__ = ["Context", "ContextFull", "EngineError", "Generation", "Model", "Sampling", "engine_available"]
