@@ -75,9 +75,10 @@ ACT_BLOCK = 32   # kernels.h QK
 
 
 def _int8_act_hooks(model, block: int = ACT_BLOCK) -> None:
-    """Make the reference quantize the input of every block linear as the kernels do
-    (kernels.h QActs: per block of QK = 32 columns, d = max|x|/127, q = round(x/d); the zero padding
-    to a multiple of G changes nothing)."""
+    """Make the reference quantize the input of every block linear, and of the output head (a Q8_0
+    tensor in binary-basis files, which the engine multiplies by int8 activations as llama.cpp does), as
+    the kernels do (kernels.h QActs: per block of QK = 32 columns, d = max|x|/127, q = round(x/d); the
+    zero padding to a multiple of G changes nothing)."""
     import torch
 
     def hook(mod, args):
@@ -90,7 +91,7 @@ def _int8_act_hooks(model, block: int = ACT_BLOCK) -> None:
         return ((q * amax / 127).reshape(*x.shape[:-1], nb * block)[..., :c],)
 
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and ".layers." in f".{name}":
+        if isinstance(mod, torch.nn.Linear) and (".layers." in f".{name}" or name == "lm_head"):
             mod.register_forward_pre_hook(hook)
 
 

@@ -118,6 +118,9 @@ using GemmFn = void (*)(const BBTensor &t, const QActs *acts, int n_tok, float *
 // kernel set so that one CPU check covers every wide instruction the engine runs.
 using DotF32Fn = float (*)(const float *a, const float *b, int64_t n);
 using DotQ8Fn = float (*)(const uint8_t *row, const float *x, int64_t n);   // row: n/32 Q8_0 blocks
+// Q8_0 row · int8 activations (QActs' q and per-32 scales d, QK = 32 = Q8_0's block): Σ_b d_w d_b Σ_j w_j q_j
+// with the block sums exact in int32 (llama.cpp's Q8_0 × Q8_0 vec_dot).
+using DotQ8Q8Fn = float (*)(const uint8_t *row, const int8_t *q, const float *d, int64_t n);
 
 struct Kernel {
     const char *name;      // "avx512-vpopcnt", "avx512-vnni", "avx2-bytemask", "neon-dotprod", "neon-bytemask",
@@ -131,6 +134,7 @@ struct Kernel {
     GemmFn gemm;
     DotF32Fn dot_f32;
     DotQ8Fn dot_q8;
+    DotQ8Q8Fn dot_q8q8;
     void (*repack)(BBTensor &t) = nullptr;  // optional load-time repack (fills t.repacked)
 
     bool supported() const;                 // this CPU has every feature
@@ -164,6 +168,7 @@ float f16_to_f32(uint16_t h);
 // for the baseline ISA.
 float dot_f32_scalar(const float *a, const float *b, int64_t n);
 float dot_q8_scalar(const uint8_t *row, const float *x, int64_t n);
+float dot_q8q8_scalar(const uint8_t *row, const int8_t *q, const float *d, int64_t n);
 
 // ---- ISA isolation ----------------------------------------------------------------------------------
 // No file is compiled with -mavx2 / -mavx512* (or any other ISA flag): a translation unit built with

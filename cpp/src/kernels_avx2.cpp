@@ -62,6 +62,22 @@ float dot_q8(const uint8_t *row, const float *x, int64_t n) {
     return hsum256(acc);
 }
 
+float dot_q8q8(const uint8_t *row, const int8_t *q, const float *d, int64_t n) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(q + b * 32));
+        // |w| (u8) · sign(w)·x (s8): pairs of products ≤ 2·128·127 fit the int16 of vpmaddubsw
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones16);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss(dh) * d[b]), acc);
+    }
+    return hsum256(acc);
+}
+
 static_assert(QK == 32, "one 32-column chunk is one activation block");
 
 template <int N>
@@ -445,10 +461,10 @@ namespace bb {
 void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
-    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, repack_lut});
-    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, repack_lut});
-    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, nullptr});
-    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, nullptr});
+    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut});
+    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut});
+    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr});
+    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr});
 }
 
 }  // namespace bb

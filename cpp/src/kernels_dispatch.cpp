@@ -100,7 +100,7 @@ const std::vector<Kernel> &all_kernels() {
         if (add_kernels_avx512) add_kernels_avx512(v);
         if (add_kernels_avx2) add_kernels_avx2(v);
         if (add_kernels_neon) add_kernels_neon(v);
-        v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, nullptr});
+        v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, dot_q8q8_scalar, nullptr});
         return v;
     }();
     return ks;

@@ -259,9 +259,9 @@ void add_kernels_neon(std::vector<Kernel> &v) {
     using namespace neon;
     // gemm: tokens in the lanes (sdot by element); "-rows" keeps the row loop per token. Dense Q8_0
     // dots: the portable loop, which the compiler vectorizes with the baseline ASIMD.
-    v.push_back(Kernel{"neon-dotprod", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_tokens_dot, dot_f32, dot_q8_scalar, nullptr});
-    v.push_back(Kernel{"neon-bytemask", "neon", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, dot_f32, dot_q8_scalar, nullptr});
-    v.push_back(Kernel{"neon-dotprod-rows", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_neon<rows_dot>, dot_f32, dot_q8_scalar, nullptr});
+    v.push_back(Kernel{"neon-dotprod", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_tokens_dot, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
+    v.push_back(Kernel{"neon-bytemask", "neon", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
+    v.push_back(Kernel{"neon-dotprod-rows", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_neon<rows_dot>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
 }
 
 }  // namespace bb

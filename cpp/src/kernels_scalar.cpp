@@ -102,6 +102,20 @@ float dot_q8_scalar(const uint8_t *row, const float *x, int64_t n) {
     return total;
 }
 
+float dot_q8q8_scalar(const uint8_t *row, const int8_t *q, const float *d, int64_t n) {
+    float total = 0;
+    for (int64_t b = 0; b < n / 32; b++) {
+        const uint8_t *blk = row + b * 34;
+        uint16_t dh;
+        std::memcpy(&dh, blk, 2);
+        const int8_t *w = (const int8_t *)(blk + 2);
+        int32_t s = 0;
+        for (int j = 0; j < 32; j++) s += (int32_t)w[j] * q[b * 32 + j];
+        total += f16_to_f32(dh) * d[b] * (float)s;
+    }
+    return total;
+}
+
 void bb_prepare(BBTensor &t, const std::string &isa) {
     if (t.rows < 1 || t.cols < 1 || t.n_planes < 1 || t.n_planes > 8 || t.group < 64 || t.group % 64)
         throw std::runtime_error("bb_prepare: invalid binary-basis header");

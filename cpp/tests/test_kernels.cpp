@@ -294,6 +294,39 @@ static void test_dispatch() {
     CHECK(select_kernel().supported(), "default kernel unsupported");
 }
 
+// Every kernel set's dense dots (model.cpp's F32 / Q8_0 weights) equal the scalar ones.
+static void test_dense_dots(std::mt19937_64 &rng) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::uniform_int_distribution<int> w8(-128, 127);
+    for (int64_t n : {32, 96, 576, 1000, 1536}) {
+        const int64_t nq = n / 32 * 32;
+        std::vector<float> a(n), b(n);
+        for (auto &v : a) v = u(rng);
+        for (auto &v : b) v = u(rng);
+        std::vector<uint8_t> row(nq / 32 * 34);
+        for (int64_t blk = 0; blk < nq / 32; blk++) {
+            const uint16_t dh = f32_to_f16(0.01f * (1 + blk % 7));
+            std::memcpy(row.data() + blk * 34, &dh, 2);
+            for (int j = 0; j < 32; j++) row[blk * 34 + 2 + j] = (uint8_t)(int8_t)w8(rng);
+        }
+        QActs qa;
+        quantize_acts(b.data(), nq, 64, nullptr, qa);
+        const double f_ref = dot_f32_scalar(a.data(), b.data(), n), q_ref = dot_q8_scalar(row.data(), b.data(), nq);
+        const double qq_ref = dot_q8q8_scalar(row.data(), qa.q.data(), qa.d.data(), nq);
+        for (const Kernel &k : all_kernels()) {
+            if (!k.supported()) continue;
+            const double f = k.dot_f32(a.data(), b.data(), n), q = k.dot_q8(row.data(), b.data(), nq);
+            const double qq = k.dot_q8q8(row.data(), qa.q.data(), qa.d.data(), nq);
+            CHECK(std::fabs(f - f_ref) <= 1e-5 * (1 + std::fabs(f_ref)), "%s dot_f32 n=%lld: %g vs %g", k.name, (long long)n, f, f_ref);
+            CHECK(std::fabs(q - q_ref) <= 1e-5 * (1 + std::fabs(q_ref)), "%s dot_q8 n=%lld: %g vs %g", k.name, (long long)n, q, q_ref);
+            CHECK(std::fabs(qq - qq_ref) <= 1e-5 * (1 + std::fabs(qq_ref)), "%s dot_q8q8 n=%lld: %g vs %g", k.name, (long long)n, qq, qq_ref);
+        }
+        // int8 activations cost little against the float dot (per-32 scales): within 2% of its size
+        CHECK(std::fabs(qq_ref - q_ref) <= 0.02 * (1 + std::fabs(q_ref)), "dot_q8q8 far from dot_q8 n=%lld: %g vs %g",
+              (long long)n, qq_ref, q_ref);
+    }
+}
+
 static void test_f16() {
     CHECK(f16_to_f32(0x3c00) == 1.0f, "f16 1.0");
     CHECK(f16_to_f32(0xc000) == -2.0f, "f16 -2.0");
@@ -314,6 +347,7 @@ int main(int argc, char **argv) {
     test_f16();
     test_dispatch();
     std::mt19937_64 rng(42);
+    test_dense_dots(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
     // (--quick: fewer plane counts and group sizes, smaller shapes; for qemu)
     const std::vector<int> flagN = quick ? std::vector<int>{2, 7} : std::vector<int>{1, 3, 8};
