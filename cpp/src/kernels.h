@@ -91,6 +91,8 @@ struct QActs {
     std::vector<int32_t> qsum;  // [nblocks] Σ q over the block
     std::vector<float> dS;      // [ngroups] Σ_{blocks b of group g} d_b · qsum_b (in block order): the
                                 // bias term's activation sum, shared by every kernel
+    avec<uint8_t> lut;          // what Kernel::prepare_acts built from q (e.g. lookup tables), once per
+                                // matmul before the rows are split among threads; quantize_acts empties it
 };
 
 void quantize_acts(const float *x, int64_t cols, int group, const float *colscale, QActs &out);
@@ -136,6 +138,10 @@ struct Kernel {
     DotQ8Fn dot_q8;
     DotQ8Q8Fn dot_q8q8;
     void (*repack)(BBTensor &t) = nullptr;  // optional load-time repack (fills t.repacked)
+    // optional activation stage (ggml's vec_dot_type): called once per quantized activation vector,
+    // before gemv/gemm split the rows among threads, to fill a.lut; the kernel rebuilds it itself
+    // when a.lut is empty (a caller that skipped this stage)
+    void (*prepare_acts)(QActs &a) = nullptr;
 
     bool supported() const;                 // this CPU has every feature
 };

@@ -341,20 +341,37 @@ void repack_lut(BBTensor &t) {
 }
 
 // The activation tables of one token: per pair of 4-column groups, 32 low bytes then 32 high bytes
-// (lane 0: columns 4p..4p+3, lane 1: 4p+4..4p+7), matching the repacked weights.
+// (lane 0: columns 4p..4p+3, lane 1: 4p+4..4p+7), matching the repacked weights. An entry m of a
+// group is Σ_k bit_k(m) q_k: vpmaddubsw of 0/1 coefficient bytes with the group's 4 activations
+// broadcast, summed by vpmaddwd. Coefficient lanes hold entries 0-3 | 8-11 and 4-7 | 12-15, so that
+// vpackssdw leaves the 16 entries in order.
 void build_lut(const QActs &a, int64_t cols_pad, uint8_t *T) {
-    for (int64_t c4 = 0; c4 < cols_pad / 4; c4++) {
-        const int8_t *q = a.q.data() + c4 * 4;
-        int16_t P[16];
-        P[0] = 0;
-        for (int k = 0; k < 4; k++)
-            for (int m = 0; m < (1 << k); m++) P[(1 << k) + m] = (int16_t)(P[m] + q[k]);
-        uint8_t *lo = T + (c4 / 2) * 64 + (c4 & 1) * 16;
-        for (int m = 0; m < 16; m++) {
-            lo[m] = (uint8_t)(P[m] & 0xff);
-            lo[32 + m] = (uint8_t)((uint16_t)P[m] >> 8);
-        }
+    auto coef = [](int m0, int m1) {   // entries m0..m0+3 in lane 0, m1..m1+3 in lane 1
+        alignas(32) uint8_t c[32];
+        for (int e = 0; e < 8; e++)
+            for (int k = 0; k < 4; k++) c[e * 4 + k] = (uint8_t)((((e < 4 ? m0 + e : m1 + e - 4) >> k) & 1));
+        return _mm256_load_si256(reinterpret_cast<const __m256i *>(c));
+    };
+    const __m256i c1 = coef(0, 8), c2 = coef(4, 12), ones16 = _mm256_set1_epi16(1), byte = _mm256_set1_epi16(0xff);
+    auto entries = [&](const int8_t *q) {   // the 16 int16 table entries of one 4-column group
+        const __m256i x = _mm256_set1_epi32((int)load_u32(q));
+        const __m256i r1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x), ones16);
+        const __m256i r2 = _mm256_madd_epi16(_mm256_maddubs_epi16(c2, x), ones16);
+        return _mm256_packs_epi32(r1, r2);
+    };
+    for (int64_t p = 0; p < cols_pad / 8; p++) {
+        const __m256i A = entries(a.q.data() + p * 8), B = entries(a.q.data() + p * 8 + 4);
+        const __m256i lo = _mm256_packus_epi16(_mm256_and_si256(A, byte), _mm256_and_si256(B, byte));
+        const __m256i hi = _mm256_packus_epi16(_mm256_srli_epi16(A, 8), _mm256_srli_epi16(B, 8));
+        _mm256_store_si256(reinterpret_cast<__m256i *>(T + p * 64), _mm256_permute4x64_epi64(lo, 0xD8));
+        _mm256_store_si256(reinterpret_cast<__m256i *>(T + p * 64 + 32), _mm256_permute4x64_epi64(hi, 0xD8));
     }
+}
+
+void prepare_lut(QActs &a) {
+    const int64_t cp = a.ngroups * a.group;
+    a.lut.resize((size_t)(cp * 8));
+    build_lut(a, cp, a.lut.data());
 }
 
 // y of the 32 rows of tile rt (out[32]) for one token.
@@ -426,15 +443,26 @@ LutTileFn lut_fn(int n) {
 void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     const LutLayout L(t);
     const int64_t cp = t.ngroups * t.group, tbytes = cp / 8 * 64;   // table bytes per token
-    thread_local avec<uint8_t> T;
-    if ((int64_t)T.size() < n_tok * tbytes) T.resize((size_t)(n_tok * tbytes));
-    for (int k = 0; k < n_tok; k++) build_lut(acts[k], cp, T.data() + k * tbytes);
+    thread_local avec<uint8_t> own;   // tables of tokens whose activations skipped prepare_lut
+    thread_local std::vector<const uint8_t *> T;
+    T.resize(n_tok);
+    size_t missing = 0;
+    for (int k = 0; k < n_tok; k++) missing += (int64_t)acts[k].lut.size() != tbytes;
+    if (own.size() < missing * tbytes) own.resize(missing * tbytes);
+    for (int k = 0, m = 0; k < n_tok; k++) {
+        if ((int64_t)acts[k].lut.size() == tbytes) {
+            T[k] = acts[k].lut.data();
+        } else {
+            build_lut(acts[k], cp, own.data() + m * tbytes);
+            T[k] = own.data() + m++ * tbytes;
+        }
+    }
     const LutTileFn fn = lut_fn(t.n_planes);
     alignas(32) float out[LUT_ROWS];
     for (int64_t rt = r0 / LUT_ROWS; rt * LUT_ROWS < r1; rt++) {
         const int64_t a = std::max(r0, rt * LUT_ROWS), e = std::min(r1, (rt + 1) * LUT_ROWS);
         for (int k = 0; k < n_tok; k++) {
-            fn(t, L, acts[k], T.data() + k * tbytes, rt, out);
+            fn(t, L, acts[k], T[k], rt, out);
             for (int64_t r = a; r < e; r++) Y[k * ldy + (r - r0)] = out[r - rt * LUT_ROWS];
         }
     }
@@ -461,8 +489,8 @@ namespace bb {
 void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
-    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut});
-    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut});
+    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut});
+    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut});
     v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr});
     v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr});
 }

@@ -82,6 +82,8 @@ extern "C" int bbk_matmul(const char *kernel, int repack, int64_t rows, int64_t 
         std::vector<QActs> acts(n_tok);
         for (int i = 0; i < n_tok; i++)
             quantize_acts(x + i * cols, cols, group, t.colscale.empty() ? nullptr : t.colscale.data(), acts[i]);
+        if (k.prepare_acts)
+            for (auto &a : acts) k.prepare_acts(a);
         if (n_tok == 1) k.gemv(t, acts[0], y, 0, rows);
         else k.gemm(t, acts.data(), n_tok, y, rows, 0, rows);
         return 0;
@@ -222,6 +224,8 @@ extern "C" int bbk_bench(const char *kernel, int64_t rows, int64_t cols, int n_p
         auto call = [&] {
             const BBTensor &t = ts_[next]->t;
             next = (next + 1) % ts_.size();
+            if (k.prepare_acts)   // the activation stage runs once per matmul, as in the model
+                for (auto &a : acts) k.prepare_acts(a);
             if (n_tok == 1)
                 pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, acts[0], y.data() + r0, r0, r1); });
             else

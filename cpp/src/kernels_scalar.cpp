@@ -36,6 +36,7 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
     out.cols = cols;
     out.ngroups = ng;
     out.nblocks = nb;
+    out.lut.clear();
     out.x.assign(n, 0.0f);
     out.q.assign(n, 0);
     out.d.assign(nb, 0.0f);

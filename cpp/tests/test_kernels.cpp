@@ -212,12 +212,16 @@ static void run_case(int64_t rows, int64_t cols, int N, int G, uint32_t flags, b
         for (int rp = 0; rp < 2; rp++) {          // on-disk layout, then the kernel's repacked copy
             bb_repack(o.t, rp ? kern.name : "");
             if (rp && o.t.repacked_for.empty()) continue;
-            // gemv over a split row range, as threads call it
+            // gemv over a split row range, as threads call it, on activations that went through the
+            // kernel's activation stage; gemm on activations that did not (the kernel's own fallback)
+            std::vector<QActs> pacts = acts;
+            if (kern.prepare_acts)
+                for (auto &q : pacts) kern.prepare_acts(q);
             std::vector<float> y(rows * ntok, NAN);
             const int64_t mid = rows / 3;
             for (int k = 0; k < ntok; k++) {
-                kern.gemv(o.t, acts[k], y.data() + k * rows, 0, mid);
-                kern.gemv(o.t, acts[k], y.data() + k * rows + mid, mid, rows);
+                kern.gemv(o.t, pacts[k], y.data() + k * rows, 0, mid);
+                kern.gemv(o.t, pacts[k], y.data() + k * rows + mid, mid, rows);
             }
             std::vector<float> Y(rows * ntok, NAN);
             kern.gemm(o.t, acts.data(), ntok, Y.data(), rows, 0, mid);
