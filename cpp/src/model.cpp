@@ -227,11 +227,13 @@ ActsCache::Entry &Model::acts_for(const BBTensor &t, ActsCache &ac) {
             const float *x = ac.x + i * ac.cols;
             QActs &q = e.acts[i];
             quantize_acts(x, ac.cols, t.group, cs, q);
+            if (kernel_->prepare_acts) kernel_->prepare_acts(q);
             if (!precise_acts_) continue;
             r.resize(ac.cols);
             for (int64_t j = 0; j < ac.cols; j++)   // in the column-scaled domain the kernels see
                 r[j] = (cs ? x[j] * cs[j] : x[j]) - q.d[j / QK] * (float)q.q[j];
             quantize_acts(r.data(), ac.cols, t.group, nullptr, e.resid[i]);
+            if (kernel_->prepare_acts) kernel_->prepare_acts(e.resid[i]);
             // raw x = 0: the sparse correction then only removes the residual's dense share (the
             // sparse values already met the exact x in the first pass)
             std::fill(e.resid[i].x.begin(), e.resid[i].x.end(), 0.0f);
