@@ -170,6 +170,30 @@ void add_sparse_gemm(const BBTensor &t, const QActs *acts, int n_tok, float *Y, 
 
 float f16_to_f32(uint16_t h);
 
+// ---- table lookup (kernels_lut.cpp) ----------------------------------------------------------------
+// The repacked layout of the lookup kernels (t.repacked, one class only): rows in tiles of 32; per
+// (tile, group, plane) and 4-column group c4, 16 bytes whose byte j holds the plane bits of columns
+// 4c4..4c4+3 of row j (low nibble) and row j + 16 (high nibble); then 2α as f32 [tile][g][plane][32]
+// and μ − Σα as f32 [tile][g][32]. Activation tables (QActs::lut, 8 bytes per column): per pair of
+// 4-column groups, the 16 entries' low bytes (32: even group, odd group), then their high bytes (32).
+constexpr int LUT_ROWS = 32;
+
+struct LutLayout {   // byte offsets inside t.repacked
+    int64_t ntiles, plane_bytes, alpha_off, bias_off, total;
+    explicit LutLayout(const BBTensor &t);
+};
+
+inline int64_t lut_table_bytes(const QActs &a) { return a.ngroups * a.group * 8; }
+void lut_repack(BBTensor &t, const char *kernel);         // sets t.repacked_for = kernel
+void lut_tables_scalar(const QActs &a, uint8_t *T);       // the tables, in plain C++
+
+// y of the 32 rows of tile rt for one token, into out[32] (rows past t.rows: anything).
+using LutTileFn = void (*)(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out);
+// The driver every ISA shares: rows [r0, r1) of n_tok tokens, tiles outer and tokens inner (a tile's
+// weights stay in L1 while the tokens pass); tables from acts[k].lut, else built with `tables`.
+void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1,
+              LutTileFn tile, void (*tables)(const QActs &, uint8_t *));
+
 // The portable dense dots (the scalar kernel set's), fixed-width partial sums the compiler vectorizes
 // for the baseline ISA.
 float dot_f32_scalar(const float *a, const float *b, int64_t n);

@@ -288,79 +288,43 @@ static void gemm_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-// ---- avx2-lut: table lookup (T-MAC) --------------------------------------------------------------
+// ---- avx2-lut: table lookup (T-MAC; layout and algebra in kernels_lut.cpp) -----------------------
 //
-// For 4 columns the 16 partial sums P[m] = Σ_{k: bit k of m} q_k of the int8 activations form one
-// table; a row's 4 plane bits of those columns (a nibble) index it, so one vpshufb looks up 4 weights
-// in each of its 32 bytes. |P| ≤ 4·127 needs 16 bits: the table is kept as its low and its high
-// bytes, looked up twice and interleaved back into int16 — exact, so this kernel equals the scalar
-// reference (T-MAC instead quantizes the table to 8 bits). The weights are repacked at load time so
-// that one 32-byte load holds the nibbles of 32 rows × 8 columns of one plane (rows j and j + 16 in
-// the low and high nibble of byte j; columns 4p..4p+3 in lane 0, 4p+4..4p+7 in lane 1) and the
-// loads stream in order; 2α and μ − Σα are repacked beside them per 32-row tile.
-// Per activation block (QK = 32 columns) the int16 sums (|·| ≤ 4·508) are widened and scaled by d_b.
+// One 32-byte load holds the nibbles of 32 rows × 8 columns of one plane (lane 0: columns 4p..4p+3,
+// lane 1: 4p+4..4p+7; rows j and j + 16 in the low and high nibble of byte j), so vpshufb on the pair's
+// tables (lane 0 the even group's, lane 1 the odd group's) looks up 8 weights per byte pair; the low
+// and high table bytes are interleaved back into int16 (vpunpck*bw) and added for one activation block
+// (|·| ≤ 4·508), then widened and scaled by d_b.
 
 constexpr const char *REPACK_LUT = "avx2-lut";
-constexpr int LUT_ROWS = 32;   // rows per tile
 
-struct LutLayout {   // byte offsets inside t.repacked
-    int64_t ntiles, plane_bytes, alpha_off, bias_off, total;
-    explicit LutLayout(const BBTensor &t) {
-        ntiles = (t.rows + LUT_ROWS - 1) / LUT_ROWS;
-        plane_bytes = ntiles * t.ngroups * t.n_planes * (t.group / 8) * 32;   // [tile][g][i][pair][32]
-        alpha_off = plane_bytes;                                               // f32 [tile][g][i][32] = 2α
-        bias_off = alpha_off + ntiles * t.ngroups * t.n_planes * LUT_ROWS * 4;  // f32 [tile][g][32] = μ − Σα
-        total = bias_off + ntiles * t.ngroups * LUT_ROWS * 4;
-    }
-};
-
-void repack_lut(BBTensor &t) {
-    if (t.n_classes != 1 || t.bias.empty()) return;   // only the common case runs here
-    const LutLayout L(t);
-    const int N = t.n_planes, G = t.group, gb = G / 8;
-    const int64_t ng = t.ngroups;
-    t.repacked.assign((size_t)L.total, 0);
-    uint8_t *W = t.repacked.data();
-    float *A = reinterpret_cast<float *>(W + L.alpha_off), *Bs = reinterpret_cast<float *>(W + L.bias_off);
-    for (int64_t r = 0; r < t.rows; r++) {
-        const int64_t rt = r / LUT_ROWS, j = r % LUT_ROWS;
-        for (int64_t g = 0; g < ng; g++) {
-            for (int i = 0; i < N; i++) {
-                const uint8_t *bits = t.planes + ((r * ng + g) * N + i) * gb;
-                uint8_t *dst = W + ((rt * ng + g) * N + i) * gb * 32;
-                for (int c4 = 0; c4 < G / 4; c4++) {
-                    const uint8_t nib = (bits[c4 / 2] >> (4 * (c4 & 1))) & 0xF;
-                    dst[(c4 / 2) * 32 + (c4 & 1) * 16 + j % 16] |= (uint8_t)(nib << (j < 16 ? 0 : 4));
-                }
-                A[((rt * ng + g) * N + i) * LUT_ROWS + j] = 2.0f * t.scales[(r * ng + g) * N + i];
-            }
-            Bs[(rt * ng + g) * LUT_ROWS + j] = t.bias[r * ng + g];
-        }
-    }
-    t.repacked_for = REPACK_LUT;
-}
+void repack_lut(BBTensor &t) { lut_repack(t, REPACK_LUT); }
 
 // The activation tables of one token: per pair of 4-column groups, 32 low bytes then 32 high bytes
 // (lane 0: columns 4p..4p+3, lane 1: 4p+4..4p+7), matching the repacked weights. An entry m of a
 // group is Σ_k bit_k(m) q_k: vpmaddubsw of 0/1 coefficient bytes with the group's 4 activations
 // broadcast, summed by vpmaddwd. Coefficient lanes hold entries 0-3 | 8-11 and 4-7 | 12-15, so that
-// vpackssdw leaves the 16 entries in order.
-void build_lut(const QActs &a, int64_t cols_pad, uint8_t *T) {
-    auto coef = [](int m0, int m1) {   // entries m0..m0+3 in lane 0, m1..m1+3 in lane 1
-        alignas(32) uint8_t c[32];
-        for (int e = 0; e < 8; e++)
-            for (int k = 0; k < 4; k++) c[e * 4 + k] = (uint8_t)((((e < 4 ? m0 + e : m1 + e - 4) >> k) & 1));
-        return _mm256_load_si256(reinterpret_cast<const __m256i *>(c));
-    };
-    const __m256i c1 = coef(0, 8), c2 = coef(4, 12), ones16 = _mm256_set1_epi16(1), byte = _mm256_set1_epi16(0xff);
-    auto entries = [&](const int8_t *q) {   // the 16 int16 table entries of one 4-column group
-        const __m256i x = _mm256_set1_epi32((int)load_u32(q));
-        const __m256i r1 = _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x), ones16);
-        const __m256i r2 = _mm256_madd_epi16(_mm256_maddubs_epi16(c2, x), ones16);
-        return _mm256_packs_epi32(r1, r2);
-    };
+// vpackssdw leaves the 16 entries in order. Equal to lut_tables_scalar (test_kernels: scalar-lut).
+// 0/1 coefficient bytes: entries m0..m0+3 in lane 0, m1..m1+3 in lane 1, 4 bytes (bits 0..3) each
+__m256i lut_coef(int m0, int m1) {
+    alignas(32) uint8_t c[32];
+    for (int e = 0; e < 8; e++)
+        for (int k = 0; k < 4; k++) c[e * 4 + k] = (uint8_t)((((e < 4 ? m0 + e : m1 + e - 4) >> k) & 1));
+    return _mm256_load_si256(reinterpret_cast<const __m256i *>(c));
+}
+
+// The 16 int16 table entries of the 4-column group at q, in order.
+inline __m256i lut_entries(const int8_t *q, __m256i c1, __m256i c2) {
+    const __m256i ones16 = _mm256_set1_epi16(1), x = _mm256_set1_epi32((int)load_u32(q));
+    return _mm256_packs_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(c1, x), ones16),
+                              _mm256_madd_epi16(_mm256_maddubs_epi16(c2, x), ones16));
+}
+
+void build_lut(const QActs &a, uint8_t *T) {
+    const int64_t cols_pad = a.ngroups * a.group;
+    const __m256i c1 = lut_coef(0, 8), c2 = lut_coef(4, 12), byte = _mm256_set1_epi16(0xff);
     for (int64_t p = 0; p < cols_pad / 8; p++) {
-        const __m256i A = entries(a.q.data() + p * 8), B = entries(a.q.data() + p * 8 + 4);
+        const __m256i A = lut_entries(a.q.data() + p * 8, c1, c2), B = lut_entries(a.q.data() + p * 8 + 4, c1, c2);
         const __m256i lo = _mm256_packus_epi16(_mm256_and_si256(A, byte), _mm256_and_si256(B, byte));
         const __m256i hi = _mm256_packus_epi16(_mm256_srli_epi16(A, 8), _mm256_srli_epi16(B, 8));
         _mm256_store_si256(reinterpret_cast<__m256i *>(T + p * 64), _mm256_permute4x64_epi64(lo, 0xD8));
@@ -369,9 +333,8 @@ void build_lut(const QActs &a, int64_t cols_pad, uint8_t *T) {
 }
 
 void prepare_lut(QActs &a) {
-    const int64_t cp = a.ngroups * a.group;
-    a.lut.resize((size_t)(cp * 8));
-    build_lut(a, cp, a.lut.data());
+    a.lut.resize((size_t)lut_table_bytes(a));
+    build_lut(a, a.lut.data());
 }
 
 // y of the 32 rows of tile rt (out[32]) for one token.
@@ -423,8 +386,6 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
     for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, fv[k]);
 }
 
-using LutTileFn = void (*)(const BBTensor &, const LutLayout &, const QActs &, const uint8_t *, int64_t, float *);
-
 LutTileFn lut_fn(int n) {
     switch (n) {
         case 1: return lut_tile<1>;
@@ -438,45 +399,15 @@ LutTileFn lut_fn(int n) {
     }
 }
 
-// Rows [r0, r1) of every token: tiles outer (a tile's weights stay in L1 while the tokens pass),
-// tokens inner. A tile split between two callers is computed by both; each writes only its rows.
-void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    const LutLayout L(t);
-    const int64_t cp = t.ngroups * t.group, tbytes = cp / 8 * 64;   // table bytes per token
-    thread_local avec<uint8_t> own;   // tables of tokens whose activations skipped prepare_lut
-    thread_local std::vector<const uint8_t *> T;
-    T.resize(n_tok);
-    size_t missing = 0;
-    for (int k = 0; k < n_tok; k++) missing += (int64_t)acts[k].lut.size() != tbytes;
-    if (own.size() < missing * tbytes) own.resize(missing * tbytes);
-    for (int k = 0, m = 0; k < n_tok; k++) {
-        if ((int64_t)acts[k].lut.size() == tbytes) {
-            T[k] = acts[k].lut.data();
-        } else {
-            build_lut(acts[k], cp, own.data() + m * tbytes);
-            T[k] = own.data() + m++ * tbytes;
-        }
-    }
-    const LutTileFn fn = lut_fn(t.n_planes);
-    alignas(32) float out[LUT_ROWS];
-    for (int64_t rt = r0 / LUT_ROWS; rt * LUT_ROWS < r1; rt++) {
-        const int64_t a = std::max(r0, rt * LUT_ROWS), e = std::min(r1, (rt + 1) * LUT_ROWS);
-        for (int k = 0; k < n_tok; k++) {
-            fn(t, L, acts[k], T[k], rt, out);
-            for (int64_t r = a; r < e; r++) Y[k * ldy + (r - r0)] = out[r - rt * LUT_ROWS];
-        }
-    }
-}
-
 void gemv_lut(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     if (t.repacked_for != REPACK_LUT) return gemv_bytemask(t, a, y, r0, r1);
-    lut_rows(t, &a, 1, y, 0, r0, r1);
+    lut_rows(t, &a, 1, y, 0, r0, r1, lut_fn(t.n_planes), build_lut);
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
 void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     if (t.repacked_for != REPACK_LUT) return gemm_tokens8(t, acts, n_tok, Y, ldy, r0, r1);
-    lut_rows(t, acts, n_tok, Y, ldy, r0, r1);
+    lut_rows(t, acts, n_tok, Y, ldy, r0, r1, lut_fn(t.n_planes), build_lut);
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 

@@ -26,6 +26,7 @@ namespace bb {
 __attribute__((weak)) void add_kernels_avx512(std::vector<Kernel> &);
 __attribute__((weak)) void add_kernels_avx2(std::vector<Kernel> &);
 __attribute__((weak)) void add_kernels_neon(std::vector<Kernel> &);
+void add_kernels_scalar_lut(std::vector<Kernel> &);
 
 static std::vector<std::string> detect() {
     std::vector<std::string> f;
@@ -101,6 +102,7 @@ const std::vector<Kernel> &all_kernels() {
         if (add_kernels_avx2) add_kernels_avx2(v);
         if (add_kernels_neon) add_kernels_neon(v);
         v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, dot_q8q8_scalar, nullptr});
+        add_kernels_scalar_lut(v);   // after "scalar", which stays the scalar ISA's default
         return v;
     }();
     return ks;

@@ -250,6 +250,90 @@ static void gemm_tokens_dot(const BBTensor &t, const QActs *acts, int n_tok, flo
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
+// ---- neon-lut: table lookup (T-MAC; layout and algebra in kernels_lut.cpp) -----------------------
+//
+// One 16-byte load holds the nibbles of 32 rows × 4 columns of one plane (rows j and j + 16 in the low
+// and high nibble of byte j); tbl on the group's low-byte and high-byte tables gives both bytes of
+// the 16-bit entries, zip puts them back together, and one activation block (8 groups, |·| ≤ 8·508)
+// adds in int16 before it is widened and scaled by d_b. Plain ASIMD (Armv8.0).
+
+constexpr const char *REPACK_LUT = "neon-lut";
+
+void repack_lut(BBTensor &t) { lut_repack(t, REPACK_LUT); }
+
+void prepare_lut(QActs &a) {
+    a.lut.resize((size_t)lut_table_bytes(a));
+    lut_tables_scalar(a, a.lut.data());
+}
+
+template <int N>
+void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out) {
+    const int G = t.group, nb = G / QK;
+    const int64_t ng = t.ngroups;
+    const uint8_t *W = t.repacked.data();
+    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const uint8x16_t low4 = vdupq_n_u8(0x0f);
+    float32x4_t fv[8];
+    for (int k = 0; k < 8; k++) fv[k] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < ng; g++) {
+        for (int i = 0; i < N; i++) {
+            const uint8_t *w = W + ((rt * ng + g) * N + i) * (G / 4) * 16;
+            float32x4_t F[8];
+            for (int k = 0; k < 8; k++) F[k] = vdupq_n_f32(0.0f);
+            for (int b = 0; b < nb; b++) {
+                int16x8_t acc[4] = {vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0)};
+                for (int c4 = b * 8; c4 < b * 8 + 8; c4++) {
+                    const int64_t c = g * G / 4 + c4;
+                    const uint8_t *lo = T + (c / 2) * 64 + (c & 1) * 16;
+                    const uint8x16_t tl = vld1q_u8(lo), th = vld1q_u8(lo + 32), wv = vld1q_u8(w + c4 * 16);
+                    const uint8x16_t il = vandq_u8(wv, low4), ih = vshrq_n_u8(wv, 4);
+                    const uint8x16_t l0 = vqtbl1q_u8(tl, il), h0 = vqtbl1q_u8(th, il);
+                    const uint8x16_t l1 = vqtbl1q_u8(tl, ih), h1 = vqtbl1q_u8(th, ih);
+                    acc[0] = vaddq_s16(acc[0], vreinterpretq_s16_u8(vzip1q_u8(l0, h0)));   // rows 0-7
+                    acc[1] = vaddq_s16(acc[1], vreinterpretq_s16_u8(vzip2q_u8(l0, h0)));   // rows 8-15
+                    acc[2] = vaddq_s16(acc[2], vreinterpretq_s16_u8(vzip1q_u8(l1, h1)));   // rows 16-23
+                    acc[3] = vaddq_s16(acc[3], vreinterpretq_s16_u8(vzip2q_u8(l1, h1)));   // rows 24-31
+                }
+                const float d = a.d[g * nb + b];
+                for (int k = 0; k < 4; k++) {
+                    F[2 * k] = vfmaq_n_f32(F[2 * k], vcvtq_f32_s32(vmovl_s16(vget_low_s16(acc[k]))), d);
+                    F[2 * k + 1] = vfmaq_n_f32(F[2 * k + 1], vcvtq_f32_s32(vmovl_high_s16(acc[k])), d);
+                }
+            }
+            const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
+            for (int k = 0; k < 8; k++) fv[k] = vfmaq_f32(fv[k], F[k], vld1q_f32(al + 4 * k));
+        }
+        const float *bs = Bs + (rt * ng + g) * LUT_ROWS;
+        for (int k = 0; k < 8; k++) fv[k] = vfmaq_n_f32(fv[k], vld1q_f32(bs + 4 * k), a.dS[g]);
+    }
+    for (int k = 0; k < 8; k++) vst1q_f32(out + 4 * k, fv[k]);
+}
+
+LutTileFn lut_fn(int n) {
+    switch (n) {
+        case 1: return lut_tile<1>;
+        case 2: return lut_tile<2>;
+        case 3: return lut_tile<3>;
+        case 4: return lut_tile<4>;
+        case 5: return lut_tile<5>;
+        case 6: return lut_tile<6>;
+        case 7: return lut_tile<7>;
+        default: return lut_tile<8>;
+    }
+}
+
+void gemv_lut(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    if (t.repacked_for != REPACK_LUT) return gemv_neon<rows_padal>(t, a, y, r0, r1);
+    lut_rows(t, &a, 1, y, 0, r0, r1, lut_fn(t.n_planes), lut_tables_scalar);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (t.repacked_for != REPACK_LUT) return gemm_neon<rows_padal>(t, acts, n_tok, Y, ldy, r0, r1);
+    lut_rows(t, acts, n_tok, Y, ldy, r0, r1, lut_fn(t.n_planes), lut_tables_scalar);
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+}
+
 }  // namespace
 }  // namespace bb::neon
 
@@ -262,6 +346,9 @@ void add_kernels_neon(std::vector<Kernel> &v) {
     v.push_back(Kernel{"neon-dotprod", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_tokens_dot, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
     v.push_back(Kernel{"neon-bytemask", "neon", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
     v.push_back(Kernel{"neon-dotprod-rows", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_neon<rows_dot>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
+    // table lookup: equal to the others, not the default — its speed against neon-dotprod has not
+    // been measured on an ARM CPU (CI runs it under qemu, whose timings mean nothing)
+    v.push_back(Kernel{"neon-lut", "neon", "neon", gemv_lut, gemm_lut, dot_f32, dot_q8_scalar, dot_q8q8_scalar, repack_lut, prepare_lut});
 }
 
 }  // namespace bb
