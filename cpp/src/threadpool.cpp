@@ -17,10 +17,20 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
     for (int i = 1; i < n_threads_; i++) threads_.emplace_back(&ThreadPool::worker, this, i);
 }
 
+static constexpr int SPIN_ROUNDS = 1 << 13;
+
+static inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 ThreadPool::~ThreadPool() {
     {
         std::lock_guard<std::mutex> lk(mu_);
-        stop_ = true;
+        stop_.store(true, std::memory_order_release);
     }
     cv_start_.notify_all();
     for (auto &t : threads_) t.join();
@@ -29,23 +39,26 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker(int id) {
     uint64_t seen = 0;
     for (;;) {
-        const std::function<void(int64_t, int64_t, int)> *job;
-        int64_t n, align;
-        {
-            std::unique_lock<std::mutex> lk(mu_);
-            cv_start_.wait(lk, [&] { return stop_ || generation_ != seen; });
-            if (stop_) return;
-            seen = generation_;
-            job = job_;
-            n = n_;
-            align = align_;
+        uint64_t g = generation_.load(std::memory_order_acquire);
+        for (int spin = 0; g == seen && !stop_.load(std::memory_order_acquire); spin++) {
+            if (spin < SPIN_ROUNDS) {
+                cpu_relax();
+            } else {   // the lock orders this check against the caller's bump of generation_
+                std::unique_lock<std::mutex> lk(mu_);
+                cv_start_.wait(lk, [&] {
+                    return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
+                });
+            }
+            g = generation_.load(std::memory_order_acquire);
         }
+        if (stop_.load(std::memory_order_acquire)) return;
+        seen = g;
         int64_t a, b;
-        chunk(n, align, n_threads_, id, a, b);
-        if (a < b) (*job)(a, b, id);
-        {
-            std::lock_guard<std::mutex> lk(mu_);
-            if (--pending_ == 0) cv_done_.notify_one();
+        chunk(n_, align_, n_threads_, id, a, b);
+        if (a < b) (*job_)(a, b, id);
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> lk(mu_);   // a caller past its spin waits on cv_done_ under mu_
+            cv_done_.notify_one();
         }
     }
 }
@@ -58,20 +71,26 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, const std::function<void
         fn(0, n, 0);
         return;
     }
+    job_ = &fn;
+    n_ = n;
+    align_ = align;
+    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
     {
-        std::lock_guard<std::mutex> lk(mu_);
-        job_ = &fn;
-        n_ = n;
-        align_ = align;
-        pending_ = n_threads_ - 1;
-        generation_++;
+        std::lock_guard<std::mutex> lk(mu_);   // a worker past its spin checks generation_ under mu_
+        generation_.fetch_add(1, std::memory_order_release);
     }
     cv_start_.notify_all();
     int64_t a, b;
     chunk(n, align, n_threads_, 0, a, b);
     if (a < b) fn(a, b, 0);
-    std::unique_lock<std::mutex> lk(mu_);
-    cv_done_.wait(lk, [&] { return pending_ == 0; });
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; spin++) {
+        if (spin < SPIN_ROUNDS) {
+            cpu_relax();
+        } else {
+            std::unique_lock<std::mutex> lk(mu_);
+            cv_done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
+        }
+    }
 }
 
 }  // namespace bb
