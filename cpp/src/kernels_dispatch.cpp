@@ -103,6 +103,20 @@ const std::vector<Kernel> &all_kernels() {
         if (add_kernels_neon) add_kernels_neon(v);
         v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, dot_q8q8_scalar, nullptr});
         add_kernels_scalar_lut(v);   // after "scalar", which stays the scalar ISA's default
+        // AVX-512 default, by measurement (docs/results.md §15, a Xeon with VPOPCNTDQ, one thread):
+        // the AVX2 lookup GEMV beat both AVX-512 GEMVs at every N and shape, the AVX-512 VNNI
+        // tokens-in-lanes GEMM beat the lookup GEMM on 128-token prompts. One entry of both, plus the
+        // AVX-512 dense dots; it needs the union of their features (AVX512_VPOPCNT ⊇ AVX2).
+        const Kernel *lut = nullptr, *tok = nullptr;
+        for (const auto &k : v) {
+            if (std::string(k.name) == "avx2-lut") lut = &k;
+            if (std::string(k.name) == "avx512-vpopcnt") tok = &k;
+        }
+        if (lut && tok) {
+            const Kernel both{"avx512-lut", "avx512", tok->features, lut->gemv, tok->gemm, tok->dot_f32, tok->dot_q8,
+                              tok->dot_q8q8, lut->repack, lut->prepare_acts};
+            v.insert(v.begin(), both);
+        }
         return v;
     }();
     return ks;
