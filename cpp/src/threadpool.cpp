@@ -1,6 +1,7 @@
 #include "threadpool.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 namespace bb {
 
@@ -17,7 +18,15 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
     for (int i = 1; i < n_threads_; i++) threads_.emplace_back(&ThreadPool::worker, this, i);
 }
 
-static constexpr int SPIN_ROUNDS = 1 << 13;
+// BITBASIS_SPIN=<rounds> overrides the spin (0: sleep at once — for cores shared with other busy
+// processes, where a spinning thread only takes time from the one it waits for).
+static int spin_rounds() {
+    static const int n = [] {
+        const char *e = std::getenv("BITBASIS_SPIN");
+        return e && *e ? std::max(0, std::atoi(e)) : 1 << 13;
+    }();
+    return n;
+}
 
 static inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -41,7 +50,7 @@ void ThreadPool::worker(int id) {
     for (;;) {
         uint64_t g = generation_.load(std::memory_order_acquire);
         for (int spin = 0; g == seen && !stop_.load(std::memory_order_acquire); spin++) {
-            if (spin < SPIN_ROUNDS) {
+            if (spin < spin_rounds()) {
                 cpu_relax();
             } else {   // the lock orders this check against the caller's bump of generation_
                 std::unique_lock<std::mutex> lk(mu_);
@@ -84,7 +93,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, const std::function<void
     chunk(n, align, n_threads_, 0, a, b);
     if (a < b) fn(a, b, 0);
     for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; spin++) {
-        if (spin < SPIN_ROUNDS) {
+        if (spin < spin_rounds()) {
             cpu_relax();
         } else {
             std::unique_lock<std::mutex> lk(mu_);

@@ -1,7 +1,7 @@
 // A small fixed thread pool for splitting the rows of a matrix (or heads of attention) over N
 // threads. A decode step is ~200 short parallel_for calls, so a hand-off through a condition variable
 // alone (futex wake + sleep per call) costs more than the matmuls on a small machine: workers and the
-// caller first spin on atomics for a short while (SPIN_ROUNDS pause instructions, ~50-200 µs), and
+// caller first spin on atomics for a short while (8192 pause instructions, ~50-500 µs; BITBASIS_SPIN), and
 // only then sleep on the condition variables, so no core is burnt between generations.
 #pragma once
 #include <atomic>
