@@ -30,5 +30,13 @@ if [ "$what" = "test" ] && [ "$(uname -m)" = "x86_64" ] && command -v apt-get >/
       || echo "setup: could not install cross compiler / qemu / clang; those tests will be skipped" >&2
   fi
 fi
+if [ "$what" = "test" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  # the chat page of `bitbasis serve` is tested in Debian's headless chromium through its driver
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+       chromium chromium-driver >/dev/null) \
+      || echo "setup: could not install chromium / chromium-driver; the chat page test will be skipped" >&2
+  fi
+fi
 # fetch the text corpus and materialize the default model once, into the user cache
 python -c "from bitbasis import data, hf; data.text_file('eval'); data.text_file('calib'); hf.default_model_dir()"

@@ -25,7 +25,9 @@ TIMEOUT_S = 2.0
 
 
 class ChatTemplateError(ValueError):
-    """The chat template failed or broke a limit; the message is one line."""
+    """The chat template failed or broke a limit; the message is one line. `raised` is True when
+    the template itself refused the conversation (raise_exception: the caller's input is at fault)."""
+    raised = False
 
 
 class _Limits:
@@ -139,7 +141,9 @@ def _compile(template: str):
         return g
 
     def raise_exception(message):
-        raise ChatTemplateError(f"chat template: {message}")
+        e = ChatTemplateError(f"chat template: {_one_line(Exception(message)).split(': ', 1)[-1]}")
+        e.raised = True
+        raise e
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)

@@ -4,6 +4,7 @@ from the GGUF metadata by transformers (bitbasis.reference.tokenizer_from_gguf).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -319,6 +320,7 @@ class Model:
         self.kernel = self._ffi.string(self._lib.bb_kernel_name(m)).decode()
         self.precise_acts = bool(self._lib.bb_precise_acts(m))   # BITBASIS_PRECISE_ACTS=1 at open
         self._tok = None
+        self._tok_lock = threading.RLock()   # one tokenizer call at a time (the server uses several threads)
         self._ctx = Context(self, _default=True)
         self.n_ctx = self._ctx.n_ctx
 
@@ -358,8 +360,10 @@ class Model:
     @property
     def tokenizer(self):
         if self._tok is None:
-            from .reference import tokenizer_from_gguf
-            self._tok = tokenizer_from_gguf(self.path)
+            with self._tok_lock:
+                if self._tok is None:
+                    from .reference import tokenizer_from_gguf
+                    self._tok = tokenizer_from_gguf(self.path)
         return self._tok
 
     @property
@@ -377,10 +381,14 @@ class Model:
         return ids
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        tok = self.tokenizer
+        with self._tok_lock:
+            return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        tok = self.tokenizer
+        with self._tok_lock:
+            return tok.decode(list(tokens), skip_special_tokens=True)
 
     # --- contexts -------------------------------------------------------------------------------
 

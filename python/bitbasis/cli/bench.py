@@ -1,4 +1,4 @@
-"""`bitbasis bench kernels` and `bitbasis bench compare`: the CLI hook of bitbasis.bench (add_commands(sub) is called by cli.py).
+"""`bitbasis bench kernels` and `bitbasis bench compare`: the CLI hook of bitbasis.bench (add_parser(sub) is called by bitbasis.cli).
 
 If another module already registered `bench`, the `kernels` subcommand is added to its subparsers
 when it has them; otherwise `bench` is created here with `kernels` as its first subcommand.
@@ -37,7 +37,7 @@ def _add_kernels(bsub) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the final table")
 
     def _run(args):
-        from . import bench
+        from .. import bench
         return bench.main_kernels(args)
     p.set_defaults(func=_run)
 
@@ -54,7 +54,7 @@ def _add_compare(bsub) -> None:
     p.add_argument("--json", default=None, help="write the merged table here")
 
     def _run(args):
-        from . import bench
+        from .. import bench
         return bench.main_compare(args)
     p.set_defaults(func=_run)
 
@@ -65,12 +65,12 @@ def _add_plot(bsub) -> None:
     p.add_argument("output", metavar="PNG")
 
     def _run(args):
-        from . import bench
+        from .. import bench
         return bench.main_plot(args)
     p.set_defaults(func=_run)
 
 
-def add_commands(sub) -> None:
+def add_parser(sub) -> None:
     bench = sub.choices.get("bench") if hasattr(sub, "choices") else None
     if bench is None:
         bench = sub.add_parser("bench", help="benchmarks (bench kernels: the binary-basis kernels)")
@@ -84,5 +84,5 @@ def add_commands(sub) -> None:
     _add_kernels(bsub)
     _add_compare(bsub)
     _add_plot(bsub)
-    from .bench_e2e import add_command as _add_e2e   # `bench e2e` lives in bench_e2e.py
+    from ..bench_e2e import add_command as _add_e2e   # `bench e2e` lives in bench_e2e.py
     _add_e2e(bsub)

@@ -1,0 +1,27 @@
+"""`bitbasis info`: sizes and true bits per weight of a GGUF."""
+from __future__ import annotations
+
+
+from ._common import print_summary
+
+
+def run(a) -> int:
+    from ..gguf_io import read_model, summarize
+    from .. import format as bbf
+    mf = read_model(a.model)
+    s = summarize(mf)
+    print(f"{a.model}: {mf.arch}, method {s['method']}")
+    print_summary(s)
+    if a.tensors:
+        for name, p in mf.packed.items():
+            print(f"  {name:32s} {bbf.describe(p)}")
+        for name, t in mf.dense_types.items():
+            print(f"  {name:32s} {t} {list(mf.dense[name].shape)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    i = sub.add_parser("info", help="sizes and true bits per weight of a GGUF")
+    i.add_argument("model")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.set_defaults(func=run)
