@@ -41,6 +41,7 @@ def atomic_output(path: str | os.PathLike, force: bool = True):
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
             old_term = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; the output gets what open() would give
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -48,6 +49,12 @@ def atomic_output(path: str | os.PathLike, force: bool = True):
         if old_term is not None:
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGTERM, old_term)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _raise_keyboard_interrupt(signum, frame):
