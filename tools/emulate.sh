@@ -32,6 +32,7 @@ export QEMU_X86_64 QEMU_AARCH64 AARCH64_SYSROOT="$SYSROOT"
 for tool in "$CXX_AARCH64" "$QEMU_X86_64" "$QEMU_AARCH64" cmake; do
     command -v "$tool" >/dev/null 2>&1 || { echo "emulate: $tool not found (apt-get install qemu-user g++-aarch64-linux-gnu)" >&2; exit 2; }
 done
+rm -rf "$W/aarch64"   # no stale objects of a removed source
 mkdir -p "$B" "$W/aarch64/obj"
 START=$(date +%s)
 
