@@ -46,10 +46,10 @@ echo "== aarch64 build ($W/aarch64), static, the flags of the cmake Release buil
 # Objects, not an archive: the dispatcher reaches the per-ISA files through weak references, which
 # do not pull members out of a static archive.
 ls "$ROOT"/cpp/src/*.cpp | xargs -P "$JOBS" -I{} sh -c \
-    '"$0" -std=gnu++17 -O3 -DNDEBUG -Wall -Wextra -I"$1/cpp/include" -c "{}" -o "$2/$(basename "{}" .cpp).o"' \
+    '"$0" -std=gnu++17 -O3 -ffp-contract=off -DNDEBUG -Wall -Wextra -I"$1/cpp/include" -c "{}" -o "$2/$(basename "{}" .cpp).o"' \
     "$CXX_AARCH64" "$ROOT" "$W/aarch64/obj"
 for src in "$ROOT/cpp/tools/forward_logits.cpp" "$ROOT"/cpp/tests/*.cpp; do
-    "$CXX_AARCH64" -std=gnu++17 -O3 -DNDEBUG -static -I"$ROOT/cpp/include" -I"$ROOT/cpp/src" "$src" \
+    "$CXX_AARCH64" -std=gnu++17 -O3 -ffp-contract=off -DNDEBUG -static -I"$ROOT/cpp/include" -I"$ROOT/cpp/src" "$src" \
         "$W"/aarch64/obj/*.o -lpthread -o "$W/aarch64/$(basename "$src" .cpp)"
 done
 echo "== builds: $(($(date +%s) - START)) s"

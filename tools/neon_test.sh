@@ -29,7 +29,7 @@ set -- "$SRC"/kernels_scalar.cpp "$SRC"/kernels_dispatch.cpp "$SRC"/kernels_lut.
     "$SRC"/kernels_avx512.cpp
 if [ "$MODE" = "--bench" ]; then
     # the benchmark entry points (kernels_capi.cpp, its thread pool) behind a line-protocol driver
-    "$CXX" -std=c++17 -O2 -Wall -Wextra -march=armv8-a -static -I"$SRC" -I"$ROOT/cpp/include" \
+    "$CXX" -std=c++17 -O2 -ffp-contract=off -Wall -Wextra -march=armv8-a -static -I"$SRC" -I"$ROOT/cpp/include" \
         "$ROOT/cpp/bench/bench_kernels.cpp" "$@" "$SRC/kernels_capi.cpp" "$SRC/threadpool.cpp" \
         -o "$OUT/bench_kernels_aarch64"
     echo "== bitbasis bench kernels under qemu -cpu max (emulated)"
@@ -39,7 +39,7 @@ if [ "$MODE" = "--bench" ]; then
         --json "$OUT/bench_kernels_aarch64.json"
     exit 0
 fi
-"$CXX" -std=c++17 -O2 -Wall -Wextra -march=armv8-a -static -I"$SRC" \
+"$CXX" -std=c++17 -O2 -ffp-contract=off -Wall -Wextra -march=armv8-a -static -I"$SRC" \
     "$ROOT/cpp/tests/test_kernels.cpp" "$@" \
     -o "$OUT/test_kernels_aarch64"
 echo "== qemu -cpu max (neon + dotprod)"

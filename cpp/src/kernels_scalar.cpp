@@ -43,25 +43,35 @@ void quantize_acts(const float *x, int64_t cols, int group, const float *colscal
     out.qsum.assign(nb, 0);
     out.dS.assign(ng, 0.0f);
     std::memcpy(out.x.data(), x, cols * sizeof(float));
+    // Written so that the baseline (SSE2) compiler vectorizes it: no libm call per element (std::nearbyint
+    // is one without SSE4.1), the NaN test kept apart from the max. Rounding: adding and subtracting
+    // 1.5·2^23 rounds |v| < 2^22 to the nearest integer, ties to even — exactly what nearbyint does in
+    // the default rounding mode (|v| ≤ 127 here), so every kernel sees the same q as before.
+    constexpr float ROUND = 12582912.0f;
     float xs[QK];
     for (int64_t b = 0; b < nb; b++) {
-        const int64_t c0 = b * QK, c1 = std::min<int64_t>(cols, c0 + QK);
+        const int64_t c0 = b * QK, c1 = std::min<int64_t>(cols, c0 + QK), m = c1 - c0;
+        if (colscale)
+            for (int64_t j = 0; j < m; j++) xs[j] = x[c0 + j] * colscale[c0 + j];
+        else
+            for (int64_t j = 0; j < m; j++) xs[j] = x[c0 + j];
         float amax = 0.0f;
-        for (int64_t j = c0; j < c1; j++) {
-            xs[j - c0] = colscale ? x[j] * colscale[j] : x[j];
-            // NaN must reach amax (std::max would drop it) so the block is zeroed below: a NaN
-            // left in xs would make the int conversion undefined.
-            const float a = std::fabs(xs[j - c0]);
-            if (a > amax || std::isnan(a)) amax = a;
+        int nan = 0;
+        for (int64_t j = 0; j < m; j++) {
+            const float a = std::fabs(xs[j]);
+            amax = a > amax ? a : amax;
+            nan |= a != a;   // a NaN must zero the block: left in xs it would make the int conversion undefined
         }
-        if (!(amax > 0.0f) || !std::isfinite(amax)) continue;  // all zero (or non-finite): q = 0, d = 0
+        if (nan || !(amax > 0.0f) || !std::isfinite(amax)) continue;  // all zero (or non-finite): q = 0, d = 0
         const float id = 127.0f / amax;
         if (!std::isfinite(id)) continue;  // amax so tiny (subnormal) that 127/amax overflows: q = 0, d = 0
         int32_t s = 0;
-        for (int64_t j = c0; j < c1; j++) {
-            const int v = std::clamp((int)std::nearbyint(xs[j - c0] * id), -127, 127);
-            out.q[j] = (int8_t)v;
-            s += v;
+        int8_t *q = out.q.data() + c0;
+        for (int64_t j = 0; j < m; j++) {
+            float v = (xs[j] * id + ROUND) - ROUND;
+            v = v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v);
+            q[j] = (int8_t)(int)v;
+            s += (int)v;
         }
         out.d[b] = amax / 127.0f;
         out.qsum[b] = s;
