@@ -199,6 +199,28 @@ BAD = [
     ("completion prompt a dict", "POST", "/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
     ("token id outside the vocabulary", "POST", "/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
     ("logprobs", "POST", "/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("empty body", "POST", "/v1/chat/completions", b"", 400, None),
+    ("body not utf-8", "POST", "/v1/chat/completions", b"\xff\xfe{", 400, None),
+    ("json nested too deeply", "POST", "/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400, None),
+    ("lone surrogate", "POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}', 400, None),
+    ("body over the size limit", "POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "' + b"a" * (3 << 20) + b'"}]}', 413, None),
+    ("messages empty", "POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("message not an object", "POST", "/v1/chat/completions", {"messages": ["hi"]}, 400, "messages"),
+    ("content part not text", "POST", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    ("five stop strings", "POST", "/v1/chat/completions", {"messages": MESSAGES, "stop": list("abcde")}, 400, "stop"),
+    ("top_k negative", "POST", "/v1/chat/completions", {"messages": MESSAGES, "top_k": -1}, 400, "top_k"),
+    ("temperature NaN", "POST", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "temperature"),
+    ("model a number", "POST", "/v1/chat/completions", {"messages": MESSAGES, "model": 5}, 400, "model"),
+    ("stream_options a string", "POST", "/v1/chat/completions", {"messages": MESSAGES, "stream_options": "x"}, 400,
+     "stream_options"),
+    ("max_tokens past the context", "POST", "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 600}, 400,
+     "max_tokens"),
+    ("tools", "POST", "/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("completion prompt empty array", "POST", "/v1/completions", {"prompt": []}, 400, "prompt"),
     ("unknown route", "GET", "/v1/nothing", None, 404, None),
     ("wrong method", "GET", "/v1/chat/completions", None, 405, None),
 ]
@@ -235,6 +257,19 @@ def test_client_leaving_mid_stream_frees_its_slot(server):
         assert time.monotonic() < deadline, "the slot of a client that left was not freed"
         time.sleep(0.2)
     assert _metric(server, "bitbasis_completion_tokens_total") - tokens_before < 400
+    _alive(server)
+
+
+def test_client_leaving_a_plain_request_frees_its_slot(server):
+    """The same for a non-streaming request: the client gives up (its read timeout) and goes."""
+    before = _metric(server, "bitbasis_requests_cancelled_total")
+    body = {"messages": MESSAGES, "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, headers=_auth(), timeout=httpx.Timeout(60, read=2))
+    deadline = time.monotonic() + 60
+    while _metric(server, "bitbasis_slots_busy") > 0 or _metric(server, "bitbasis_requests_cancelled_total") <= before:
+        assert time.monotonic() < deadline, "the slot of a client that left was not freed"
+        time.sleep(0.2)
     _alive(server)
 
 
@@ -277,6 +312,75 @@ def test_hostile_templates_get_json_errors(model):
             err = r.json()["error"]
             assert err["message"].startswith("chat template") and "\n" not in err["message"], name
             assert client.get("/health").status_code == 200
+
+
+def with_chat_template(src, dst, template: str):
+    """A copy of GGUF `src` whose own tokenizer.chat_template is `template` (the KV rewritten in
+    place, the tensor data re-aligned), as a hostile or broken file would ship it."""
+    import struct
+    import gguf
+    r = gguf.GGUFReader(str(src), "r")
+    raw = open(src, "rb").read()
+    key = "tokenizer.chat_template"
+    f = r.fields[key]
+    start, end = f.offset, f.offset + sum(p.nbytes for p in f.parts)
+    kb, vb = key.encode(), template.encode()
+    field = struct.pack("<Q", len(kb)) + kb + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(vb)) + vb
+    last = r.tensors[-1].field
+    head = raw[:start] + field + raw[end:last.offset + sum(p.nbytes for p in last.parts)]
+    align = int(r.fields["general.alignment"].contents()) if "general.alignment" in r.fields else 32
+    head += b"\0" * (-len(head) % align)
+    with open(dst, "wb") as out:
+        out.write(head + raw[int(r.data_offset):])
+    return dst
+
+
+IN_FILE = ["huge_repeat", "subclasses", "busy_loop", "recursion", "syntax", "raise"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tiny_dir, tmp_path_factory):
+    from bitbasis.convert import ConvertOptions, convert
+    out = tmp_path_factory.mktemp("tiny-serve") / "tiny-res2.gguf"
+    convert(tiny_dir, out, ConvertOptions(method="residual", bases=2, group=128), progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name", IN_FILE)
+def test_hostile_template_in_the_file(tiny_model_file, tmp_path, name):
+    """The template inside the GGUF (tokenizer.chat_template), not an override: Model.chat raises a
+    one-line ChatTemplateError, the server answers JSON `chat_template_error` and keeps serving, and
+    `bitbasis chat` prints one line and goes on to the next message."""
+    from starlette.testclient import TestClient
+    from test_chat_template import HOSTILE
+    from bitbasis.chat_template import ChatTemplateError
+    from bitbasis.engine import Model
+    from bitbasis.server import Server, build_app
+    path = with_chat_template(tiny_model_file, tmp_path / f"{name}.gguf", HOSTILE[name])
+    m = Model(path, threads=2, n_ctx=256)
+    assert m.chat_template == HOSTILE[name]
+    with pytest.raises(ChatTemplateError) as e:
+        list(m.chat(MESSAGES, max_tokens=2))
+    assert str(e.value).startswith("chat template") and "\n" not in str(e.value)
+
+    srv = Server(m, "m", parallel=1, n_ctx=256, queue_size=1)
+    with TestClient(build_app(srv)) as client:
+        r = client.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "stream": True})
+        assert r.status_code == (400 if name == "raise" else 500), r.text
+        err = r.json()["error"]
+        assert err["code"] == "chat_template_error" and err["message"].startswith("chat template"), err
+        assert "\n" not in err["message"]
+        ok = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+        assert client.get("/health").status_code == 200
+
+    if name not in ("subclasses", "huge_repeat"):   # the CLI's handling is the same for every kind; two suffice
+        return
+    p = subprocess.run([sys.executable, "-m", "bitbasis.cli", "chat", "-m", str(path), "-n", "4", "-t", "2"],
+                       input="Hi\nAnd again\n/exit\n", capture_output=True, text=True, env=_env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("bitbasis: chat template")]
+    assert len(errors) == 2 and "Traceback" not in p.stderr, p.stderr   # one line per message, then on
 
 
 # --- the chat page in a real browser ---------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .chat_template import ChatTemplateError, check_messages, render_chat
 from .engine import EngineError, Generation, Model, Sampling, common_prefix
 
 PAGE = Path(__file__).with_name("server_page.html")
+MAX_BODY = 2 << 20   # bytes of a request body: ~500k tokens of text, more than any context here
 
 
 class ApiError(Exception):
@@ -317,8 +318,10 @@ class Server:
         try:
             text = render_chat(self.model, messages, template=self.chat_template)
         except ChatTemplateError as e:
+            # raise_exception: the template refused these messages (the caller's fault); anything else
+            # (a syntax error, an escape attempt, a size or time limit) is the model file's
             if e.raised:
-                raise ApiError(400, str(e), param="messages") from None
+                raise ApiError(400, str(e), param="messages", code="chat_template_error") from None
             raise ApiError(500, str(e), "server_error", code="chat_template_error") from None
         return self.model.tokenize(text)
 
@@ -375,11 +378,24 @@ def build_app(server: Server):
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     async def body_of(request: Request) -> Any:
-        raw = await request.body()
+        raw = bytearray()
+        async for part in request.stream():   # read no further than the limit (Content-Length may lie)
+            raw += part
+            if len(raw) > MAX_BODY:
+                raise ApiError(413, f"the request body is over the limit of {MAX_BODY:,} bytes",
+                               code="request_too_large")
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+            body = json.loads(raw)
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+        except (ValueError, UnicodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        try:   # a lone surrogate ("\ud800") parses but is no text: the tokenizer cannot take it
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body has a lone UTF-16 surrogate escape (\\ud800-\\udfff): "
+                                "not text") from None
+        return body
 
     async def run_job(request: Request, prompt: list[int], p: dict, kind: str):
         max_tokens = server._fit(prompt, p["max_tokens"], "messages" if kind == "chat" else "prompt")
