@@ -1,4 +1,5 @@
 #include "gguf.h"
+#include "llamacpp_types.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -49,7 +50,7 @@ bool ttype_layout(uint32_t t, int64_t &blck, int64_t &bytes) {
         case TT_I8: blck = 1; bytes = 1; return true;
         case TT_I16: blck = 1; bytes = 2; return true;
         case TT_I32: blck = 1; bytes = 4; return true;
-        default: return false;
+        default: return lowbit_layout(t, blck, bytes);   // llama.cpp's Q1_0, Q2_0, TQ1_0, TQ2_0
     }
 }
 
@@ -96,7 +97,7 @@ const char *ttype_name(uint32_t t) {
         case TT_I8: return "I8";
         case TT_I16: return "I16";
         case TT_I32: return "I32";
-        default: return "unsupported";
+        default: return ggml_type_name(t) ? ggml_type_name(t) : "unsupported";
     }
 }
 
@@ -227,8 +228,11 @@ void GGUFFile::parse() {
         t.offset = c.get<uint64_t>();
         int64_t blck, bbytes;
         if (!ttype_layout(t.type, blck, bbytes))
-            fail("tensor '" + t.name + "': unsupported tensor type " + std::to_string(t.type) +
-                 " (supported: F32, F16, Q8_0, I8, I16, I32)");
+            fail("tensor '" + t.name + "': unsupported tensor type " +
+                 (ggml_type_name(t.type) ? std::string("llama.cpp ") + ggml_type_name(t.type)
+                                         : std::to_string(t.type)) +
+                 " (the engine runs F32, F16, Q8_0, Q1_0, Q2_0, TQ1_0, TQ2_0 and binary-basis tensors; "
+                 "`bitbasis convert` makes a file it runs)");
         if (t.ne[0] % blck != 0)
             fail("tensor '" + t.name + "': row of " + std::to_string(t.ne[0]) + " elements is not a multiple of the " +
                  ttype_name(t.type) + " block size " + std::to_string(blck));

@@ -58,6 +58,8 @@ struct BBTensor {
     const uint8_t *sparse_codes = nullptr;  // [nnz] u8
     const uint16_t *sparse_zs = nullptr;    // [rows][2] f16 (scale, min)
     const uint16_t *colscale_f16 = nullptr; // [cols] or null
+    std::vector<uint8_t> owned;             // the components above when made at load (llama.cpp's low-bit
+                                            // types, llamacpp_types.h), else empty: they point into the file
 
     // prepared by bb_prepare()
     std::vector<float> scales;              // [rows][ngroups][C][N], POW2 expanded

@@ -1,5 +1,6 @@
 #include "model.h"
 #include "bb_load.h"
+#include "llamacpp_types.h"
 
 #include <algorithm>
 #include <cmath>
@@ -25,6 +26,8 @@ static void dequant_row(const Linear &w, int64_t r, float *out) {
     } else if (w.type == TT_F16) {
         const uint16_t *p = (const uint16_t *)(w.data + r * n * 2);
         for (int64_t j = 0; j < n; j++) out[j] = f16_to_f32(p[j]);
+    } else if (int64_t blck, bytes; lowbit_layout(w.type, blck, bytes)) {   // a llama.cpp low-bit embedding
+        lowbit_dequant_row(w.type, w.data, r, n, out);
     } else {  // Q8_0
         const uint8_t *row = w.data + r * (n / 32) * 34;
         for (int64_t b = 0; b < n / 32; b++) {
@@ -124,10 +127,15 @@ void Model::load_linear(Linear &w, const std::string &name, int64_t rows, int64_
     if (t->n_dims != 2 || t->ne[0] != cols || t->ne[1] != rows)
         fail("tensor " + name + " has shape [" + std::to_string(t->n_dims == 2 ? t->ne[1] : -1) + ", " +
              std::to_string(t->ne[0]) + "], expected [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
-    if (t->type != TT_F32 && t->type != TT_F16 && t->type != TT_Q8_0)
-        fail("tensor " + name + " has type " + ttype_name(t->type) + ", expected F32, F16 or Q8_0");
     w.type = t->type;
     w.data = t->data;
+    if (int64_t blck, bytes; lowbit_layout(t->type, blck, bytes)) {   // llama.cpp's Q1_0/Q2_0/TQ*: our kernels
+        w.bb = bb_from_lowbit(*t);
+        bb_prepare(*w.bb, kernel_->name);
+        return;
+    }
+    if (t->type != TT_F32 && t->type != TT_F16 && t->type != TT_Q8_0)
+        fail("tensor " + name + " has type " + ttype_name(t->type) + ", expected F32, F16 or Q8_0");
 }
 
 void Model::load() {

@@ -7,10 +7,10 @@ import os
 import sys
 
 from .. import __version__
-from . import bench, chat, convert, data, demo, distill, generate, info, ppl, serve
+from . import bench, chat, convert, data, demo, distill, export, generate, info, ppl, serve
 from ._common import parse_opts, print_summary  # noqa: F401 (used by callers of the old cli module)
 
-COMMANDS = (convert, distill, info, ppl, data, demo, generate, chat, serve, bench)
+COMMANDS = (convert, distill, export, info, ppl, data, demo, generate, chat, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
