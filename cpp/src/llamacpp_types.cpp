@@ -52,15 +52,15 @@ uint16_t decode_block(uint32_t type, const uint8_t *b, uint8_t *codes) {
     throw std::runtime_error("not a low-bit llama.cpp type");
 }
 
-// h / 2 in fp16, exactly; false when the last mantissa bit would be lost (subnormal halves).
-bool half_of(uint16_t h, uint16_t &out) {
+// h / 2 in fp16. Exact but for a subnormal half with its last bit set (|d| < 2^-14 and odd): that rounds
+// to nearest even, an error under 2^-25 (as numpy's float16(d / 2) does).
+uint16_t half_of(uint16_t h) {
     const uint16_t sign = h & 0x8000, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    if (e == 31) { out = h; return true; }                       // inf / NaN stay what they are
-    if (e > 1) { out = sign | (uint16_t)((e - 1) << 10) | m; return true; }
+    if (e == 31) return h;                                       // inf / NaN stay what they are
+    if (e > 1) return sign | (uint16_t)((e - 1) << 10) | m;
     const uint16_t sig = e == 1 ? (uint16_t)(0x400 | m) : m;     // the value in units of 2^-24
-    if (sig & 1) return false;
-    out = sign | (uint16_t)(sig >> 1);
-    return true;
+    const uint16_t q = sig >> 1;
+    return sign | (uint16_t)(q + ((sig & 1) & (q & 1)));         // a tie goes to the even neighbour
 }
 
 }  // namespace
@@ -104,13 +104,7 @@ std::unique_ptr<BBTensor> bb_from_lowbit(const GTensor &t) {
         if (np == 1) {
             scales[k] = d;                      // w = d·s
         } else {                                // w = (c - 1)·d = d/2·s0 + d·s1 + d/2
-            uint16_t h;
-            if (!half_of(d, h))
-                throw std::runtime_error("tensor " + t.name + ": " + ggml_type_name(t.type) + " block " +
-                                         std::to_string(k) + " has a scale whose half is not an fp16 number "
-                                         "(no lossless binary-basis form)");
-            scales[k] = h;
-            offsets[k] = h;
+            scales[k] = offsets[k] = half_of(d);
         }
     }
     w->planes = planes;

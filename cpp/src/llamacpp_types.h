@@ -27,8 +27,8 @@ const char *ggml_type_name(uint32_t t);
 bool lowbit_layout(uint32_t t, int64_t &blck, int64_t &bytes);
 
 // The low-bit tensor `t` ([rows, cols] = [ne[1], ne[0]]) as a binary-basis tensor owning its planes,
-// scales and offsets (not prepared: call bb_prepare). Throws std::runtime_error naming the tensor
-// when a scale has no exact fp16 half (then the mapping would not be lossless).
+// scales and offsets (not prepared: call bb_prepare). Exact, but for 2-bit scales below 2^-14 whose
+// fp16 half is rounded (an error under 2^-25).
 std::unique_ptr<BBTensor> bb_from_lowbit(const GTensor &t);
 
 // Row r of a low-bit tensor of `cols` columns, dequantized as llama.cpp does (the token embedding).

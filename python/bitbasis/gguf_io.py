@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import format as bbf
+from . import llamacpp_types
 
 
 class GGUFFileError(ValueError):
@@ -180,14 +181,14 @@ _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _STRING, _ARRAY = 8, 9
 
 
-def check_structure(path: str) -> None:
-    """Walk the GGUF header with the limits of the C++ reader before gguf.GGUFReader sees it.
+def check_structure(path: str) -> list[tuple[str, int, tuple[int, ...]]]:
+    """Walk the GGUF header with the limits of the C++ reader before gguf.GGUFReader sees it; returns
+    (name, ggml type, numpy shape) of every tensor.
     GGUFReader trusts what a file declares: an array count past the end of the file loops without
     progress (a hang), a tensor offset near 2^64 wraps around and reads other bytes, and odd dims,
     misaligned offsets, over-long names and nested arrays go through. Raises GGUFFileError."""
     import mmap
     import struct
-    import gguf
 
     def fail(msg):
         raise GGUFFileError(f"{path}: {msg}")
@@ -263,7 +264,7 @@ def check_structure(path: str) -> None:
             keys.add(key)
         if alignment == 0 or alignment & (alignment - 1) or alignment > _MAX_ALIGNMENT:
             fail(f"general.alignment {alignment} is not a power of two in [1, 65536]")
-        tensors, names = [], set()
+        tensors, names, infos = [], set(), []
         for _ in range(n_tensors):
             name = string(_MAX_NAME_LEN, "tensor info").decode("utf-8", "replace")
             nd = get("<I", "tensor info")
@@ -278,9 +279,9 @@ def check_structure(path: str) -> None:
                 total *= e
                 if total >= 1 << 63:
                     fail(f"tensor '{name}': element count overflows")
-            try:
-                blck, bbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
-            except (ValueError, KeyError):
+            try:   # llama.cpp's own table: it knows types gguf-py may not (Q2_0)
+                blck, bbytes = llamacpp_types.layout(ttype)
+            except KeyError:
                 fail(f"tensor '{name}': unsupported tensor type {ttype}")
             if dims[0] % blck:
                 fail(f"tensor '{name}': row of {dims[0]} elements is not a multiple of the block size {blck}")
@@ -293,6 +294,7 @@ def check_structure(path: str) -> None:
                 fail(f"duplicate tensor name '{name}'")
             names.add(name)
             tensors.append((name, offset, nbytes))
+            infos.append((name, ttype, tuple(reversed(dims))))
         data_start = -(-pos // alignment) * alignment
         if tensors and data_start > size:
             fail(f"truncated file: tensor data would start at {data_start}, file has {size} bytes")
@@ -300,6 +302,7 @@ def check_structure(path: str) -> None:
             if offset + nbytes > size - data_start:
                 fail(f"tensor '{name}': data [{offset}, +{nbytes}) extends past the end of the file (data section "
                      f"holds {size - data_start} bytes; truncated file?)")
+    return infos
 
 
 _SCALAR_FORMAT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
