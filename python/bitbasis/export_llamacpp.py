@@ -14,7 +14,6 @@ they are; the bitbasis.* keys are dropped, so the file is a plain llama.cpp mode
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
 from collections import Counter
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from . import format as bbf
 from . import llamacpp_types as lt
-from .gguf_io import GGUFFileError, atomic_output, check_structure
+from .gguf_io import GGUFFileError, atomic_output
 
 
 @dataclasses.dataclass
@@ -128,8 +127,7 @@ def export_llamacpp(src: str, out: str, force: bool = False) -> list[tuple[str, 
     if not mf.packed:
         raise GGUFFileError(f"{src}: no binary-basis tensors (method {mf.kv.get('bitbasis.method', 'f32/f16')}): "
                             f"llama.cpp reads it as it is")
-    check_structure(src)
-    r = gguf.GGUFReader(src, "r")
+    r = gguf.GGUFReader(src, "r")   # read_model checked the structure first
     alignment = int(mf.kv.get("general.alignment", 32))
     components = {f"{n}.{s}" for n in mf.packed for s in bbf.SUFFIXES}
     order = []   # tensors in the source's order, each binary-basis weight where its first component was

@@ -2,6 +2,7 @@
 sizes and true bits per weight, and whether the engine runs it."""
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 
@@ -19,7 +20,7 @@ def _llamacpp_file(a, tensors) -> int:
     ft = md.get("general.file_type")
     mix = lt.FTYPE_NAMES.get(int(ft), f"file type {ft}") if isinstance(ft, int) else "mixed types"
     linears = Counter(lt.type_name(t) for name, t, shape in tensors if len(shape) == 2 and name.startswith("blk."))
-    params = sum(int(__import__("math").prod(shape)) for _, _, shape in tensors)
+    params = sum(math.prod(shape) for _, _, shape in tensors)
     size = os.path.getsize(a.model)
     print(f"{a.model}: {md.get('general.architecture', '?')}, llama.cpp {mix} "
           f"(block linears: {', '.join(f'{n} x{c}' for n, c in linears.most_common())})")
