@@ -141,7 +141,7 @@ def fisher_sensitivity(model_dir: Path, names: dict[str, str], options: dict[str
     """{GGUF name: {(N, G): ½ Σ F ⊙ (W − Ŵ)²}} for the tensors `names` ({HF name: GGUF name}) over their
     candidate options; F from FISHER_SAMPLES sequences of FISHER_SEQLEN calibration tokens."""
     import torch
-    from .calibrate import calibration_tokens, sample_windows
+    from .calibrate import _one_thread, calibration_tokens, sample_windows
     t0 = time.time()
     model = hf.load_torch_model(Path(model_dir))
     params = dict(model.named_parameters())
@@ -168,10 +168,11 @@ def fisher_sensitivity(model_dir: Path, names: dict[str, str], options: dict[str
     finally:
         torch.set_grad_enabled(False)
     out = {}
-    for k, gname in names.items():
-        w = params[k].detach()
-        F = fisher.pop(k) / len(ids)
-        out[gname] = {o: 0.5 * _rtn_error(w, F, *o) for o in options[gname]}
+    with _one_thread():
+        for k, gname in names.items():
+            w = params[k].detach()
+            F = fisher.pop(k) / len(ids)
+            out[gname] = {o: 0.5 * _rtn_error(w, F, *o) for o in options[gname]}
     if progress:
         print(f"plan: Fisher sensitivity of {len(names)} tensors from {len(ids)} x {seqlen} tokens "
               f"in {time.time() - t0:.1f} s")
