@@ -224,7 +224,29 @@ def run_key(model_dir: Path, quantizer, calib_opts: dict) -> str:
     return f"{quantizer.name}-{h.hexdigest()[:16]}"
 
 
-def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True) -> dict[str, bbf.BinaryBasis]:
+def _quantize_head(model, inps, chunk, n_tok, quantizer, errors) -> bbf.BinaryBasis:
+    """The output head as one more calibrated linear: H from the final norm's outputs on the quantized
+    model's last hidden states (the head's real inputs)."""
+    import torch
+    H = None
+    with torch.no_grad():
+        for i in range(0, len(inps), chunk):
+            x = model.model.norm(inps[i:i + chunk]).reshape(-1, inps.shape[-1]).float()
+            H = x.t() @ x if H is None else H.addmm_(x.t(), x)
+    H *= 2.0 / n_tok
+    W = model.lm_head.weight.data.float()
+    with _one_thread():
+        bb = bbf.round_trip(quantizer.for_tensor("lm_head.weight").quantize(W, H))
+        err = relative_error(W, torch.from_numpy(bbf.dequantize(bb)).to(W.device), H)
+    if errors is not None:
+        errors["lm_head.weight"] = err
+    return bb
+
+
+def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True,
+                   errors: dict | None = None) -> dict[str, bbf.BinaryBasis]:
+    """{HF name: BinaryBasis} of every block linear (and the head when the quantizer covers it);
+    `errors`, when given, receives each one's relative error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)."""
     import torch
     from tqdm import tqdm
     from . import hf
@@ -293,12 +315,15 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
                 raise CalibrationError(f"block {k} {name}: calibration activations overflowed (NaN/Inf)")
             W = m.weight.data.float()
             with _one_thread():
-                bb = bbf.round_trip(quantizer.quantize(W, H))     # exactly what the file will hold
+                q = quantizer.for_tensor(f"model.layers.{k}.{name}.weight")   # a bit plan: its own N, G
+                bb = bbf.round_trip(q.quantize(W, H))             # exactly what the file will hold
                 Wq = torch.from_numpy(bbf.dequantize(bb)).to(W.device)
                 err = relative_error(W, Wq, H)
             m.weight.data = Wq.to(m.weight.dtype)
             out[f"model.layers.{k}.{name}.weight"] = bb
             errs.append(f"{name.rsplit('.', 1)[-1].replace('_proj', '')} {err:.4f}")
+            if errors is not None:
+                errors[f"model.layers.{k}.{name}.weight"] = err
             bar.update(1)
             bar.set_postfix(blk=k, layer=name.rsplit(".", 1)[-1], err=f"{err:.4f}")
         if progress:
@@ -309,6 +334,10 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
         if not all_finite(inps):
             raise CalibrationError(f"block {k}: outputs hold NaN or Inf after quantization")
     bar.close()
+    if quantizer.covers("lm_head.weight"):                      # a quantized head: its Hessian is of the
+        out["lm_head.weight"] = _quantize_head(model, inps, chunk, n_tok, quantizer, errors)  # final norm's output
+        if progress and errors is not None:
+            print(f"head rel. err {errors['lm_head.weight']:.4f}")
     ckpt.clear()
     if progress:
         print(f"calibrated {n_lin} linears in {time.time() - t0:.1f} s "

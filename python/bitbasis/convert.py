@@ -29,6 +29,16 @@ class ConvertOptions:
     calib: dict | None = None      # calibration options for methods that need a Hessian
     extra: dict | None = None      # method-specific options (salient fraction, ...)
     force: bool = False            # never overwrite an existing output unless asked
+    rotate: bool = False           # fold a random orthogonal rotation into the weights first (bitbasis.rotate)
+    target_bpw: float | None = None          # a bit plan for this block bpw (bitbasis.plan)
+    tensor_types: list | None = None         # plan rules: ["REGEX=N[:G]", ...]
+    head_bases: tuple[int, int] | None = None   # quantize the output head too: (N, G)
+    check: bool = False            # after writing: warn when the model has collapsed (collapse_check)
+
+
+# The best CPU recipe measured (docs/results.md §21): the CLI's and the demo's defaults.
+DEFAULT_RECIPE = dict(method="gptq", bases=3, group=192, rotate=True, calib_samples=32, calib_seqlen=512)
+COLLAPSE_RATIO = 4.0               # perplexity of the file / of the f32 model above which it has collapsed
 
 
 def is_block_linear(gguf_name: str) -> bool:
@@ -43,23 +53,82 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
     if opts.embed_type not in ("F32", "F16", "Q8_0"):
         raise ConvertError(f"--embed-type {opts.embed_type}: must be F32, F16 or Q8_0")
-    hf.load_config(model_dir)                   # a clear error for a directory that is not a checkpoint
+    cfg = hf.load_config(model_dir)             # a clear error for a directory that is not a checkpoint
     quantizer = None
     if opts.method not in DENSE_METHODS:
         try:
             quantizer = get_quantizer(opts.method, bases=opts.bases, group=opts.group, **(opts.extra or {}))
         except QuantizerError as e:
             raise ConvertError(str(e)) from None
+    planned = opts.target_bpw is not None or opts.tensor_types or opts.head_bases
+    if planned and (quantizer is None or hasattr(quantizer, "quantize_model")):
+        raise ConvertError(f"--method {opts.method}: no bit plan (--target-bpw, --tensor-type, --head-bases) "
+                           f"for dense or whole-model methods")
     t0 = time.time()
+    source_dir = model_dir
+    if opts.rotate:
+        from .rotate import rotated_checkpoint
+        model_dir = rotated_checkpoint(model_dir, int((opts.calib or {}).get("seed") or 0),
+                                       progress=print if progress else None)
+    if planned:
+        from . import plan as bbplan
+        try:
+            p = bbplan.make_plan(model_dir, opts.method, quantizer.bases, quantizer.group, opts.target_bpw,
+                                 bbplan.parse_tensor_types(opts.tensor_types), opts.head_bases, opts.calib,
+                                 progress=progress)
+            quantizer = bbplan.PlannedQuantizer(p, opts.extra, int(cfg["num_hidden_layers"]))
+        except (bbplan.PlanError, QuantizerError) as e:
+            raise ConvertError(str(e)) from None
+        if progress:
+            print(f"plan: block bpw {p.bpw():.4f}" + (f" (target {opts.target_bpw})" if opts.target_bpw else ""))
     quantized: dict[str, bbf.BinaryBasis] = {}
+    errors: dict[str, float] = {}
     if quantizer is not None and hasattr(quantizer, "quantize_model"):  # whole-model methods (QBB)
         quantized = quantizer.quantize_model(model_dir, opts.calib or {}, progress=progress)
     elif quantizer is not None and quantizer.needs_hessian:
         from .calibrate import quantize_model
-        quantized = quantize_model(model_dir, quantizer, opts.calib or {}, progress=progress)
-    s = write_converted(model_dir, out, opts, quantizer, quantized, progress=progress)
+        quantized = quantize_model(model_dir, quantizer, opts.calib or {}, progress=progress, errors=errors)
+    settings = None
+    if opts.rotate:
+        settings = dict(quantizer.settings() if quantizer else {},
+                        rotation={"kind": "randomized Hadamard x random orthogonal, residual + per-head V/O",
+                                  "seed": int((opts.calib or {}).get("seed") or 0)})
+    s = write_converted(model_dir, out, opts, quantizer, quantized, progress=progress, settings=settings)
     s["seconds"] = time.time() - t0
+    if errors:
+        worst = max(errors, key=errors.get)
+        s["worst_layer"] = (worst, errors[worst])
+    if opts.check and quantizer is not None:
+        s.update(collapse_check(source_dir, out))
     return s
+
+
+def collapse_check(model_dir: Path, path, tokens: int = 512) -> dict:
+    """Perplexity of the written file (engine) against the f32 model (transformers) on the same
+    calibration tokens: a file COLLAPSE_RATIO times worse has collapsed (e.g. residual N = 2 on
+    SmolLM2, 459,675), and the caller warns. Returns {"check_ppl": (file, f32)} and maybe "warning"."""
+    import math
+    import torch
+    from . import data
+    from .perplexity import score_window
+    try:
+        from .engine import Model
+    except ImportError:                        # no native library: nothing to run the file with
+        return {}
+    tokens = min(tokens, int(hf.load_config(model_dir).get("max_position_embeddings") or tokens))
+    text = data.read_text("calib")[:20 * tokens]               # a prefix: tokenizing all plays costs seconds
+    ids = np.asarray(hf.load_tokenizer(model_dir)(text, add_special_tokens=False)["input_ids"][:tokens], np.int64)
+    with torch.no_grad():
+        ref = hf.load_torch_model(model_dir)(torch.as_tensor(ids[None])).logits[0].numpy()
+    m = Model(str(path), threads=2)
+    got = np.asarray(m.logits(ids.tolist()), np.float32)
+    ppl_q = math.exp(float(score_window(got, ids, 0).mean()))
+    ppl_f = math.exp(float(score_window(ref, ids, 0).mean()))
+    out = {"check_ppl": (ppl_q, ppl_f)}
+    if not ppl_q <= COLLAPSE_RATIO * ppl_f:    # NaN counts as collapsed
+        out["warning"] = (f"{path}: the model has collapsed: perplexity {ppl_q:.1f} on {len(ids)} calibration "
+                          f"tokens against {ppl_f:.1f} for f32 (try more bases, --method gptq, or a rotation)")
+    return out
 
 
 def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quantized: dict[str, bbf.BinaryBasis],
@@ -75,6 +144,9 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     kv = hf.arch_kv(cfg, Path(model_dir).name) + hf.tokenizer_kv(model_dir, cfg)
 
+    if "lm_head.weight" not in sd and (quantizer is not None and quantizer.covers("lm_head.weight")
+                                       or "lm_head.weight" in quantized):
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]     # a tied head quantized: its own tensor
     names = {k: hf.gguf_name(k, n_layers) for k in sd if not k.endswith("rotary_emb.inv_freq")}
     dense, packed = [], []
     it = tqdm(sorted(names.items(), key=lambda kv_: _order(kv_[1])), desc=f"convert {opts.method}",
@@ -84,10 +156,10 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
         perm = None
         if g_name.endswith(("attn_q.weight", "attn_k.weight")):
             perm = hf.qk_row_permutation(w.shape[0], n_head if "attn_q" in g_name else n_kv)
-        if is_block_linear(g_name) and (hf_name in quantized or quantizer is not None):
+        if hf_name in quantized or (quantizer is not None and (is_block_linear(g_name) or quantizer.covers(hf_name))):
             bb = quantized.get(hf_name)
             if bb is None:
-                bb = quantizer.quantize(torch.from_numpy(w), None)
+                bb = quantizer.for_tensor(hf_name).quantize(torch.from_numpy(w), None)
             if perm is not None:
                 bb = bbf.permute_rows(bb, perm)
             packed.append((g_name, bbf.pack(bb)))

@@ -1,52 +1,109 @@
 """`bitbasis convert`: an HF checkpoint into a bitbasis GGUF."""
 from __future__ import annotations
 
+import sys
 
 from ._common import parse_opts, print_summary
 
+BASELINES = ("rtn", "residual", "pbllm", "billm", "arb", "qbb")   # the papers' methods, kept as they are
 
-def run(a) -> int:
-    from .. import hf
-    from ..convert import ConvertOptions, convert
-    model_dir = hf.resolve_model_dir(a.model)
-    extra = parse_opts(a.opt)
-    calib = {"samples": a.calib_samples, "seqlen": a.calib_seqlen, "device": a.device, "seed": a.seed}
+
+def options_from_args(a):
+    """ConvertOptions from the parsed arguments, the recipe's defaults filled in; an option the method
+    would ignore is refused (one line), never dropped silently."""
+    from ..convert import ConvertOptions, ConvertError, DEFAULT_RECIPE, DENSE_METHODS
+    from ..quant import METHODS
+    R = DEFAULT_RECIPE
+    dense = a.method in DENSE_METHODS
+    cls = METHODS.get(a.method)
+    if not dense and cls is None:
+        raise ConvertError(f"unknown method {a.method!r}; known: {', '.join(DENSE_METHODS + tuple(sorted(METHODS)))}")
+    for flag, val, used in (("--bases", a.bases, not dense and cls.uses_bases),
+                            ("--group", a.group, not dense and cls.uses_group),
+                            ("--calib-samples", a.calib_samples, not dense and cls.needs_hessian),
+                            ("--calib-seqlen", a.calib_seqlen, not dense and cls.needs_hessian),
+                            ("--calib-text", a.calib_text, not dense and cls.needs_hessian)):
+        if val is not None and not used:
+            raise ConvertError(f"{flag}: --method {a.method} does not use it")
+    if a.opt and dense:
+        raise ConvertError(f"--opt: --method {a.method} has no options")
+    calib = {"samples": a.calib_samples or R["calib_samples"], "seqlen": a.calib_seqlen or R["calib_seqlen"],
+             "device": a.device, "seed": a.seed}
     if a.calib_text:
         calib["text"] = a.calib_text
     if a.no_checkpoint or a.checkpoint_dir:
         calib["checkpoint"] = "none" if a.no_checkpoint else a.checkpoint_dir
-    opts = ConvertOptions(method=a.method, bases=a.bases, group=a.group, embed_type=a.embed_type,
-                          calib=calib, extra=extra, force=a.force)
-    s = convert(model_dir, a.output, opts, progress=not a.quiet)
+    head = None
+    if a.head_bases:
+        n, _, g = a.head_bases.partition(":")
+        if not n.isdigit() or (g and not g.isdigit()):
+            raise ConvertError(f"--head-bases {a.head_bases!r}: expected N or N:G")
+        head = (int(n), int(g) if g else (a.group or R["group"]))
+    return ConvertOptions(method=a.method, bases=a.bases or R["bases"], group=a.group or R["group"],
+                          embed_type=a.embed_type, calib=calib, extra=parse_opts(a.opt), force=a.force,
+                          rotate=(not dense) if a.rotate is None else a.rotate, target_bpw=a.target_bpw,
+                          tensor_types=a.tensor_type, head_bases=head, check=not a.no_check)
+
+
+def run(a) -> int:
+    from .. import hf
+    from ..convert import convert
+    opts = options_from_args(a)
+    s = convert(hf.resolve_model_dir(a.model), a.output, opts, progress=not a.quiet)
     print(f"wrote {a.output}")
     print_summary(s)
+    if "worst_layer" in s:
+        print(f"worst layer {s['worst_layer'][0]} rel. err {s['worst_layer'][1]:.4f}")
+    if "check_ppl" in s:
+        print(f"check       perplexity {s['check_ppl'][0]:.2f} on calibration tokens (f32 {s['check_ppl'][1]:.2f})")
+    if "warning" in s:
+        print(f"bitbasis: warning: {s['warning']}", file=sys.stderr)
     return 0
 
 
 def add_parser(sub) -> None:
+    from ..convert import DEFAULT_RECIPE as R
     c = sub.add_parser("convert", help="HF checkpoint -> bitbasis GGUF", description=(
         "Convert an HF checkpoint directory (or 'smollm2') into a GGUF. f32/f16 keep every weight "
         "dense; the other methods store block linear weights in the binary-basis type "
-        "(formats/binary_basis_v1.md). Embeddings and head use --embed-type."))
+        "(formats/binary_basis_v1.md). Embeddings and head use --embed-type unless --head-bases. "
+        f"The default is the best CPU recipe measured (docs/results.md §21): a rotation folded into the "
+        f"weights, then GPTQ with N={R['bases']} G={R['group']} on {R['calib_samples']}x{R['calib_seqlen']} "
+        "calibration tokens (the papers' 128x2048 is --calib-samples 128 --calib-seqlen 2048)."))
     c.add_argument("model", help="HF checkpoint directory, or 'smollm2'")
     c.add_argument("-o", "--output", required=True, help="output .gguf (written atomically)")
-    c.add_argument("--method", default="residual",
-                   help="f32, f16, rtn, residual, gptq, pbllm, billm, arb, qbb (default residual)")
-    c.add_argument("--bases", "-N", type=int, default=2, help="number of binary bases / bits (1..8, default 2)")
-    c.add_argument("--group", "-G", type=int, default=128, help="columns per scale group (multiple of 64, default 128)")
+    c.add_argument("--method", default=R["method"],
+                   help=f"f32, f16 (dense); gptq (default); baselines, the papers' methods as published: "
+                        f"{', '.join(BASELINES)}")
+    c.add_argument("--bases", "-N", type=int, help=f"number of binary bases / bits (default {R['bases']})")
+    c.add_argument("--group", "-G", type=int,
+                   help=f"columns per scale group (multiple of 64, default {R['group']})")
     c.add_argument("--embed-type", default="Q8_0", choices=["F32", "F16", "Q8_0"],
-                   help="storage of token embedding and output head (default Q8_0)")
-    c.add_argument("--calib-samples", type=int, default=128, help="calibration samples (default 128, as the papers)")
-    c.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+                   help="storage of token embedding and (unless --head-bases) output head (default Q8_0)")
+    c.add_argument("--rotate", dest="rotate", action="store_true", default=None,
+                   help="fold a random orthogonal rotation into the weights (default for quantized methods)")
+    c.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotation")
+    c.add_argument("--target-bpw", type=float, metavar="BPW",
+                   help="bit plan: choose N and G per block linear from a measured (Fisher) sensitivity so the "
+                        "block bpw meets BPW (gptq, residual)")
+    c.add_argument("--tensor-type", action="append", metavar="REGEX=N[:G]",
+                   help="pin tensors whose GGUF name matches REGEX to N bases (and group G), as llama.cpp's "
+                        "--tensor-type; the first matching rule wins; '^output' quantizes the head")
+    c.add_argument("--head-bases", metavar="N[:G]", help="store the output head as N bases (group G) too")
+    c.add_argument("--calib-samples", type=int, help=f"calibration samples (default {R['calib_samples']})")
+    c.add_argument("--calib-seqlen", type=int, help=f"tokens per calibration sample (default {R['calib_seqlen']})")
     c.add_argument("--calib-text", help="calibration text file (default: the calibration plays)")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=0, help="calibration sampling and rotation seed")
     c.add_argument("--checkpoint-dir", metavar="DIR",
                    help="where calibrated methods keep per-block checkpoints; an interrupted run started "
                         "again with the same settings resumes from them (default: under the cache, "
                         "keyed by model, method and calibration settings; removed when the run completes)")
     c.add_argument("--no-checkpoint", action="store_true", help="keep no per-block checkpoints")
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. salient=0.1")
+    c.add_argument("--no-check", action="store_true",
+                   help="skip the check after writing (perplexity of the file against f32 on 512 "
+                        "calibration tokens; a collapsed model is warned about)")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=run)

@@ -54,12 +54,28 @@ def run(a) -> int:
         what = "dense " + "/".join(k for k, _ in kinds.most_common()) if kinds else "dense"
     print(f"{a.model}: {mf.arch}, {what}")
     print_summary(s)
+    settings = _settings(mf.kv)
+    if "rotation" in settings:
+        print(f"rotation    {settings['rotation'].get('kind')}, seed {settings['rotation'].get('seed')}")
+    if "plan" in settings:
+        from ..plan import describe
+        for line in describe(settings["plan"]):
+            print(line)
     if a.tensors:
         for name, p in mf.packed.items():
             print(f"  {name:32s} {bbf.describe(p)}")
         for name, t in mf.dense_types.items():
             print(f"  {name:32s} {t} {list(mf.dense[name].shape)}")
     return 0
+
+
+def _settings(kv) -> dict:
+    import json
+    try:
+        s = json.loads(str(kv.get("bitbasis.settings", "{}")))
+    except json.JSONDecodeError:
+        return {}
+    return s if isinstance(s, dict) else {}
 
 
 def add_parser(sub) -> None:

@@ -116,6 +116,7 @@ class ARB(Quantizer):
     """ARB-LLM on BiLLM's structure (ignores --bases: 2 planes; --group is the block size).
     Options: iters (15), rc (row x column scales, no mean), up_lim (50)."""
     name = "arb"
+    uses_bases = False
     needs_hessian = True
     iters: int = 15
     rc: bool = False

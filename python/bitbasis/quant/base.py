@@ -25,6 +25,8 @@ class Quantizer:
     group: int = 128
     name = "base"
     needs_hessian = False
+    uses_bases = True    # False: a fixed structure that --bases cannot change (the CLI refuses --bases)
+    uses_group = True
 
     def check(self) -> None:
         if not 1 <= self.bases <= 8:
@@ -37,6 +39,14 @@ class Quantizer:
 
     def settings(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items()}
+
+    def for_tensor(self, name: str) -> "Quantizer":
+        """The quantizer of one tensor (HF name); a bit plan (bitbasis.plan) gives each its own."""
+        return self
+
+    def covers(self, name: str) -> bool:
+        """Whether this quantizer is asked to quantize `name` beyond the block linears (the head)."""
+        return False
 
 
 METHODS: dict[str, Callable[..., Quantizer]] = {}
@@ -52,7 +62,12 @@ def get_quantizer(method: str, **opts) -> Quantizer:
         raise QuantizerError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
     cls = METHODS[method]
     fields = {f.name for f in dataclasses.fields(cls)}
-    q = cls(**{k: v for k, v in opts.items() if k in fields and v is not None})
+    unknown = sorted(set(opts) - fields)
+    if unknown:                      # a typo (--opt salinet=0.2) must not silently run the default
+        known = sorted(fields - {"bases", "group"})
+        raise QuantizerError(f"--opt {unknown[0]}: not an option of --method {method} "
+                             f"(its options: {', '.join(known) or 'none'})")
+    q = cls(**{k: v for k, v in opts.items() if v is not None})
     q.check()
     return q
 

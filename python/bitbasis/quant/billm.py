@@ -234,6 +234,7 @@ class BiLLM(Quantizer):
     """BiLLM: salient columns residual-binarized, the rest split at a searched break-point
     (ignores --bases: always 2 planes; --group is the block size, 128 in the paper)."""
     name = "billm"
+    uses_bases = False
     needs_hessian = True
     up_lim: int = 50
     percdamp: float = 0.01

@@ -84,6 +84,8 @@ class PBLLM(Quantizer):
     """Partially binarized: `salient` fraction 8-bit, the rest one sign plane per row (ignores --bases
     and --group)."""
     name = "pbllm"
+    uses_bases = False
+    uses_group = False
     needs_hessian = True
     salient: float = 0.1
     percdamp: float = 0.01
