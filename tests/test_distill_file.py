@@ -1,4 +1,4 @@
-"""`bitbasis distill`: QBB's step 3 on an existing file (convert.distill_file), and the reader that
+"""`bitbasis distill`: QBB's step 3 on an existing file (cli.distill.distill_file), and the reader that
 turns a file's packed tensors back into the checkpoint's row order (convert.quantized_from_file)."""
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 
 from bitbasis import format as bbf
-from bitbasis.convert import ConvertError, ConvertOptions, convert, distill_file, quantized_from_file
+from bitbasis.cli.distill import distill_file
+from bitbasis.convert import ConvertError, ConvertOptions, convert, quantized_from_file
+from bitbasis.distill import DistillConfig
 from bitbasis.gguf_io import read_model
 
-SMALL = {"seqs": 4, "len": 16, "batch": 2, "lr": 1e-2}
+SMALL = {"seqs": 4, "length": 16, "batch": 2, "lr": 1e-2}
+
+
+def cfg(**kw):
+    return DistillConfig(**dict(SMALL, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +45,7 @@ def test_reading_a_file_back_inverts_the_writer(tiny_dir, qbb_file, tmp_path):
 
 def test_zero_steps_leave_the_tensors_unchanged(tiny_dir, qbb_file, tmp_path):
     out = tmp_path / "d0.gguf"
-    distill_file(qbb_file, out, tiny_dir, dict(SMALL, steps=0), progress=False)
+    distill_file(qbb_file, out, tiny_dir, cfg(steps=0), progress=False)
     a, b = read_model(qbb_file), read_model(out)
     assert a.packed.keys() == b.packed.keys()
     for name, p in a.packed.items():
@@ -50,7 +56,7 @@ def test_zero_steps_leave_the_tensors_unchanged(tiny_dir, qbb_file, tmp_path):
 
 def test_distillation_moves_scales_not_signs(tiny_dir, qbb_file, tmp_path):
     out = tmp_path / "d3.gguf"
-    s = distill_file(qbb_file, out, tiny_dir, dict(SMALL, steps=3, ckpt=str(tmp_path / "c.pt")), progress=False)
+    s = distill_file(qbb_file, out, tiny_dir, cfg(steps=3, ckpt=str(tmp_path / "c.pt")), progress=False)
     assert s["file_bytes"] == out.stat().st_size
     a, b = read_model(qbb_file), read_model(out)
     moved = 0
@@ -60,7 +66,7 @@ def test_distillation_moves_scales_not_signs(tiny_dir, qbb_file, tmp_path):
         moved += not np.array_equal(bbf.full_scales(ua), bbf.full_scales(ub))
     assert moved > 0
     with pytest.raises(FileExistsError):
-        distill_file(qbb_file, out, tiny_dir, dict(SMALL, steps=0), progress=False)
+        distill_file(qbb_file, out, tiny_dir, cfg(steps=0), progress=False)
 
 
 def test_bad_inputs_are_named(tiny_dir, qbb_file, tmp_path):
@@ -71,8 +77,8 @@ def test_bad_inputs_are_named(tiny_dir, qbb_file, tmp_path):
     f32 = tmp_path / "f32.gguf"
     convert(tiny_dir, f32, ConvertOptions(method="f32"), progress=False)
     with pytest.raises(ConvertError, match="no binary-basis tensors"):
-        distill_file(f32, tmp_path / "x.gguf", tiny_dir, dict(SMALL, steps=1), progress=False)
+        distill_file(f32, tmp_path / "x.gguf", tiny_dir, cfg(steps=1), progress=False)
     r = subprocess.run([sys.executable, "-m", "bitbasis.cli", "distill", str(qbb_file), "-o", str(tmp_path / "y.gguf"),
                         "--model", str(tiny_dir), "--batch", "0", "-q"], capture_output=True, text=True)
-    assert r.returncode != 0 and "distill_batch >= 1" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "batch >= 1" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "y.gguf").exists()

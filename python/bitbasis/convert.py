@@ -217,42 +217,6 @@ def quantized_from_file(path, model_dir: Path) -> tuple[dict[str, bbf.BinaryBasi
     return out, mf.kv
 
 
-def distill_file(path, out, model_dir: Path, distill_opts: dict, force: bool = False,
-                 progress: bool = True) -> dict:
-    """QBB's step 3 on an existing file: data-free distillation of the scales (bitbasis.distill) of
-    any file whose block linears are plain planes + scales (+ offsets): qbb, gptq, rtn, residual.
-    The signs stay; the file's settings gain a "distilled" entry."""
-    import json
-    from .distill import distill
-    from .quant import get_quantizer, QuantizerError
-
-    model_dir = Path(model_dir)
-    if Path(out).exists() and not force:
-        raise FileExistsError(f"{out} exists (use --force to overwrite)")
-    quantized, kv = quantized_from_file(path, model_dir)
-    first = next(iter(quantized.values()))
-    opts = {f"distill_{k}": v for k, v in distill_opts.items() if k not in ("seed", "device")}
-    try:
-        q = get_quantizer("qbb", bases=first.n_planes, group=first.group, seed=distill_opts.get("seed", 0),
-                          device=distill_opts.get("device") or "", **opts)
-    except (QuantizerError, TypeError) as e:
-        raise ConvertError(f"distill: {e}") from None
-    if q.distill_steps < 0:
-        raise ConvertError("distill: steps must be >= 0")
-    t0 = time.time()
-    done = distill(model_dir, quantized, q, progress=progress)
-    method = str(kv.get("bitbasis.method", "qbb"))
-    try:
-        settings = json.loads(str(kv.get("bitbasis.settings", "{}")))
-    except json.JSONDecodeError:
-        settings = {}
-    settings["distilled"] = {k: v for k, v in q.settings().items() if k.startswith("distill_") or k == "seed"}
-    s = write_converted(model_dir, out, ConvertOptions(method=method, bases=first.n_planes, group=first.group,
-                                                       force=force), q, done, progress=False, settings=settings)
-    s["seconds"] = time.time() - t0
-    return s
-
-
 def _order(name: str):
     """Token embedding first, then blocks in order, then the head: the order llama.cpp writes."""
     if name.startswith("blk."):

@@ -1,79 +1,168 @@
-"""QBB step 3: data-free distillation of the scales (QBB, NeurIPS 2024, sec. 3.2).
+"""Distillation of a binary-basis model from its full-precision teacher: QBB's step 3 (NeurIPS 2024,
+sec. 3.2) and, growing out of it, quantization-aware distillation (QAT).
 
-The full-precision model writes its own training text: each sequence starts from a random token,
-continues greedily for a few tokens, then by sampling. The student is the same model whose block
-linears are W = Σ α_i B_i + μ (`BasisLinear`); only α and μ train, the signs stay frozen. The loss is
-KL(teacher ‖ student) over the next-token distributions plus the MSE of the logits. Teacher blocks are
-swapped for student blocks progressively (first block first) over the first half of the steps, then
-every block is the student's. Small models diverge easily (an outside reproduction on TinyLlama did),
-so the scales train as relative corrections α = α₀·(1 + a), μ = μ₀ + |α₀|·m with a small learning
-rate and clipped gradients. A checkpoint (.pt) is written every few steps; a rerun with the same
-settings resumes from it.
+Teacher data. The full-precision model writes its own training text (QBB's data-free recipe, LLM-QAT's
+generator): each sequence starts from a random token, continues greedily for a few tokens, then by
+sampling. Optionally a fraction of the sequences are windows of the calibration text instead.
 
-Beyond the paper, `train="signs"` trains the signs too (quantization-aware distillation): each linear
-keeps a latent real weight V (starting at the quantized weight, so step 0 is the file), the forward
-pass puts every latent on its nearest level Σ ±α_i + μ of the current scales (quant.qbb.nearest_signs,
-LQ-Net's quantizer) and the backward pass is straight-through to V (BinaryConnect); latents are clipped
-one unit past the extreme levels so that none drifts where no gradient brings it back, and the
-learning rates follow a cosine decay so that late steps stop flipping signs back and forth. Same
-teacher data, loss and block swap; the file format and its bits are the same.
+Student. The same model whose block linears are W = Σ α_i B_i + μ (`BasisLinear`; basis.py is the
+algebra). What trains (`DistillConfig.train`):
+  scales  only α and μ, as relative corrections α = α₀·(1 + a), μ = μ₀ + |α₀|·m (the paper; small
+          models diverge easily when the scales move freely);
+  signs   quantization-aware: each linear keeps a latent real weight V; the forward pass puts it on
+          its nearest level Σ ±α_i + μ of the current scales (basis.nearest_signs, the stored grid) and
+          the backward pass is straight-through to V (BinaryConnect); α and μ learn as above. Latents
+          are clipped one unit past the extreme levels so none drifts where no gradient brings it back.
+The latents start at the file's weights (step 0 is the file) or at the teacher's weights, and the grid
+at the file's scales or at ParetoQ's per-bit-width initialisation (basis.paretoq_grid).
+
+Loss, on the next-token distributions of every position: forward KL(p_t ‖ p_s) (LLM-QAT, QBB), optionally
++ the MSE of the logits (QBB), or BitDistiller's confidence-aware KL
+    CAKLD = γ·KL(p_s ‖ p_t) + (1 − γ)·KL(p_t ‖ p_s),  γ = the teacher's mean top-1 probability on the data.
+QBB's progressive block swap (teacher blocks replaced by student blocks, first block first, over a
+fraction of the steps) is an option. AdamW, cosine decay to LR_FLOOR, gradient-norm clipping, bf16
+autocast on CUDA. A checkpoint holds the teacher data, the trainable tensors, the optimizer and the
+schedule, so a run cut anywhere and started again with the same settings ends exactly where an
+uninterrupted one does.
+
+Data parallel. Started by torchrun (WORLD_SIZE > 1), the same call is one rank of a data-parallel job:
+each rank writes the teacher sequences of its own seed range, all ranks gather them (every rank holds
+the same global data, no sequence is written twice), each step's global batch is split across ranks,
+and the gradients are averaged with one all-reduce before clipping, as DDP does, so the result equals
+the single-process run on the same global batch. Only rank 0 writes checkpoints and files.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .format import BinaryBasis, full_scales
-from .quant.base import groups_view
-from .quant.qbb import level_codes, nearest_signs, reconstruct
+from .basis import BasisError, groups_view, level_codes, nearest_signs, pack, paretoq_grid, reconstruct, unpack
+from .format import BinaryBasis
 
 GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
-CKPT_EVERY = 10          # steps between checkpoints
-CKPT_EVERY_SIGNS = 250   # ... when the latent weights train too (a checkpoint holds them and their Adam state)
-LR_FLOOR = 0.05          # train="signs": cosine decay of the learning rates down to this fraction
-CLIP_LATENT_EVERY = 8    # train="signs": steps between latent clips (each clip is a dozen kernels per linear)
-MSE_WEIGHT = 1.0         # loss = KL + MSE_WEIGHT · MSE(logits)
-CLIP = 1.0               # gradient-norm clip
+LR_FLOOR = 0.05          # cosine decay of the learning rates down to this fraction
+CLIP_LATENT_EVERY = 8    # train="signs": steps between latent clips (a dozen kernels per linear each)
+GAMMA_SEQS = 32          # CAKLD: teacher sequences whose mean top-1 probability gives γ
+TRAINS = ("scales", "signs")
+LOSSES = ("kl", "kl+mse", "cakld")
+LATENTS = ("file", "teacher")
+GRIDS = ("file", "paretoq")
 
 
 class DistillError(ValueError):
     pass
 
 
+class CheckpointError(DistillError):
+    """A checkpoint that cannot be read, or one written by a run of other settings."""
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    steps: int = 30
+    seqs: int = 64            # teacher-written sequences (+ calibration windows, see calib_frac)
+    length: int = 128         # tokens per sequence
+    batch: int = 4            # sequences per step, over all ranks
+    lr: float = 1e-4          # AdamW learning rate of the relative scale corrections
+    train: str = "scales"     # scales | signs
+    sign_lr: float = 0.01     # train=signs: learning rate of the latents, in units of the group's mean |α|
+    loss: str = "kl+mse"      # kl | kl+mse | cakld
+    mse_weight: float = 1.0   # loss kl+mse: KL + mse_weight · MSE(logits)
+    swap: float = 0.5         # fraction of the steps over which student blocks replace teacher blocks (0: all at once)
+    latent: str = "file"      # train=signs: latents start at the file's weights or the teacher's
+    grid: str = "file"        # the file's scales, or ParetoQ's initialisation from the teacher's weights
+    calib_frac: float = 0.0   # fraction of the sequences taken from the calibration text instead
+    weight_decay: float = 0.0
+    clip: float = 1.0         # gradient-norm clip
+    gen_batch: int = 0        # sequences the teacher writes at once (0: max(batch, 8)); fixes the data's seeds
+    seed: int = 0
+    device: str = ""          # cpu | cuda (default: cuda when present)
+    ckpt: str = ""            # checkpoint file (default: under BITBASIS_CACHE, keyed by the settings)
+    ckpt_every: int = 50      # steps between checkpoints
+    eval_every: int = 0       # steps between held-out perplexities of the student (torch; 0: none)
+    eval_windows: int = 8     # llama.cpp-protocol windows of the held-out text per evaluation
+    eval_log: str = ""        # JSON lines {step, tokens, ppl} (rank 0); the curve's data
+    stop_at: int = 0          # checkpoint and stop after this step (0: run to the end); a rerun continues
+    time_limit: float = 0     # checkpoint and stop after this many seconds of training (0: none)
+
+    # settings that do not change the trajectory: a checkpoint of a run that differs only in these resumes
+    NOT_IN_KEY = ("device", "ckpt", "ckpt_every", "eval_every", "eval_windows", "eval_log", "stop_at", "time_limit")
+
+    def check(self) -> "DistillConfig":
+        if self.steps < 0:
+            raise DistillError("distill: steps must be >= 0")
+        if self.seqs < 1 or self.length < 8 or self.batch < 1:
+            raise DistillError("distill: seqs >= 1, length >= 8, batch >= 1")
+        for name, val, allowed in (("train", self.train, TRAINS), ("loss", self.loss, LOSSES),
+                                   ("latent", self.latent, LATENTS), ("grid", self.grid, GRIDS)):
+            if val not in allowed:
+                raise DistillError(f"distill: {name}={val}: must be one of {', '.join(allowed)}")
+        if not (self.lr > 0 and self.sign_lr > 0 and self.clip > 0):
+            raise DistillError("distill: lr, sign_lr and clip must be > 0")
+        if not (0 <= self.swap <= 1 and 0 <= self.calib_frac <= 1 and self.weight_decay >= 0 and self.mse_weight >= 0):
+            raise DistillError("distill: swap and calib_frac in [0, 1], weight_decay and mse_weight >= 0")
+        if self.gen_batch < 0 or self.ckpt_every < 1 or self.eval_every < 0 or self.eval_windows < 1:
+            raise DistillError("distill: gen_batch >= 0, ckpt_every >= 1, eval_every >= 0, eval_windows >= 1")
+        if self.stop_at < 0 or self.time_limit < 0:
+            raise DistillError("distill: stop_at and time_limit must be >= 0")
+        return self
+
+    def settings(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_IN_KEY}
+
+    def torch_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class BasisLinear(torch.nn.Module):
     """y = x Wᵀ with W = Σ_i α_i ⊙ B_i + μ per row and group. train_signs=False: signs frozen, scales
     trainable (the paper). train_signs=True: B = nearest-level signs of a trainable latent weight,
-    straight-through (module docstring)."""
+    straight-through (module docstring). latent: the starting latent weight [rows, cols] (default:
+    the file's weights); grid: (α, μ) to start from instead of the file's."""
 
-    def __init__(self, bb: BinaryBasis, train_signs: bool = False):
+    def __init__(self, bb: BinaryBasis, train_signs: bool = False, latent: torch.Tensor | None = None,
+                 grid: tuple | None = None):
         super().__init__()
-        if bb.n_classes != 1 or bb.sparse_mask is not None or bb.colscale is not None:
-            raise DistillError("distillation handles plain planes + scales (+ offset) only")
-        n, rows, cols = bb.signs.shape
-        self.cols, self.group = cols, bb.group
-        s = torch.from_numpy(np.where(bb.signs, 1, -1).astype(np.int8)).reshape(n * rows, cols)
-        self.register_buffer("signs", groups_view(s, bb.group)[0].reshape(n, rows, -1, bb.group))  # int8 ±1, 0 pad
-        alpha0 = torch.from_numpy(full_scales(bb)[:, :, 0, :].copy())                  # [rows, ng, N]
+        try:
+            signs, alpha0, mu0 = unpack(bb)
+        except BasisError as e:
+            raise DistillError(f"distillation handles plain planes + scales (+ offset) only: {e}") from None
+        if grid is not None:
+            alpha0, mu0 = grid[0].float().cpu(), None if grid[1] is None else grid[1].float().cpu()
+        self.cols, self.group = bb.shape[1], bb.group
+        self.register_buffer("signs", signs.to(torch.int8))                  # ±1, 0 in the padding
         self.register_buffer("alpha0", alpha0)
         self.a = torch.nn.Parameter(torch.zeros_like(alpha0))
-        self.has_mu = bb.offsets is not None
+        self.has_mu = mu0 is not None
         if self.has_mu:
-            self.register_buffer("mu0", torch.from_numpy(np.asarray(bb.offsets, np.float32)[:, :, 0].copy()))
+            self.register_buffer("mu0", mu0)
             self.register_buffer("mu_unit", alpha0.abs().mean(-1))
-            self.m = torch.nn.Parameter(torch.zeros_like(self.mu0))
+            self.m = torch.nn.Parameter(torch.zeros_like(mu0))
         self.train_signs = bool(train_signs)
+        self.register_buffer("valid", (signs[0] != 0).float())
+        if grid is not None or self.train_signs:
+            self.register_buffer("combos", level_codes(bb.n_planes))
         if self.train_signs:                    # latent V = u · unit, u in units of the group's mean |α|
-            self.register_buffer("valid", (self.signs[0] != 0).float())
             self.register_buffer("unit", alpha0.abs().mean(-1).clamp(min=1e-12))
-            self.register_buffer("combos", level_codes(n))
-            self.u = torch.nn.Parameter(reconstruct(self.signs.float(), *self.scales()) / self.unit[..., None])
+            if latent is None:
+                start = reconstruct(signs.float(), *self.scales())
+            else:
+                start = groups_view(latent.float().cpu(), bb.group)[0]
+            self.u = torch.nn.Parameter(start / self.unit[..., None])
+        elif grid is not None:                  # frozen signs: those of the file's weights on the new grid
+            w = reconstruct(signs.float(), *unpack(bb)[1:])
+            self.signs.copy_(nearest_signs(w, alpha0, mu0, self.valid, self.combos).to(torch.int8))
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         alpha = self.alpha0 * (1 + self.a)
@@ -110,31 +199,71 @@ class BasisLinear(torch.nn.Module):
 
     def export(self, bb: BinaryBasis) -> BinaryBasis:
         alpha, mu = self.scales()
-        signs = bb.signs
-        if self.train_signs:
-            s = self.current_signs()
-            signs = (s > 0).reshape(s.shape[0], s.shape[1], -1)[:, :, :self.cols].cpu().numpy()
-        return BinaryBasis(signs=signs, scales=alpha.detach().cpu().numpy()[:, :, None, :].astype(np.float32),
-                           group=bb.group,
-                           offsets=None if mu is None else mu.detach().cpu().numpy()[:, :, None].astype(np.float32))
+        out = pack(self.current_signs(), alpha, mu, bb.group, self.cols)
+        if not self.train_signs and not hasattr(self, "combos"):
+            out.signs = bb.signs                # untouched planes stay the caller's array
+        return out
 
 
-def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, device, progress=True) -> torch.Tensor:
-    """[n_seqs, length] token ids written by the teacher from random first tokens."""
+# --- distributed ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(dev: torch.device) -> Dist:
+    """A data-parallel rank when started by torchrun (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
+    """Average tensors over the ranks in place (one flat all-reduce, DDP's bucket)."""
+    if d.world == 1 or not tensors:
+        return
+    import torch.distributed as dist
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= d.world
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+
+
+# --- teacher data --------------------------------------------------------------------------------
+
+def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, device, progress=True,
+                  dist_: Dist = Dist()) -> torch.Tensor:
+    """[n_seqs, length] token ids written by the teacher from random first tokens. Chunk k (batch
+    sequences) draws from seed range (seed, k), so the data do not depend on how the chunks are shared
+    out: rank r writes chunks r, r + world, ... and all ranks gather the whole."""
     from tqdm import tqdm
     device = torch.device(device)
-    g = torch.Generator().manual_seed(seed)
-    # sampling where the logits are: torch.multinomial on the CPU costs ~1 ms per row of a 49k vocabulary,
-    # which made a 512-sequence batch on a GPU take a second per token (the CPU path is unchanged)
-    g_dev = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     vocab = teacher.config.vocab_size
-    out = []
-    bar = tqdm(range(0, n_seqs, batch), desc="distill: teacher writes data", disable=not progress, unit="batch")
+    chunks = list(range(0, n_seqs, batch))
+    mine = {}
+    bar = tqdm(chunks[dist_.rank::dist_.world], desc="distill: teacher writes data",
+               disable=not (progress and dist_.main), unit="batch")
     for b0 in bar:
+        k = b0 // batch
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        # sampling where the logits are: torch.multinomial on the CPU costs ~1 ms per row of a 49k vocabulary
+        g_dev = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
         nb = min(batch, n_seqs - b0)
         ids = torch.randint(0, vocab, (nb, 1), generator=g).to(device)
-        cache = None
-        pos = ids
+        cache, pos = None, ids
         for t in range(length - 1):
             with torch.no_grad():
                 o = teacher(pos, past_key_values=cache, use_cache=True)
@@ -143,39 +272,100 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
             if t < GREEDY_TOKENS:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                p = torch.softmax(logits, -1)
-                nxt = torch.multinomial(p, 1, generator=g_dev)
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g_dev)
             ids = torch.cat([ids, nxt], 1)
             pos = nxt
-        out.append(ids.cpu())
-    return torch.cat(out)
+        mine[k] = ids.cpu()
+    if dist_.world > 1:
+        import torch.distributed as dist
+        parts = [None] * dist_.world
+        dist.all_gather_object(parts, mine)
+        for p in parts:
+            mine.update(p)
+    return torch.cat([mine[k] for k in range(len(chunks))])
 
 
-def _loss(t_logits: torch.Tensor, s_logits: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """KL(teacher ‖ student) per token + MSE_WEIGHT · MSE of the logits."""
+def calib_windows(model_dir: Path, n: int, length: int, seed: int) -> torch.Tensor:
+    """[n, length] windows of the calibration text at seeded random offsets."""
+    from . import data, hf
+    if n == 0:
+        return torch.zeros(0, length, dtype=torch.int64)
+    tok = hf.load_tokenizer(model_dir)
+    ids = torch.tensor(tok(data.read_text("calib"), add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    if len(ids) < length + 1:
+        raise DistillError(f"calibration text has {len(ids)} tokens, fewer than one window of {length}")
+    g = torch.Generator().manual_seed(seed + 7)
+    starts = torch.randint(0, len(ids) - length, (n,), generator=g)
+    return torch.stack([ids[s:s + length] for s in starts.tolist()])
+
+
+def teacher_data(teacher, model_dir: Path, cfg: DistillConfig, dev, progress: bool, d: Dist) -> torch.Tensor:
+    """The training sequences: teacher-written, then calibration windows. Kept in the cache keyed by
+    what determines them, so runs that differ only in the training settings share them."""
+    from . import hf
+    n_calib = round(cfg.seqs * cfg.calib_frac)
+    gen_batch = cfg.gen_batch or max(cfg.batch, 8)
+    h = hashlib.sha256(_config_bytes(model_dir))
+    h.update(json.dumps([cfg.seqs, n_calib, cfg.length, gen_batch, cfg.seed, GREEDY_TOKENS]).encode())
+    path = hf.cache_dir() / f"distill-data-{h.hexdigest()[:16]}.pt"
+    if path.exists():
+        try:
+            data = torch.load(path, weights_only=True)
+            if tuple(data.shape) == (cfg.seqs, cfg.length):
+                return data
+        except Exception:                                    # unreadable: write it again
+            pass
+    data = generate_data(teacher, cfg.seqs - n_calib, cfg.length, gen_batch, cfg.seed, dev, progress, d)
+    data = torch.cat([data, calib_windows(model_dir, n_calib, cfg.length, cfg.seed)])
+    if d.main:
+        _save(path, data)
+    return data
+
+
+def _config_bytes(model_dir: Path) -> bytes:
+    f = Path(model_dir) / "config.json"
+    return f.read_bytes() if f.exists() else str(Path(model_dir).resolve()).encode()
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per position."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+
+
+def loss_fn(cfg: DistillConfig, t_logits: torch.Tensor, s_logits: torch.Tensor, gamma: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, forward KL) averaged over the positions."""
     t_logp = torch.log_softmax(t_logits.float(), -1)
     s_logp = torch.log_softmax(s_logits.float(), -1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-    mse = ((t_logits - s_logits) ** 2).mean()
-    return kl + MSE_WEIGHT * mse, float(kl.detach()), float(mse.detach())
+    kl = _kl(t_logp, s_logp).mean()
+    if cfg.loss == "kl":
+        return kl, kl
+    if cfg.loss == "kl+mse":
+        return kl + cfg.mse_weight * ((t_logits.float() - s_logits.float()) ** 2).mean(), kl
+    return gamma * _kl(s_logp, t_logp).mean() + (1 - gamma) * kl, kl      # CAKLD
 
 
 def _linear_parent(model, hf_name: str):
-    """'model.layers.3.self_attn.q_proj.weight' -> (module holding q_proj, 'q_proj', block index)."""
+    """'model.layers.3.self_attn.q_proj.weight' -> (module holding q_proj, 'q_proj')."""
     parts = hf_name.split(".")[:-1]
     mod = model
     for p in parts[:-1]:
         mod = getattr(mod, p) if not p.isdigit() else mod[int(p)]
-    return mod, parts[-1], int(parts[2])
+    return mod, parts[-1]
 
 
-def _settings_key(model_dir: Path, quantized: dict[str, BinaryBasis], q) -> str:
+def _settings_key(model_dir: Path, quantized: dict[str, BinaryBasis], cfg: DistillConfig) -> str:
+    """The trajectory's identity: the teacher's config, the settings, the starting point (a digest)."""
     h = hashlib.sha256()
-    h.update(str(Path(model_dir).resolve()).encode())
-    h.update(json.dumps({k: v for k, v in q.settings().items() if k != "distill_ckpt"}, sort_keys=True,
-                        default=str).encode())
-    for k in sorted(quantized)[:4]:                      # the starting point too (cheap digest)
-        h.update(np.ascontiguousarray(quantized[k].scales, np.float32).tobytes()[:4096])
+    h.update(_config_bytes(model_dir))
+    h.update(json.dumps(cfg.settings(), sort_keys=True, default=str).encode())
+    for k in sorted(quantized):
+        bb = quantized[k]
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(bb.scales, np.float32).tobytes()[:4096])
+        h.update(np.packbits(np.asarray(bb.signs, bool).ravel()[:65536]).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -185,92 +375,177 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def distill(model_dir, quantized: dict[str, BinaryBasis], q, progress: bool = True) -> dict[str, BinaryBasis]:
-    """Train the scales of `quantized` (hf_name -> BinaryBasis) against the FP model; return the
-    updated bases. q: the QBB quantizer (distill_* options, seed, device)."""
+def _load(path: Path, key: str) -> dict:
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:                                  # truncated, not a torch file, ...
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}); remove it") from None
+    if not isinstance(state, dict) or not {"key", "step", "data"} <= state.keys():
+        raise CheckpointError(f"{path}: not a distillation checkpoint; remove it")
+    if state["key"] != key:
+        raise CheckpointError(f"{path}: checkpoint of other settings or another start; remove it or choose another --ckpt")
+    return state
+
+
+@torch.no_grad()
+def eval_perplexity(model, tokens: torch.Tensor, windows: int, dev, ctx: int = 512) -> float:
+    """llama.cpp's protocol (perplexity.py) on the first `windows` windows, in torch."""
+    from .perplexity import score_window
+    nll = []
+    for s in range(0, min(windows * ctx, len(tokens) - ctx + 1), ctx):
+        w = tokens[s:s + ctx]
+        with _autocast(dev):
+            logits = model(w[None].to(dev)).logits[0].float().cpu().numpy()
+        nll.append(score_window(logits, w.numpy(), ctx // 2))
+    return float(math.exp(np.concatenate(nll).mean()))
+
+
+def _autocast(dev: torch.device):
+    import contextlib
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, progress: bool = True
+            ) -> dict[str, BinaryBasis] | None:
+    """Train `quantized` (hf_name -> BinaryBasis) against the FP model in model_dir; return the updated
+    bases (on every rank), or None when the run stopped early (stop_at, time_limit) at a checkpoint."""
+    import time
     from tqdm import tqdm
     from . import hf
+    cfg.check()
     model_dir = Path(model_dir)
-    steps = int(q.distill_steps)
-    if steps <= 0 or not quantized:
+    steps = cfg.steps
+    if steps == 0 or not quantized:
         return quantized
-    dev = q.torch_device()
-    key = _settings_key(model_dir, quantized, q)
-    ckpt = Path(q.distill_ckpt) if q.distill_ckpt else hf.cache_dir() / f"qbb-distill-{key}.pt"
-    torch.manual_seed(q.seed)
+    dev = cfg.torch_device()
+    d = init_distributed(dev)
+    if dev.type == "cuda" and d.world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", d.rank)))
+        torch.cuda.set_device(dev)
+    if cfg.batch % d.world:
+        raise DistillError(f"distill: batch {cfg.batch} is not a multiple of the world size {d.world}")
+    local = cfg.batch // d.world
+    if d.world > 1 and d.main:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        print(f"distributed: world size {d.world}, backend {backend}, {local} sequences per rank per step",
+              file=sys.stderr, flush=True)
+    key = _settings_key(model_dir, quantized, cfg)
+    ckpt = Path(cfg.ckpt) if cfg.ckpt else hf.cache_dir() / f"distill-{key}.pt"
+    state = _load(ckpt, key) if ckpt.exists() else None
+    torch.manual_seed(cfg.seed)
 
     teacher = hf.load_torch_model(model_dir).to(dev)
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(teacher)                    # frozen too: only the scales (+ latents) below train
-    train = q.distill_train                             # "scales" | "signs", checked by QBB.check
+    signs = cfg.train == "signs"
     modules: dict[str, BasisLinear] = {}
     for name, bb in quantized.items():
-        parent, attr, _ = _linear_parent(student, name)
-        modules[name] = BasisLinear(bb, train_signs=train == "signs").to(dev)
+        parent, attr = _linear_parent(student, name)
+        w_fp = getattr(parent, attr).weight.detach()
+        if tuple(w_fp.shape) != bb.shape:
+            raise DistillError(f"{name}: the file's shape {list(bb.shape)} is not the teacher's {list(w_fp.shape)}")
+        grid = paretoq_grid(w_fp.cpu(), bb.n_planes, bb.group, bb.offsets is not None) if cfg.grid == "paretoq" else None
+        latent = w_fp if cfg.latent == "teacher" else None
+        modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid).to(dev)
         setattr(parent, attr, modules[name])
     n_blocks = len(student.model.layers)
-    fp_layers = list(teacher.model.layers)
-    q_layers = list(student.model.layers)
+    fp_layers, q_layers = list(teacher.model.layers), list(student.model.layers)
     scale_params = [p for m in modules.values() for k, p in m.named_parameters() if k in ("a", "m")]
-    groups = [{"params": scale_params, "lr": q.distill_lr}]
-    if train == "signs":
-        groups.append({"params": [m.u for m in modules.values()], "lr": q.distill_sign_lr})
+    groups = [{"params": scale_params, "lr": cfg.lr}]
+    if signs:
+        groups.append({"params": [m.u for m in modules.values()], "lr": cfg.sign_lr})
     params = [p for g_ in groups for p in g_["params"]]
-    opt = torch.optim.Adam(groups)
-    if train == "signs":                                # cosine from 1 to LR_FLOOR over the steps
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
-    else:
-        sched = None
-    kept = (".a", ".m", ".u") if train == "signs" else (".a", ".m")
-    every = CKPT_EVERY_SIGNS if train == "signs" else CKPT_EVERY
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(       # cosine from 1 to LR_FLOOR over the steps
+        opt, lambda t: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
+    kept = (".a", ".m", ".u")
 
-    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    if state is not None and state.get("key") != key:
-        raise DistillError(f"{ckpt}: checkpoint of other settings; remove it or set distill_ckpt")
     if state is None:
-        data = generate_data(teacher, q.distill_seqs, q.distill_len, q.distill_gen_batch or max(q.distill_batch, 8),
-                             q.seed, dev, progress)
-        state = {"key": key, "step": 0, "data": data, "history": []}
-        _save(ckpt, state)
+        data = teacher_data(teacher, model_dir, cfg, dev, progress, d)
+        gamma = 0.0
+        if cfg.loss == "cakld":                         # the teacher's mean top-1 probability on its data
+            with torch.no_grad(), _autocast(dev):
+                top = [torch.softmax(teacher(data[i:i + 8].to(dev)).logits.float(), -1).amax(-1).mean()
+                       for i in range(0, min(len(data), GAMMA_SEQS), 8)]
+            gamma = float(torch.stack(top).mean())
+        state = {"key": key, "step": 0, "data": data, "gamma": gamma, "history": [], "evals": []}
+        if d.main:
+            _save(ckpt, state)
     else:
         student.load_state_dict(state["student"], strict=False)
         opt.load_state_dict(state["opt"])
-        if sched is not None:
-            sched.load_state_dict(state["sched"])
-    data = state["data"]
-    g = torch.Generator().manual_seed(q.seed + 1)          # batch order: one permutation per epoch
-    epochs = -(-steps * q.distill_batch // len(data))
+        sched.load_state_dict(state["sched"])
+    data, gamma = state["data"], state["gamma"]
+    g = torch.Generator().manual_seed(cfg.seed + 1)     # batch order: one permutation per epoch
+    epochs = -(-steps * cfg.batch // len(data))
     order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(epochs)])
+    eval_tokens = None
+    if cfg.eval_every and d.main:
+        from . import data as bdata
+        tok = hf.load_tokenizer(model_dir)
+        eval_tokens = torch.tensor(tok(bdata.read_text("eval"), add_special_tokens=False)["input_ids"])
 
-    swap_steps = max(1, steps // 2)
-    bar = tqdm(range(state["step"], steps), desc=f"distill {train} ({n_blocks} blocks swapped in over {swap_steps} steps)",
-               disable=not progress, unit="step", initial=state["step"], total=steps)
+    def evaluate(step):
+        student.model.layers = torch.nn.ModuleList(q_layers)
+        ppl = eval_perplexity(student, eval_tokens, cfg.eval_windows, dev)
+        rec = {"step": step, "tokens": step * cfg.batch * cfg.length, "ppl": ppl}
+        state["evals"].append(rec)
+        if cfg.eval_log:
+            with open(cfg.eval_log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        print(f"eval step {step} tokens {rec['tokens']} ppl {ppl:.2f}", file=sys.stderr, flush=True)
+
+    if eval_tokens is not None and state["step"] == 0:
+        evaluate(0)
+    swap_steps = max(1, round(steps * cfg.swap))
+    bar = tqdm(range(state["step"], steps), desc=f"distill {cfg.train}", disable=not (progress and d.main),
+               unit="step", initial=state["step"], total=steps)
+    t_start = time.time()
     for t in bar:
-        n_student = min(n_blocks, math.ceil(n_blocks * (t + 1) / swap_steps))   # progressive swap
+        n_student = min(n_blocks, math.ceil(n_blocks * (t + 1) / swap_steps)) if cfg.swap else n_blocks
         student.model.layers = torch.nn.ModuleList(q_layers[:n_student] + fp_layers[n_student:])
-        idx = order[t * q.distill_batch:(t + 1) * q.distill_batch]
+        idx = order[t * cfg.batch:(t + 1) * cfg.batch][d.rank * local:(d.rank + 1) * local]
         ids = data[idx].to(dev)
-        with torch.no_grad():
-            t_logits = teacher(ids).logits
-        s_logits = student(ids).logits
-        loss, kl, mse = _loss(t_logits, s_logits)
+        with _autocast(dev):
+            with torch.no_grad():
+                t_logits = teacher(ids).logits
+            s_logits = student(ids).logits
+        loss, kl = loss_fn(cfg, t_logits, s_logits, gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        kl = kl.detach().reshape(1).clone()                # for the bar: the mean over the ranks
+        _all_reduce_mean([p.grad for p in params if p.grad is not None] + [kl], d)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
-        if sched is not None:
-            sched.step()
-            if (t + 1) % CLIP_LATENT_EVERY == 0 or t + 1 == steps:
-                for m in modules.values():
-                    m.clip_latent()
-        state["history"].append((kl, mse))
-        if progress:
-            bar.set_postfix(blocks=n_student, kl=f"{kl:.4f}", mse=f"{mse:.3f}")
-        if (t + 1) % every == 0 or t + 1 == steps:
-            state.update(step=t + 1, opt=opt.state_dict(), sched=None if sched is None else sched.state_dict(),
+        sched.step()
+        if signs and ((t + 1) % CLIP_LATENT_EVERY == 0 or t + 1 == steps):
+            for m in modules.values():
+                m.clip_latent()
+        kl_v = float(kl)
+        state["history"].append(kl_v)
+        if progress and d.main:
+            bar.set_postfix(blocks=n_student, kl=f"{kl_v:.4f}")
+        if eval_tokens is not None and ((t + 1) % cfg.eval_every == 0 or t + 1 == steps):
+            evaluate(t + 1)
+        stop = (cfg.stop_at and t + 1 >= cfg.stop_at) or (cfg.time_limit and time.time() - t_start > cfg.time_limit)
+        if d.world > 1 and cfg.time_limit:                 # the clocks differ: rank 0 decides for all
+            import torch.distributed as dist
+            flag = torch.tensor([float(bool(stop))])
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if (t + 1) % cfg.ckpt_every == 0 or t + 1 == steps or stop:
+            state.update(step=t + 1, opt=opt.state_dict(), sched=sched.state_dict(),
                          student={k: v for k, v in student.state_dict().items() if k.endswith(kept)})
-            _save(ckpt, state)
+            if d.main:
+                _save(ckpt, state)
+        if stop and t + 1 < steps:
+            bar.close()
+            if d.main:
+                print(f"distill: stopped at step {t + 1} of {steps}; checkpoint {ckpt}: run the same command "
+                      "again to continue", file=sys.stderr, flush=True)
+            return None
     student.model.layers = torch.nn.ModuleList(q_layers)
     return {name: modules[name].export(bb) for name, bb in quantized.items()}

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from ..basis import groups_view  # noqa: F401 (its home is basis.py; quantizers import it from here)
 from ..format import BinaryBasis
 
 
@@ -70,18 +71,6 @@ def get_quantizer(method: str, **opts) -> Quantizer:
     q = cls(**{k: v for k, v in opts.items() if v is not None})
     q.check()
     return q
-
-
-def groups_view(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
-    """[rows, cols] -> zero-padded [rows, ngroups, G] and the valid-column mask [ngroups, G]."""
-    rows, cols = w.shape
-    ng = -(-cols // group)
-    pad = ng * group - cols
-    wp = torch.nn.functional.pad(w, (0, pad)).reshape(rows, ng, group)
-    valid = torch.ones(ng * group, dtype=torch.bool, device=w.device)
-    if pad:
-        valid[cols:] = False
-    return wp, valid.reshape(ng, group)
 
 
 # --- per-row affine binarization (BiLLM binary.py, PB-LLM's binary part, ARB's starting point) -----

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..basis import (BasisError, flat_signs, grouped_signs, level_codes, nearest_signs,  # noqa: F401 (re-exported)
+                     reconstruct, unpack)
 from ..format import BinaryBasis, dequantize
 from .base import Quantizer, QuantizerError, groups_view, register
 from .simple import residual_cascade
@@ -66,38 +68,11 @@ def rtn4(w: torch.Tensor, group: int) -> BinaryBasis:
 
 
 def basis_tensors(bb: BinaryBasis, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A one-class BinaryBasis -> grouped signs ±1 [N, rows, ng, G] (0 in padding), α [rows, ng, N],
-    μ [rows, ng] or None."""
-    from ..format import full_scales
-    if bb.n_classes != 1 or bb.sparse_mask is not None or bb.colscale is not None:
-        raise QuantizerError("a QBB initialisation must be a plain planes + scales (+ offset) code")
-    signs = grouped_signs(torch.from_numpy(np.asarray(bb.signs, bool)).to(device), bb.group)
-    alpha = torch.from_numpy(full_scales(bb)[:, :, 0, :].copy()).to(device)
-    mu = None if bb.offsets is None else torch.from_numpy(np.asarray(bb.offsets, np.float32)[:, :, 0].copy()).to(device)
-    return signs, alpha, mu
-
-
-# Every step works on the grouped layout [rows, ngroups, G] (columns past `cols` are zero padding,
-# where the signs are 0 so that padding never counts), so α and μ broadcast over the last axis.
-
-def grouped_signs(signs: torch.Tensor, group: int) -> torch.Tensor:
-    """bool [N, rows, cols] -> float ±1 [N, rows, ng, G], 0 in the padding."""
-    n, rows, cols = signs.shape
-    return groups_view(torch.where(signs, 1.0, -1.0).reshape(n * rows, cols), group)[0].reshape(n, rows, -1, group)
-
-
-def flat_signs(s: torch.Tensor, cols: int) -> torch.Tensor:
-    """float ±1 [N, rows, ng, G] -> bool [N, rows, cols]."""
-    return (s > 0).reshape(s.shape[0], s.shape[1], -1)[:, :, :cols]
-
-
-def reconstruct(s: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None) -> torch.Tensor:
-    """Σ α_i s_i + μ, grouped [rows, ng, G] (the same sum as format.dequantize; μ also lands on the
-    padding, which the losses mask out)."""
-    w = alpha[..., 0, None] * s[0]
-    for i in range(1, len(s)):
-        w = w + alpha[..., i, None] * s[i]
-    return w if mu is None else w + mu[..., None]
+    """basis.unpack with the quantizer's error type."""
+    try:
+        return unpack(bb, device)
+    except BasisError as e:
+        raise QuantizerError(f"a QBB initialisation must be a plain planes + scales (+ offset) code: {e}") from None
 
 
 def layer_loss(wg: torch.Tensor, w_hat: torch.Tensor, valid: torch.Tensor, hessian: torch.Tensor | None = None):
@@ -187,28 +162,6 @@ def descend(wg, s, alpha, mu, valid, iters: int, lr: float, scale_lr: float, hes
         if progress is not None:
             progress(t, lv)
     return best[1], best[2], best[3], hist
-
-
-def level_codes(n: int, device=None) -> torch.Tensor:
-    """±1 [2^N, N]: row c holds the signs of level c (bit i of c = s_i)."""
-    code = torch.arange(2 ** n, device=device)
-    return torch.where((code[:, None] >> torch.arange(n, device=device)) & 1 == 1, 1.0, -1.0)
-
-
-def nearest_signs(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, valid: torch.Tensor,
-                  combos: torch.Tensor | None = None) -> torch.Tensor:
-    """For fixed scales, the signs that put every weight on its nearest of the 2^N levels
-    Σ_i ±α_i + μ of its group (exact minimiser of ‖W − Ŵ‖² over the signs; LQ-Net's QEM step).
-    combos: level_codes(N), when the caller keeps it."""
-    n = alpha.shape[-1]
-    combos = level_codes(n, wg.device) if combos is None else combos
-    levels = alpha @ combos.T                                                  # [rows, ng, 2^N]
-    if mu is not None:
-        levels = levels + mu[..., None]
-    vals, order = levels.sort(-1)
-    mids = ((vals[..., 1:] + vals[..., :-1]) / 2).contiguous()
-    c = order.gather(-1, torch.searchsorted(mids, wg.contiguous()))           # [rows, ng, G]
-    return torch.stack([torch.where((c >> i) & 1 == 1, valid, -valid) for i in range(n)])
 
 
 def alternate(wg, s, alpha, mu, valid, rounds: int, hessian=None):
@@ -410,6 +363,14 @@ class QBB(Quantizer):
                            scales=alpha[:, :, None, :].cpu().numpy().astype(np.float32), group=self.group,
                            offsets=None if mu is None else mu[:, :, None].cpu().numpy().astype(np.float32))
 
+    def distill_config(self):
+        """Step 3's settings (the distill_* options) as a distill.DistillConfig."""
+        from ..distill import DistillConfig
+        return DistillConfig(steps=self.distill_steps, seqs=self.distill_seqs, length=self.distill_len,
+                             batch=self.distill_batch, lr=self.distill_lr, train=self.distill_train,
+                             sign_lr=self.distill_sign_lr, gen_batch=self.distill_gen_batch, seed=self.seed,
+                             device=self.device, ckpt=self.distill_ckpt)
+
     # whole model: convert() calls this when a quantizer has it
     def quantize_model(self, model_dir, calib: dict | None = None, progress: bool = True) -> dict[str, BinaryBasis]:
         """{hf_name: BinaryBasis} for every block linear: per layer (data-free, or through calibration
@@ -436,5 +397,5 @@ class QBB(Quantizer):
                     bar.set_postfix(rel_err=f"{rel:.4f}")
         if self.distill_steps:
             from ..distill import distill
-            quantized = distill(model_dir, quantized, self, progress=progress)
+            quantized = distill(model_dir, quantized, self.distill_config(), progress=progress)
         return quantized

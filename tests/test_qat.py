@@ -1,0 +1,115 @@
+"""Quantization-aware distillation (bitbasis/distill.py, basis.py; issues 19 and 20): ParetoQ's grids,
+resume == uninterrupted, named checkpoint errors, and torchrun (gloo, 2 processes) == one process."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitbasis import basis
+from bitbasis import distill as D
+from bitbasis.convert import ConvertOptions, convert, quantized_from_file
+
+# a tiny model, few short sequences: every run here is seconds
+QAT = dict(steps=4, seqs=8, length=16, batch=4, gen_batch=4, train="signs", loss="cakld", swap=0,
+           lr=1e-2, sign_lr=0.5, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def start(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qat") / "n2.gguf"
+    convert(tiny_dir, out, ConvertOptions(method="qbb", bases=2, group=64, extra={"rounds": 1, "iters": 0}),
+            progress=False)
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITBASIS_CACHE", str(tmp_path / "cache"))   # teacher data written afresh
+    return tmp_path / "cache"
+
+
+def test_paretoq_grids_are_the_papers_levels():
+    w = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    wg, valid = basis.groups_view(w, 64)
+    amax = wg.abs().amax(-1)
+    for n, want in ((2, [-0.75, -0.25, 0.25, 0.75]), (3, [-4, -3, -2, -1, 0, 1, 2, 3])):
+        alpha, mu = basis.paretoq_grid(w, n, 64, offset=True)
+        levels = (alpha @ basis.level_codes(n).T + mu[..., None]).sort(-1).values
+        unit = amax if n == 2 else amax / (2 ** (n - 1) - 1)          # SEQ: α = max|W|; LSQ: d = max|W|/(2^{N-1}-1)
+        torch.testing.assert_close(levels, unit[..., None] * torch.tensor(want, dtype=torch.float32))
+    alpha, mu = basis.paretoq_grid(w, 1, 64, offset=False)
+    torch.testing.assert_close(alpha[..., 0], wg.abs().mean(-1)) and None
+    assert mu is None
+
+
+def _same(a: dict, b: dict, atol=1e-6):
+    for k in a:
+        np.testing.assert_array_equal(a[k].signs, b[k].signs, err_msg=k)
+        np.testing.assert_allclose(a[k].scales, b[k].scales, rtol=1e-5, atol=atol, err_msg=k)
+        if a[k].offsets is not None:
+            np.testing.assert_allclose(a[k].offsets, b[k].offsets, rtol=1e-5, atol=atol, err_msg=k)
+
+
+def test_resumed_qat_equals_uninterrupted_and_bad_checkpoints_are_named(tiny_dir, start, tmp_path, cache):
+    q, _ = quantized_from_file(start, tiny_dir)
+    full = D.distill(tiny_dir, q, D.DistillConfig(**QAT, ckpt=str(tmp_path / "full.pt")), progress=False)
+    assert any(not np.array_equal(full[k].signs, q[k].signs) for k in q)          # signs trained
+    hist = torch.load(tmp_path / "full.pt", weights_only=False)["history"]
+    assert len(hist) == QAT["steps"] and np.isfinite(hist).all()
+
+    cut = D.DistillConfig(**QAT, ckpt=str(tmp_path / "cut.pt"), stop_at=2)
+    assert D.distill(tiny_dir, q, cut, progress=False) is None                   # stopped at a checkpoint
+    assert torch.load(tmp_path / "cut.pt", weights_only=False)["step"] == 2
+    resumed = D.distill(tiny_dir, q, D.DistillConfig(**QAT, ckpt=str(tmp_path / "cut.pt")), progress=False)
+    _same(resumed, full)
+
+    other = D.DistillConfig(**dict(QAT, lr=2e-2), ckpt=str(tmp_path / "full.pt"))
+    with pytest.raises(D.CheckpointError, match="other settings"):
+        D.distill(tiny_dir, q, other, progress=False)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(D.CheckpointError, match="unreadable"):
+        D.distill(tiny_dir, q, D.DistillConfig(**QAT, ckpt=str(bad)), progress=False)
+
+
+def test_bad_settings_are_refused_in_one_line(start, tmp_path):
+    for opt, msg in ((["--loss", "mse"], "invalid choice"), (["--swap", "2"], "swap and calib_frac"),
+                     (["--batch", "0"], "batch >= 1")):
+        r = subprocess.run([sys.executable, "-m", "bitbasis", "distill", str(start), "-o", str(tmp_path / "x.gguf"),
+                            "--model", "/nonexistent-not-read", "-q", *opt], capture_output=True, text=True)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    return subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+                           "-m", "bitbasis", "distill", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_torchrun_two_processes_equal_one_and_resume(tiny_dir, start, tmp_path, cache):
+    """Issue 20: the same command under torchrun (gloo, 2 ranks x 2 sequences) equals the single
+    process on the same global batch (4), and a data-parallel run stopped and resumed ends there too."""
+    from bitbasis.cli.distill import distill_file
+    single = tmp_path / "single.gguf"
+    distill_file(start, single, tiny_dir, D.DistillConfig(**QAT, ckpt=str(tmp_path / "one.pt")), progress=False)
+    env = dict(os.environ, BITBASIS_CACHE=str(tmp_path / "cache2"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(D.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "ddp.gguf"
+    args = [str(start), "-o", str(out), "--model", str(tiny_dir), "-q", "--ckpt", str(tmp_path / "ddp.pt"),
+            "--steps", "4", "--seqs", "8", "--length", "16", "--batch", "4", "--gen-batch", "4", "--train", "signs",
+            "--loss", "cakld", "--swap", "0", "--lr", "0.01", "--sign-lr", "0.5", "--device", "cpu"]
+    r = _torchrun(args + ["--stop-at", "2"], env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "distributed: world size 2, backend gloo, 2 sequences per rank per step" in r.stderr
+    assert "stopped at step 2 of 4" in r.stderr and not out.exists()
+    r = _torchrun(args, env)                                                    # resumes from step 2
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = quantized_from_file(single, tiny_dir)[0], quantized_from_file(out, tiny_dir)[0]
+    _same(a, b, atol=1e-5)
