@@ -233,3 +233,23 @@ def test_llamacpp_types_are_named(wide_f32, tmp_path):
         err = p.stderr.strip().splitlines()
         assert p.returncode == 1 and "Q5_0" in err[-1] and "bitbasis convert" in err[-1], p.stderr
         assert "type 6" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_python_reader_reads_q1_0_and_names_what_it_cannot(wide_f32, tmp_path):
+    """read_model (the PyTorch reference's reader) dequantizes Q1_0 with our decoder; Q2_0, which
+    gguf-py does not know, is a one-line error naming it."""
+    from bitbasis.gguf_io import GGUFFileError, read_model
+    rng = np.random.default_rng(5)
+    for t in (lt.Q1_0, lt.Q2_0):
+        low, ref = {}, {}
+        for name, (rows, cols) in _linears(wide_f32).items():
+            codes, d = _random(t, rows, cols, rng)
+            raw = lt.encode(t, codes, d)
+            low[name], ref[name] = (t, raw.tobytes()), lt.dequantize(t, raw, rows, cols)
+        path = _rewrite(wide_f32, tmp_path / f"{lt.type_name(t)}.gguf", low)
+        if t == lt.Q1_0:
+            mf = read_model(path)
+            assert all(np.array_equal(mf.dense[n], w) and mf.dense_types[n] == "Q1_0" for n, w in ref.items())
+        else:
+            with pytest.raises(GGUFFileError, match="Q2_0"):
+                read_model(path)

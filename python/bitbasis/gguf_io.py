@@ -431,7 +431,11 @@ def read_model(path: str | os.PathLike) -> ModelFile:
     path = str(path)
     if not os.path.isfile(path):
         raise GGUFFileError(f"{path}: no such file")
-    check_structure(path)
+    known = {int(t) for t in gguf.GGMLQuantizationType}
+    for name, t, _ in check_structure(path):
+        if t not in known:
+            raise GGUFFileError(f"{path}: tensor {name} has llama.cpp type {llamacpp_types.type_name(t)}, which this "
+                                f"gguf-py cannot read (the engine can: bitbasis generate / ppl)")
     try:
         r = gguf.GGUFReader(path, "r")
     except Exception as e:
@@ -453,7 +457,11 @@ def read_model(path: str | os.PathLike) -> ModelFile:
             raise GGUFFileError(f"{path}: component tensor {name} has no bitbasis.tensor header")
         shape = tuple(int(x) for x in reversed(t.shape))
         try:
-            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            if int(t.tensor_type) in llamacpp_types.LOWBIT:   # gguf-py has no Q1_0 decoder
+                arr = llamacpp_types.dequantize(int(t.tensor_type), np.asarray(t.data), int(np.prod(shape[:-1])),
+                                                shape[-1])
+            else:
+                arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         except Exception as e:
             raise GGUFFileError(f"{path}: tensor {name} of type {t.tensor_type.name}: {e}") from None
         dense[name] = np.asarray(arr, np.float32).reshape(shape)
