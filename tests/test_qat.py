@@ -89,7 +89,7 @@ def test_bad_settings_are_refused_in_one_line(start, tmp_path):
 
 def _torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    return subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+    return subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2",
                            "-m", "bitbasis", "distill", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
