@@ -175,7 +175,7 @@ def _tiny_gguf(path: Path, tokenizer_kv: list) -> Path:
     from bitbasis import hf
     from bitbasis.gguf_io import ModelTensors, write_model
     n = len(next(v for k, v, _ in tokenizer_kv if k == "tokenizer.ggml.tokens"))
-    cfg = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    cfg = dict(architectures=["LlamaForCausalLM"], vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
     emb = np.random.default_rng(0).standard_normal((n, 32)).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ def test_small_file_and_reader(tmp_path):
 
 
 @pytest.mark.parametrize("kw", [dict(model="t5"), dict(model="bert"), dict(arch="gemma3", model="llama"),
-                                dict(arch="phi3", model="llama"), dict(arch="qwen2")])
+                                dict(arch="phi3", model="llama"), dict(arch="mamba")])
 def test_other_kinds_are_left_to_transformers(tmp_path, kw, monkeypatch):
     p = tmp_path / "other.gguf"
     p.write_bytes(_small(**kw))

@@ -87,7 +87,7 @@ def compute_imatrix(model_dir, chunks: int = 128, chunk_size: int = 512, seed: i
     permutation of the GGUF does not touch input columns, so no entry needs reordering."""
     import torch
     from tqdm import tqdm
-    from bitbasis import hf
+    from bitbasis import arch as A, hf
     from bitbasis.calibrate import calibration_tokens, sample_windows
     model_dir = hf.resolve_model_dir(str(model_dir))
     model = hf.load_torch_model(model_dir)
@@ -100,7 +100,7 @@ def compute_imatrix(model_dir, chunks: int = 128, chunk_size: int = 512, seed: i
     for name, mod in model.model.layers.named_modules(prefix="model.layers"):
         if not isinstance(mod, torch.nn.Linear):
             continue
-        gname = hf.gguf_name(name + ".weight", n_layers)
+        gname = hf.gguf_name(name + ".weight", n_layers, A.for_config(model.config.to_dict()))
         sums[gname] = torch.zeros(mod.in_features, dtype=torch.float64)
         counts[gname] = 0
 

@@ -36,7 +36,7 @@ STD = 0.02   # weight scale of a trained 7B model's linears, roughly
 
 
 def config(layers=32, hidden=4096, ffn=11008, heads=32, kv_heads=None, vocab=49152) -> dict:
-    return {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+    return {"architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": kv_heads or heads, "vocab_size": vocab,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arch as A
 from . import format as bbf
 
-# Linears whose input is the same tensor as another's: they reuse its Hessian.
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 MAX_CHUNK_TOKENS = 4096  # tokens per forward chunk (bounds attention and MLP activation memory)
 
 
@@ -76,23 +75,31 @@ class _Captured(Exception):
     pass
 
 
-def _block0_inputs(model, ids, dev, chunk):
-    """Run the model up to block 0 and keep what block 0 receives (GPTQ's Catcher)."""
+def _block_inputs(model, ids, dev, chunk):
+    """Run the model past its blocks and keep what block 0 receives (GPTQ's Catcher) and the keyword
+    arguments each block receives: they differ by layer type (Gemma 3's sliding-window layers get
+    their own mask and RoPE). Every block is replaced by a pass-through while this runs."""
     import torch
     layers = model.model.layers
-    inps, kw = [], {}
-    orig = layers[0]
+    inps, kws = [], [dict() for _ in layers]
+    orig = list(layers)
 
     class Catcher(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, k):
             super().__init__()
+            self.k = k
+            self.attention_type = getattr(orig[k], "attention_type", None)
 
         def forward(self, x, *args, **kwargs):
-            inps.append(x.detach())
-            kw.update(kwargs)
-            raise _Captured
+            if self.k == 0:
+                inps.append(x.detach())
+            kws[self.k].update(kwargs)
+            if self.k == len(orig) - 1:
+                raise _Captured
+            return x
 
-    layers[0] = Catcher()
+    for k in range(len(layers)):
+        layers[k] = Catcher(k)
     try:
         with torch.no_grad():
             for i in range(0, len(ids), chunk):
@@ -101,10 +108,12 @@ def _block0_inputs(model, ids, dev, chunk):
                 except _Captured:
                     pass
     finally:
-        layers[0] = orig
-    kw.pop("past_key_values", None)
-    kw["use_cache"] = False
-    return torch.cat(inps), kw
+        for k, m in enumerate(orig):
+            layers[k] = m
+    for kw in kws:
+        kw.pop("past_key_values", None)
+        kw["use_cache"] = False
+    return torch.cat(inps), kws
 
 
 def _run_block(layer, inps, kw, chunk):
@@ -117,9 +126,9 @@ def _run_block(layer, inps, kw, chunk):
     return outs
 
 
-def _linears(layer):
-    import torch
-    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+def _linears(layer, arch: A.Arch):
+    """The block linears of one decoder layer, by their path in it (the registry's list)."""
+    return {name: layer.get_submodule(name) for name in arch.linears}
 
 
 @contextlib.contextmanager
@@ -135,11 +144,11 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _hessian_source(name: str, lins: dict) -> str:
+def _hessian_source(name: str, lins: dict, arch: A.Arch) -> str:
     """The linear whose input (and so Hessian) `name` shares: q for k and v, gate for up."""
     parent, _, leaf = name.rpartition(".")
-    if leaf in SHARED_INPUT:
-        src = (parent + "." if parent else "") + SHARED_INPUT[leaf]
+    if leaf in arch.shared_input:
+        src = (parent + "." if parent else "") + arch.shared_input[leaf]
         if src in lins:
             return src
     return name
@@ -258,6 +267,7 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
     dev = resolve_device(calib_opts.get("device"))
     model_dir = Path(model_dir)
     model = hf.load_torch_model(model_dir)
+    arch = A.for_config(hf.load_config(model_dir))
     for name, p in model.named_parameters():
         if not all_finite(p):
             raise CalibrationError(f"{model_dir}: weight {name} holds NaN or Inf values")
@@ -266,16 +276,16 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
     chunk = max(1, MAX_CHUNK_TOKENS // seqlen)
 
     model.to(dev)
-    inps, kw = _block0_inputs(model, ids, dev, chunk)
+    inps, kws = _block_inputs(model, ids, dev, chunk)
     layers = model.model.layers
     n_tok = samples * seqlen
     out: dict[str, bbf.BinaryBasis] = {}
-    n_lin = sum(len(_linears(l)) for l in layers)
+    n_lin = sum(len(_linears(l, arch)) for l in layers)
     ckpt = Checkpoints.for_run(model_dir, quantizer, calib_opts)
     bar = tqdm(total=n_lin, desc=f"calibrate {quantizer.name}", disable=not progress, unit="linear")
     t0 = time.time()
     for k, layer in enumerate(layers):
-        lins = _linears(layer)
+        lins = _linears(layer, arch)
         done = ckpt.load(k)
         if done is not None:                                    # resumed: weights from the checkpoint
             for name, m in lins.items():
@@ -288,13 +298,13 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
             bar.update(len(lins))
             if progress:
                 bar.write(f"blk {k:3d} resumed from {ckpt.path(k)}")
-            inps = _run_block(layer, inps, kw, chunk)
+            inps = _run_block(layer, inps, kws[k], chunk)
             continue
         # Hessians: H = 2/n Σ x xᵀ, one per distinct input
         sums: dict[str, torch.Tensor] = {}
         hooks = []
         for name, m in lins.items():
-            if _hessian_source(name, lins) != name:
+            if _hessian_source(name, lins, arch) != name:
                 continue
 
             def hook(mod, args, _out, name=name):
@@ -304,13 +314,13 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
                 sums[name].addmm_(x.t(), x)
             hooks.append(m.register_forward_hook(hook))
         try:
-            _run_block(layer, inps, kw, chunk)
+            _run_block(layer, inps, kws[k], chunk)
         finally:
             for h in hooks:
                 h.remove()
         errs = []
         for name, m in lins.items():
-            H = sums[_hessian_source(name, lins)] * (2.0 / n_tok)
+            H = sums[_hessian_source(name, lins, arch)] * (2.0 / n_tok)
             if not all_finite(H):
                 raise CalibrationError(f"block {k} {name}: calibration activations overflowed (NaN/Inf)")
             W = m.weight.data.float()
@@ -330,7 +340,7 @@ def quantize_model(model_dir, quantizer, calib_opts: dict, progress: bool = True
             bar.write(f"blk {k:3d} rel. err tr(ΔW H ΔWᵀ)/tr(W H Wᵀ): " + ", ".join(errs))
         del sums
         ckpt.save(k, {n: b for n, b in out.items() if n.startswith(f"model.layers.{k}.")})
-        inps = _run_block(layer, inps, kw, chunk)               # inputs of block k+1 (quantized)
+        inps = _run_block(layer, inps, kws[k], chunk)               # inputs of block k+1 (quantized)
         if not all_finite(inps):
             raise CalibrationError(f"block {k}: outputs hold NaN or Inf after quantization")
     bar.close()

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arch as A
 from . import format as bbf
 from . import hf
+from .arch import is_block_linear
 from .gguf_io import ModelTensors, read_model, summarize, write_model
 
-LINEAR_SUFFIXES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-                   "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 DENSE_METHODS = ("f32", "f16")
 
 
@@ -39,10 +39,6 @@ class ConvertOptions:
 # The best CPU recipe measured (docs/results.md §21): the CLI's and the demo's defaults.
 DEFAULT_RECIPE = dict(method="gptq", bases=3, group=192, rotate=True, calib_samples=32, calib_seqlen=512)
 COLLAPSE_RATIO = 4.0               # perplexity of the file / of the f32 model above which it has collapsed
-
-
-def is_block_linear(gguf_name: str) -> bool:
-    return gguf_name.startswith("blk.") and gguf_name.endswith(LINEAR_SUFFIXES)
 
 
 def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progress: bool = True) -> dict:
@@ -134,11 +130,13 @@ def collapse_check(model_dir: Path, path, tokens: int = 512) -> dict:
 def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quantized: dict[str, bbf.BinaryBasis],
                     progress: bool = True, settings: dict | None = None) -> dict:
     """Write the GGUF: `quantized` {hf_name: BinaryBasis} for the block linears it holds (the rest are
-    quantized here, data-free), every other weight dense; llama.cpp's names and q/k row order."""
+    quantized here, data-free), every other weight dense; llama.cpp's names, q/k row order and norm
+    convention (Gemma: the file holds 1 + w)."""
     from tqdm import tqdm
     import torch
 
     cfg = hf.load_config(model_dir)
+    arch = A.for_config(cfg)
     sd = hf.load_state_dict(model_dir)
     n_layers, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
@@ -147,15 +145,17 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
     if "lm_head.weight" not in sd and (quantizer is not None and quantizer.covers("lm_head.weight")
                                        or "lm_head.weight" in quantized):
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]     # a tied head quantized: its own tensor
-    names = {k: hf.gguf_name(k, n_layers) for k in sd if not k.endswith("rotary_emb.inv_freq")}
+    names = {k: hf.gguf_name(k, n_layers, arch) for k in sd if not k.endswith("rotary_emb.inv_freq")}
     dense, packed = [], []
     it = tqdm(sorted(names.items(), key=lambda kv_: _order(kv_[1])), desc=f"convert {opts.method}",
               disable=not progress, unit="tensor")
     for hf_name, g_name in it:
         w = sd[hf_name]
         perm = None
-        if g_name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch.permute_qk and g_name.endswith(("attn_q.weight", "attn_k.weight")):
             perm = hf.qk_row_permutation(w.shape[0], n_head if "attn_q" in g_name else n_kv)
+        if arch.norm_offset and g_name.endswith("norm.weight"):
+            w = w + np.float32(arch.norm_offset)
         if hf_name in quantized or (quantizer is not None and (is_block_linear(g_name) or quantizer.covers(hf_name))):
             bb = quantized.get(hf_name)
             if bb is None:
@@ -173,14 +173,14 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
         else:
             kind = "F16"
         dense.append((g_name, w, kind))
-    factors = hf.llama3_rope_factors(cfg)
+    factors = A.llama3_rope_factors(cfg)
     if factors is not None:
         dense.append(("rope_freqs.weight", factors, "F32"))
     if settings is None:
         settings = quantizer.settings() if quantizer else {}
     if opts.calib and quantizer is not None and quantizer.needs_hessian:
         settings["calibration"] = {k: v for k, v in opts.calib.items() if k != "checkpoint"}
-    mt = ModelTensors(arch="llama", kv=kv, dense=dense, packed=packed, method=opts.method, settings=settings)
+    mt = ModelTensors(arch=arch.name, kv=kv, dense=dense, packed=packed, method=opts.method, settings=settings)
     write_model(out, mt, force=opts.force)
     return summarize(read_model(out))
 
@@ -191,26 +191,27 @@ def quantized_from_file(path, model_dir: Path) -> tuple[dict[str, bbf.BinaryBasi
     KV metadata. The inverse of write_converted for the packed tensors."""
     mf = read_model(path)
     cfg = hf.load_config(model_dir)
+    arch = A.for_config(cfg)
     n_layers, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     sd = hf.load_state_dict(model_dir)
     out = {}
     for hf_name, w in sd.items():
-        g_name = hf.gguf_name(hf_name, n_layers) if not hf_name.endswith("rotary_emb.inv_freq") else None
+        g_name = hf.gguf_name(hf_name, n_layers, arch) if not hf_name.endswith("rotary_emb.inv_freq") else None
         if g_name not in mf.packed:
             continue
         bb = bbf.unpack(mf.packed[g_name], g_name)
         if bb.shape != tuple(w.shape):
             raise ConvertError(f"{path}: {g_name} has shape {list(bb.shape)}, the checkpoint {model_dir} "
                                f"has {list(w.shape)} (a file of another model?)")
-        if g_name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch.permute_qk and g_name.endswith(("attn_q.weight", "attn_k.weight")):
             perm = hf.qk_row_permutation(bb.shape[0], n_head if "attn_q" in g_name else n_kv)
             bb = bbf.permute_rows(bb, np.argsort(perm))
         out[hf_name] = bb
     if not out:
         raise ConvertError(f"{path}: no binary-basis tensors (a dense f32/f16 file?)")
     missing = [k for k in sd if not k.endswith("rotary_emb.inv_freq") and k not in out
-               and is_block_linear(hf.gguf_name(k, n_layers))]
+               and is_block_linear(hf.gguf_name(k, n_layers, arch))]
     if missing:
         raise ConvertError(f"{path}: {len(missing)} block linears of {model_dir} are not binary-basis "
                            f"tensors in the file (first: {missing[0]})")

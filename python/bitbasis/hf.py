@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+from . import arch as A
+
 DEFAULT_MODEL = "smollm2"
 
 
@@ -100,10 +101,10 @@ def load_config(d: Path) -> dict:
         cfg = json.loads(cf.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cf}: invalid JSON ({e})") from None
-    archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED for a in archs):
-        raise CheckpointError(f"{d}: unsupported architecture {archs or cfg.get('model_type')!r}; "
-                              f"supported: {', '.join(sorted(SUPPORTED))}")
+    try:
+        A.for_config(cfg, f"{d}: ")
+    except A.ArchError as e:
+        raise CheckpointError(str(e)) from None
     return cfg
 
 
@@ -152,10 +153,6 @@ def load_tokenizer(d: Path):
 
 # --- HF -> GGUF names, keys, and the llama.cpp rotary permutation ---------------------------------
 
-def head_dim(cfg: dict) -> int:
-    return int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-
-
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF stores rotary halves [x0..x_{d/2}, y0..]; llama.cpp wants interleaved pairs. Same row
     permutation as llama.cpp's convert_hf_to_gguf.LlamaModel.permute."""
@@ -166,63 +163,19 @@ def qk_row_permutation(rows: int, n_head: int) -> np.ndarray:
     return permute_qk(np.arange(rows)[:, None], n_head)[:, 0]
 
 
-def gguf_name(hf_name: str, n_layers: int) -> str:
-    import gguf
-    tm = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    name = tm.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+def gguf_name(hf_name: str, n_layers: int, arch: A.Arch) -> str:
+    name = A.gguf_tensor_map(arch, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise CheckpointError(f"tensor {hf_name} has no llama.cpp name")
     return name
 
 
 def arch_kv(cfg: dict, name: str) -> list[tuple[str, object, object]]:
-    import gguf
-    T = gguf.GGUFValueType
-    a = "llama"
-    kv = [
-        ("general.name", name, T.STRING),
-        (f"{a}.context_length", int(cfg.get("max_position_embeddings", 2048)), T.UINT32),
-        (f"{a}.embedding_length", int(cfg["hidden_size"]), T.UINT32),
-        (f"{a}.feed_forward_length", int(cfg["intermediate_size"]), T.UINT32),
-        (f"{a}.block_count", int(cfg["num_hidden_layers"]), T.UINT32),
-        (f"{a}.attention.head_count", int(cfg["num_attention_heads"]), T.UINT32),
-        (f"{a}.attention.head_count_kv", int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]), T.UINT32),
-        (f"{a}.attention.layer_norm_rms_epsilon", float(cfg.get("rms_norm_eps", 1e-6)), T.FLOAT32),
-        (f"{a}.rope.dimension_count", head_dim(cfg), T.UINT32),
-        (f"{a}.vocab_size", int(cfg["vocab_size"]), T.UINT32),
-    ]
-    hd = head_dim(cfg)
-    if hd != cfg["hidden_size"] // cfg["num_attention_heads"]:
-        kv += [(f"{a}.attention.key_length", hd, T.UINT32), (f"{a}.attention.value_length", hd, T.UINT32)]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    kv.append((f"{a}.rope.freq_base", float(theta), T.FLOAT32))
-    return kv
-
-
-def llama3_rope_factors(cfg: dict) -> np.ndarray | None:
-    """llama-3 rope scaling as the `rope_freqs.weight` tensor (as llama.cpp's converter writes it)."""
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) != "llama3":
-        return None
-    base = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    dim = head_dim(cfg)
-    factor = rope.get("factor", 8.0)
-    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
-    old_ctx = rope.get("original_max_position_embeddings", 8192)
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    low_wl, high_wl = old_ctx / low, old_ctx / high
-    out = []
-    for f in freqs:
-        wl = 2 * np.pi / f
-        if wl < high_wl:
-            out.append(1.0)
-        elif wl > low_wl:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wl - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, np.float32)
+    """The GGUF hyper-parameter keys of an HF config.json (its architecture from the registry)."""
+    try:
+        return A.gguf_kv(A.for_config(cfg), cfg, name)
+    except A.ArchError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def tokenizer_kv(d: Path, cfg: dict) -> list[tuple[str, object, object]]:

@@ -1,72 +1,57 @@
 """The PyTorch reference forward over a bitbasis GGUF: dequantize every weight, undo llama.cpp's
-rotary row permutation, and run transformers' own Llama implementation. It is the yardstick the C++
-engine is checked against."""
+conventions (q/k row permutation, Gemma's 1 + w norms), and run transformers' own implementation of
+the file's architecture (bitbasis.arch). It is the yardstick the C++ engine is checked against."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from . import arch as A
 from . import hf
 from .gguf_io import GGUFFileError, ModelFile, read_model
 
 
 def config_from_gguf(mf: ModelFile):
-    from transformers import LlamaConfig
-    kv = mf.kv
-    if mf.arch != "llama":
-        raise GGUFFileError(f"{mf.path}: architecture {mf.arch!r} not supported (llama only)")
-    a = "llama"
+    """(transformers config, model class, Arch) of a file."""
     try:
-        n_embd = int(kv[f"{a}.embedding_length"])
-        n_head = int(kv[f"{a}.attention.head_count"])
-        cfg = dict(
-            vocab_size=int(mf.dense["token_embd.weight"].shape[0]),
-            hidden_size=n_embd,
-            intermediate_size=int(kv[f"{a}.feed_forward_length"]),
-            num_hidden_layers=int(kv[f"{a}.block_count"]),
-            num_attention_heads=n_head,
-            num_key_value_heads=int(kv.get(f"{a}.attention.head_count_kv", n_head)),
-            rms_norm_eps=float(kv[f"{a}.attention.layer_norm_rms_epsilon"]),
-            max_position_embeddings=int(kv.get(f"{a}.context_length", 2048)),
-            head_dim=int(kv.get(f"{a}.attention.key_length", n_embd // n_head)),
-            tie_word_embeddings="output.weight" not in mf.dense and "output.weight" not in mf.packed,
-            rope_theta=float(kv.get(f"{a}.rope.freq_base", 10000.0)),
-            bos_token_id=kv.get("tokenizer.ggml.bos_token_id"),
-            eos_token_id=kv.get("tokenizer.ggml.eos_token_id"),
-        )
-    except KeyError as e:
-        raise GGUFFileError(f"{mf.path}: missing metadata key {e}") from None
-    c = LlamaConfig(**cfg)
-    return c
+        arch = A.for_gguf(mf.arch, f"{mf.path}: ")
+        tied = "output.weight" not in mf.dense and "output.weight" not in mf.packed
+        cfg = A.hf_config(arch, mf.kv, int(mf.dense["token_embd.weight"].shape[0]), tied, f"{mf.path}: ")
+    except A.ArchError as e:
+        raise GGUFFileError(str(e)) from None
+    model_cls, cfg_cls = A.torch_class(arch, cfg)
+    return cfg_cls(**cfg), model_cls, arch
 
 
 def torch_model_from_gguf(path: str | Path):
     import torch
-    from transformers import LlamaForCausalLM
     mf = read_model(path)
-    cfg = config_from_gguf(mf)
-    model = LlamaForCausalLM(cfg).eval()
+    cfg, model_cls, arch = config_from_gguf(mf)
+    model = model_cls(cfg).eval()
     n_layers = cfg.num_hidden_layers
-    gname = {k: hf.gguf_name(k, n_layers) for k in model.state_dict() if "rotary" not in k}
+    want = model.state_dict()
     sd = {}
-    for hf_name, g in gname.items():
+    for hf_name in want:
+        g = hf.gguf_name(hf_name, n_layers, arch)
         if g == "output.weight" and cfg.tie_word_embeddings:
             g = "token_embd.weight"
         if g not in mf.dense and g not in mf.packed:
             raise GGUFFileError(f"{path}: tensor {g} is missing")
         w = mf.weight(g)
-        if g.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch.permute_qk and g.endswith(("attn_q.weight", "attn_k.weight")):
             n = cfg.num_attention_heads if "attn_q" in g else cfg.num_key_value_heads
             perm = hf.qk_row_permutation(w.shape[0], n)
             un = np.empty_like(w)
             un[perm] = w
             w = un
-        expect = tuple(model.state_dict()[hf_name].shape)
+        if arch.norm_offset and g.endswith("norm.weight"):
+            w = w - np.float32(arch.norm_offset)
+        expect = tuple(want[hf_name].shape)
         if tuple(w.shape) != expect:
             raise GGUFFileError(f"{path}: tensor {g} has shape {tuple(w.shape)}, expected {expect}")
         sd[hf_name] = torch.from_numpy(np.array(w, np.float32, copy=True))
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=True)
     if "rope_freqs.weight" in mf.dense:
         rot = model.model.rotary_emb
         f = torch.from_numpy(mf.dense["rope_freqs.weight"])

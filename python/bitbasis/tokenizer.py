@@ -4,13 +4,14 @@ gguf_file=...)`) builds from the same file — the same BPE model, pre-tokenizer
 post-processor and added tokens (tests/test_tokenizer_fast.py compares them) — without importing
 transformers (~2 s) or torch, and without gguf-py's reader (seconds for a 50k vocabulary).
 
-Built here, as transformers' converters in `transformers.integrations.gguf` build them, for files
-of architecture "llama" (the one the engine runs):
+Built here, as transformers' converters in `transformers.integrations.gguf` build them:
   - tokenizer.ggml.model "gpt2": byte-level BPE (SmolLM2, Qwen, Llama 3), the split regex chosen
-    by tokenizer.ggml.pre;
+    by tokenizer.ggml.pre, in a file of any architecture the engine runs (bitbasis.arch);
   - tokenizer.ggml.model "llama": SentencePiece BPE with byte fallback (Llama 2, Mistral), the
-    merges from the file or, when it has none, derived from the vocabulary and its scores.
-`from_gguf` returns None for anything else (other tokenizer kinds, Gemma and Phi-3 files), and
+    merges from the file or, when it has none, derived from the vocabulary and its scores, in a
+    file of architecture "llama".
+`from_gguf` returns None for anything else (other tokenizer kinds, Gemma's and Phi-3's SentencePiece
+vocabularies, which transformers builds with their own normalizers), and
 `reference.tokenizer_from_gguf` then asks transformers. Only the file is read: transformers also
 lets a tokenizer_config.json or config.json that happens to sit beside the file change the result.
 """
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .arch import ARCHS
 from .gguf_io import GGUFFileError, read_metadata
 
 CONTROL, USER_DEFINED = 3, 4   # llama.cpp token types (gguf.TokenType)
@@ -50,7 +52,7 @@ PRE_SPLITS = {
 }
 
 _KINDS = ("gpt2", "llama")
-_ARCHS = ("llama",)
+_ARCHS = {"gpt2": tuple(ARCHS), "llama": ("llama",)}   # architectures per tokenizer kind
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -163,7 +165,7 @@ def from_gguf(path: str | os.PathLike) -> Tokenizer | None:
     path = str(path)
     md = read_metadata(path, ("general.architecture", "tokenizer."))
     kind = md.get("tokenizer.ggml.model")
-    if md.get("general.architecture") not in _ARCHS or kind not in _KINDS:
+    if kind not in _KINDS or md.get("general.architecture") not in _ARCHS[kind]:
         return None
     if "tokenizer.ggml.merges" not in md and "tokenizer.ggml.scores" not in md:
         return None   # nothing to rebuild the merges from (transformers fails on these too)

@@ -376,8 +376,8 @@ class QBB(Quantizer):
         """{hf_name: BinaryBasis} for every block linear: per layer (data-free, or through calibration
         for init=gptq4), then step 3, the data-free distillation of the scales, when distill_steps > 0."""
         from tqdm import tqdm
-        from .. import hf
-        from ..convert import is_block_linear
+        from .. import arch as A, hf
+        from ..arch import is_block_linear
         model_dir = Path(model_dir)
         if self.needs_hessian:
             from ..calibrate import quantize_model as calibrated
@@ -386,7 +386,8 @@ class QBB(Quantizer):
             cfg = hf.load_config(model_dir)
             n_layers = int(cfg["num_hidden_layers"])
             sd = hf.load_state_dict(model_dir)
-            names = [k for k in sd if is_block_linear(hf.gguf_name(k, n_layers))]
+            arch = A.for_config(cfg)
+            names = [k for k in sd if is_block_linear(hf.gguf_name(k, n_layers, arch))]
             quantized = {}
             bar = tqdm(names, desc=f"qbb N={self.bases} per layer", disable=not progress, unit="linear")
             for k in bar:
