@@ -72,7 +72,7 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
             p = bbplan.make_plan(model_dir, opts.method, quantizer.bases, quantizer.group, opts.target_bpw,
                                  bbplan.parse_tensor_types(opts.tensor_types), opts.head_bases, opts.calib,
                                  progress=progress)
-            quantizer = bbplan.PlannedQuantizer(p, opts.extra, int(cfg["num_hidden_layers"]))
+            quantizer = bbplan.PlannedQuantizer(p, opts.extra, cfg)
         except (bbplan.PlanError, QuantizerError) as e:
             raise ConvertError(str(e)) from None
         if progress:

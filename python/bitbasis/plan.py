@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arch as A
 from . import hf
 
 # category of a tensor by its GGUF name (llama.cpp's tensor categories); the first match wins
@@ -241,7 +242,7 @@ def make_plan(model_dir: Path, method: str, bases: int, group: int, target_bpw: 
         raise PlanError(f"--target-bpw {target_bpw}: must be in (0, 16]")
     lay = LAYOUTS[method]
     cfg = hf.load_config(Path(model_dir))
-    n_layers = int(cfg["num_hidden_layers"])
+    n_layers, arch = int(cfg["num_hidden_layers"]), A.for_config(cfg)
     from safetensors import safe_open
     shapes = {}
     for f in sorted(Path(model_dir).glob("*.safetensors")):
@@ -257,7 +258,7 @@ def make_plan(model_dir: Path, method: str, bases: int, group: int, target_bpw: 
     for k, shp in shapes.items():
         if k.endswith("rotary_emb.inv_freq") or len(shp) != 2:
             continue
-        g = hf.gguf_name(k, n_layers)
+        g = hf.gguf_name(k, n_layers, arch)
         if g.startswith("blk.") and category(g) or (g == "output.weight" and any(re.search(r[0], g) for r in rules)):
             names[k] = g
     plan = Plan(method=method, tensors={}, numel={}, target_bpw=target_bpw, rules=rules,
@@ -296,16 +297,17 @@ def make_plan(model_dir: Path, method: str, bases: int, group: int, target_bpw: 
 class PlannedQuantizer:
     """A method with a plan: each tensor's quantizer is the method at that tensor's (N, G)."""
 
-    def __init__(self, plan: Plan, extra: dict | None, n_layers: int):
+    def __init__(self, plan: Plan, extra: dict | None, cfg: dict):
         from .quant import get_quantizer
-        self.plan, self.extra, self.n_layers = plan, dict(extra or {}), n_layers
+        self.plan, self.extra = plan, dict(extra or {})
+        self.n_layers, self.arch = int(cfg["num_hidden_layers"]), A.for_config(cfg)
         self._get = get_quantizer
         self._cache = {}
         self.base = get_quantizer(plan.method, **self.extra)
         self.name, self.needs_hessian = self.base.name, self.base.needs_hessian
 
     def for_tensor(self, hf_name: str):
-        g = "output.weight" if hf_name == "lm_head.weight" else hf.gguf_name(hf_name, self.n_layers)
+        g = "output.weight" if hf_name == "lm_head.weight" else hf.gguf_name(hf_name, self.n_layers, self.arch)
         if g not in self.plan.tensors:
             raise PlanError(f"{hf_name} ({g}) is not in the plan")
         ng = self.plan.tensors[g]

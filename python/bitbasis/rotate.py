@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arch as A
 from . import hf
 
 ROTATED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -66,12 +67,20 @@ def rotation(n: int, seed: int) -> np.ndarray:
     return np.kron(hp, rm)
 
 
+ROTATABLE = ("llama", "qwen2", "qwen3")
+
+
 def rotate_state_dict(sd: dict[str, np.ndarray], cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """The rotated weights ({HF name: float32}); the input is not modified. Norm weights come out as ones
     and lm_head is always present (untied)."""
+    arch = A.for_config(cfg)
+    # Gemma 3's norms after the attention and MLP outputs are not rotation invariant, and Phi-3's fused
+    # linears have other names: only the plain pre-norm blocks fold a rotation exactly.
+    if arch.name not in ROTATABLE:
+        raise RotationError(f"rotate: architecture {arch.name} is not supported (supported: {', '.join(ROTATABLE)})")
     d = int(cfg["hidden_size"])
     n_layers = int(cfg["num_hidden_layers"])
-    hd = hf.head_dim(cfg)
+    hd = A.head_dim(cfg)
     Q = rotation(d, seed)
     R = rotation(hd, seed + 1)
     f64 = {k: v.astype(np.float64) for k, v in sd.items()}
