@@ -90,9 +90,12 @@ def test_plan_meets_its_budget_and_rules_and_info_prints_it(tiny192, calib, tmp_
     from bitbasis.cli import main
     from bitbasis.convert import ConvertOptions, convert
     from bitbasis.gguf_io import read_model
+    import torch
     out = tmp_path / "plan.gguf"
+    assert torch.is_grad_enabled()
     convert(tiny192, out, ConvertOptions(method="residual", bases=2, group=128, calib=calib, target_bpw=2.3,
                                          tensor_types=[r"blk\.1\.attn_v=4:64"]), progress=False)
+    assert torch.is_grad_enabled()      # the Fisher pass gave the process its grad mode back (it once did not)
     mf = read_model(out)
     blk = {n: p for n, p in mf.packed.items() if n.startswith("blk.")}
     bpw = 8 * sum(p.nbytes for p in blk.values()) / sum(p.rows * p.cols for p in blk.values())

@@ -158,16 +158,13 @@ def fisher_sensitivity(model_dir: Path, names: dict[str, str], options: dict[str
     ids = sample_windows(calibration_tokens(tok, calib_opts.get("text")), FISHER_SAMPLES, seqlen,
                          int(calib_opts.get("seed") or 0) + 1)
     fisher = {k: torch.zeros_like(params[k]) for k in names}
-    torch.set_grad_enabled(True)
-    try:
+    with torch.enable_grad():                 # restores the caller's grad mode on the way out
         for seq in ids:                       # per-sequence gradients: the empirical Fisher, not (Σg)²
             x = torch.as_tensor(seq[None])
             loss = model(x, labels=x, use_cache=False).loss
             grads = torch.autograd.grad(loss, [params[k] for k in names])
             for k, g in zip(names, grads):
                 fisher[k].addcmul_(g, g)
-    finally:
-        torch.set_grad_enabled(False)
     out = {}
     with _one_thread():
         for k, gname in names.items():
