@@ -16,37 +16,69 @@ const char *const NAMES[] = {
     "NVFP4", "Q1_0", "Q2_0",                                                                    // 40-42
 };
 
-uint16_t rd16(const uint8_t *p) {
-    uint16_t v;
-    std::memcpy(&v, p, 2);
-    return v;
+// The block layouts, as ggml-common.h declares them: fixed, so their sizes are asserted.
+struct block_q1_0 {
+    uint16_t d;              // fp16 scale
+    uint8_t qs[128 / 8];     // element j = bit j%8 of byte j/8: 1 → +d, 0 → -d
+};
+struct block_q2_0 {
+    uint16_t d;
+    uint8_t qs[64 / 4];      // element j = bits 2(j%4) of byte j/4
+};
+struct block_tq1_0 {
+    uint8_t qs[(256 - 4 * 256 / 64) / 5];  // 48 bytes of 5 trits each (elements 0..239)
+    uint8_t qh[256 / 64];                  // 4 bytes of 4 trits each (elements 240..255)
+    uint16_t d;
+};
+struct block_tq2_0 {
+    uint8_t qs[256 / 4];     // byte 32h + m holds elements 128h + 32l + m in bits 2l
+    uint16_t d;
+};
+static_assert(sizeof(block_q1_0) == 2 + 16, "wrong q1_0 block size/padding");
+static_assert(sizeof(block_q2_0) == 2 + 16, "wrong q2_0 block size/padding");
+static_assert(sizeof(block_tq1_0) == 48 + 4 + 2, "wrong tq1_0 block size/padding");
+static_assert(sizeof(block_tq2_0) == 64 + 2, "wrong tq2_0 block size/padding");
+
+// A block copied out of the file (a row of 18-byte blocks is not 2-byte aligned in general).
+template <class Block>
+Block load_block(const uint8_t *p) {
+    Block b;
+    std::memcpy(&b, p, sizeof b);
+    return b;
 }
 
 // The codes of one block (c in 0..3; for Q1_0 the sign bit) and its fp16 scale d.
-uint16_t decode_block(uint32_t type, const uint8_t *b, uint8_t *codes) {
+uint16_t decode_block(uint32_t type, const uint8_t *p, uint8_t *codes) {
     switch (type) {
-        case LT_Q1_0:   // d, then 128 bits, element j = bit j%8 of byte j/8
-            for (int j = 0; j < 128; j++) codes[j] = (b[2 + j / 8] >> (j % 8)) & 1;
-            return rd16(b);
-        case LT_Q2_0:   // d, then 64 2-bit codes, element j = bits 2(j%4) of byte j/4
-            for (int j = 0; j < 64; j++) codes[j] = (b[2 + j / 4] >> (2 * (j % 4))) & 3;
-            return rd16(b);
-        case LT_TQ2_0:  // 64 bytes, then d; byte 32h + m holds elements 128h + 32l + m in bits 2l
+        case LT_Q1_0: {
+            const auto b = load_block<block_q1_0>(p);
+            for (int j = 0; j < 128; j++) codes[j] = (b.qs[j / 8] >> (j % 8)) & 1;
+            return b.d;
+        }
+        case LT_Q2_0: {
+            const auto b = load_block<block_q2_0>(p);
+            for (int j = 0; j < 64; j++) codes[j] = (b.qs[j / 4] >> (2 * (j % 4))) & 3;
+            return b.d;
+        }
+        case LT_TQ2_0: {
+            const auto b = load_block<block_tq2_0>(p);
             for (int h = 0; h < 2; h++)
                 for (int l = 0; l < 4; l++)
-                    for (int m = 0; m < 32; m++) codes[128 * h + 32 * l + m] = (b[32 * h + m] >> (2 * l)) & 3;
-            return rd16(b + 64);
-        case LT_TQ1_0: {  // 48 bytes of 5 trits, 4 bytes of 4 trits, then d; a byte is a fixed-point
-                          // fraction of 3^5 (3^4): trit n is the integer part of 3 * (byte * 3^n mod 256) / 256
+                    for (int m = 0; m < 32; m++) codes[128 * h + 32 * l + m] = (b.qs[32 * h + m] >> (2 * l)) & 3;
+            return b.d;
+        }
+        case LT_TQ1_0: {  // a byte is a fixed-point fraction of 3^5 (3^4): trit n is the integer part
+                          // of 3 * (byte * 3^n mod 256) / 256
+            const auto b = load_block<block_tq1_0>(p);
             static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
             auto trit = [](uint8_t q, int n) { return (uint8_t)(((uint16_t)(uint8_t)(q * pow3[n]) * 3) >> 8); };
             for (int n = 0; n < 5; n++)
-                for (int m = 0; m < 32; m++) codes[32 * n + m] = trit(b[m], n);
+                for (int m = 0; m < 32; m++) codes[32 * n + m] = trit(b.qs[m], n);
             for (int n = 0; n < 5; n++)
-                for (int m = 0; m < 16; m++) codes[160 + 16 * n + m] = trit(b[32 + m], n);
+                for (int m = 0; m < 16; m++) codes[160 + 16 * n + m] = trit(b.qs[32 + m], n);
             for (int n = 0; n < 4; n++)
-                for (int m = 0; m < 4; m++) codes[240 + 4 * n + m] = trit(b[48 + m], n);
-            return rd16(b + 52);
+                for (int m = 0; m < 4; m++) codes[240 + 4 * n + m] = trit(b.qh[m], n);
+            return b.d;
         }
     }
     throw std::runtime_error("not a low-bit llama.cpp type");
@@ -69,10 +101,10 @@ const char *ggml_type_name(uint32_t t) { return t < sizeof(NAMES) / sizeof(NAMES
 
 bool lowbit_layout(uint32_t t, int64_t &blck, int64_t &bytes) {
     switch (t) {
-        case LT_Q1_0: blck = 128; bytes = 18; return true;
-        case LT_Q2_0: blck = 64; bytes = 18; return true;
-        case LT_TQ1_0: blck = 256; bytes = 54; return true;
-        case LT_TQ2_0: blck = 256; bytes = 66; return true;
+        case LT_Q1_0: blck = 128; bytes = sizeof(block_q1_0); return true;
+        case LT_Q2_0: blck = 64; bytes = sizeof(block_q2_0); return true;
+        case LT_TQ1_0: blck = 256; bytes = sizeof(block_tq1_0); return true;
+        case LT_TQ2_0: blck = 256; bytes = sizeof(block_tq2_0); return true;
         default: return false;
     }
 }
