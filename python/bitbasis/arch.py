@@ -143,10 +143,10 @@ def gguf_kv(arch: Arch, cfg: dict, name: str) -> list[tuple[str, object, object]
             "rope_theta", cfg.get("rope_local_base_freq", 10000.0))
         kv.append(f32(R.FREQ_BASE_SWA, local))
         kv.append(f32(A.SCALE, float(cfg.get("query_pre_attn_scalar") or hd) ** -0.5))
-    for key, field in ((L.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping"),
-                       (L.FINAL_LOGIT_SOFTCAPPING, "final_logit_softcapping")):
-        if cfg.get(field):
-            kv.append(f32(key, cfg[field]))
+    # final logit soft-capping only: attn_logit_softcapping is Gemma 2's, and Gemma 3's config key is
+    # read by neither transformers' forward nor llama.cpp
+    if cfg.get("final_logit_softcapping"):
+        kv.append(f32(L.FINAL_LOGIT_SOFTCAPPING, cfg["final_logit_softcapping"]))
     return kv
 
 

@@ -14,6 +14,7 @@ void gemma3_load(Model &m) {
     HParams &h = m.hparams();
     h.rope_kind = ops::ROPE_NEOX;
     h.embd_scale = std::sqrt((float)h.n_embd);
+    h.attn_softcap = 0.f;   // Gemma 2's; Gemma 3 has none (transformers and llama.cpp ignore the key)
     double base_swa = 10000.0;
     m.get_float("rope.freq_base_swa", base_swa);
     if (!(base_swa > 0 && std::isfinite(base_swa))) throw std::runtime_error("gemma3.rope.freq_base_swa must be positive");
