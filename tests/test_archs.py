@@ -174,3 +174,42 @@ def test_unsupported_architecture_is_named(tmp_path):
     with pytest.raises(hf.CheckpointError) as e:
         hf.arch_kv({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}, "x")
     assert "\n" not in str(e.value) and "FalconForCausalLM" in str(e.value) and "Gemma3ForCausalLM" in str(e.value)
+
+
+def test_convert_from_gguf_carries_tokenizer_and_bos(tmp_path, monkeypatch, eval_text):
+    """`bitbasis convert file.gguf`: a llama.cpp GGUF (here a tiny Gemma 3 whose tokenizer puts BOS
+    first) goes through transformers' GGUF loader into an HF directory (made once, in the cache) and
+    out again; every tokenizer key of the source comes through as it is, the weights run the same,
+    and perplexity starts each window with BOS."""
+    import json
+    from bitbasis.cli import main
+    from bitbasis.convert import ConvertOptions, convert
+    from bitbasis.gguf_io import read_metadata
+    from bitbasis.perplexity import perplexity, run_perplexity
+    d = _tiny_dir(tmp_path, "gemma3")
+    monkeypatch.setenv("BITBASIS_CACHE", str(tmp_path / "cache"))   # where the GGUF's HF directory goes
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, add_bos_token=True)))
+    src, out = tmp_path / "src.gguf", tmp_path / "out.gguf"
+    convert(d, src, ConvertOptions(method="f32"), progress=False)
+    assert main(["convert", str(src), "--method", "f32", "-o", str(out)]) == 0
+    assert len(list((tmp_path / "cache" / "gguf-in").iterdir())) == 1
+    want, got = (read_metadata(p, ("tokenizer.",)) for p in (src, out))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]) if isinstance(want[k], np.ndarray) else got[k] == want[k], k
+    ids = list(range(100, 164))
+    with Model(src, threads=2) as a, Model(out, threads=2) as b:
+        assert np.abs(a.logits(ids) - b.logits(ids)).max() <= 1e-4
+        bos = b.bos_first
+        assert bos is not None and bos == b.meta_int("tokenizer.ggml.bos_token_id")
+        tokens = np.asarray(b.tokenize(eval_text[:4000]), np.int64)
+        assert bos not in tokens[::128].tolist()
+        seen = []
+        kw = dict(protocol="llamacpp", ctx=128, max_windows=3, progress=False)
+        with_bos = perplexity(lambda w: seen.append(int(w[0])) or b.logits(w), tokens, bos=bos, **kw)["ppl"]
+        assert seen == [bos] * 3
+        assert with_bos != perplexity(b.logits, tokens, **kw)["ppl"]   # BOS changes what the model sees
+    (tmp_path / "t.txt").write_text(eval_text[:4000])
+    res = run_perplexity(str(out), tmp_path / "t.txt", ctx=128, max_windows=3, progress=False)
+    assert res["ppl"] == pytest.approx(with_bos, rel=1e-6)
