@@ -47,9 +47,12 @@ def summarize_nll(nll: np.ndarray) -> tuple[float, float]:
 
 def perplexity(logits_fn, tokens: np.ndarray, protocol: str = "llamacpp", ctx: int | None = None,
                max_windows: int | None = None, progress: bool = True, bos: int | None = None) -> dict:
-    """bos: the model's tokenizer puts BOS first (add_bos; Gemma needs it): each window starts with
-    it in place of its first token, as llama-perplexity does; that token is never a scored target."""
+    """bos: the model's tokenizer puts BOS first (add_bos; Gemma needs it). As llama-perplexity: the
+    text starts with it (tokenized with add_bos) and each window has it in place of its first token,
+    which is never a scored target."""
     from tqdm import tqdm
+    if bos is not None:
+        tokens = np.concatenate([[bos], np.asarray(tokens)])
     ctx = ctx or PROTOCOLS[protocol]
     first = ctx // 2 if protocol == "llamacpp" else 0
     starts = windows(len(tokens), ctx, max_windows)
