@@ -44,8 +44,8 @@ c++ -std=c++17 -O2 -Wall -Wextra -I"$ROOT/cpp/include" "$ROOT/cpp/tools/forward_
 
 echo "== aarch64 build ($W/aarch64), static, the flags of the cmake Release build"
 # Objects, not an archive: the dispatcher reaches the per-ISA files through weak references, which
-# do not pull members out of a static archive.
-ls "$ROOT"/cpp/src/*.cpp | xargs -P "$JOBS" -I{} sh -c \
+# do not pull members out of a static archive. cpp/src/models/*.cpp: one file per architecture.
+ls "$ROOT"/cpp/src/*.cpp "$ROOT"/cpp/src/models/*.cpp | xargs -P "$JOBS" -I{} sh -c \
     '"$0" -std=gnu++17 -O3 -ffp-contract=off -DNDEBUG -Wall -Wextra -I"$1/cpp/include" -c "{}" -o "$2/$(basename "{}" .cpp).o"' \
     "$CXX_AARCH64" "$ROOT" "$W/aarch64/obj"
 for src in "$ROOT/cpp/tools/forward_logits.cpp" "$ROOT"/cpp/tests/*.cpp; do

@@ -10,9 +10,26 @@
 
 namespace bb {
 
+// cpp/src/models/*.cpp
+void llama_load(Model &), llama_block(Model &, Layer &, int64_t, Step &);
+void qwen2_load(Model &);
+void qwen3_load(Model &), qwen3_block(Model &, Layer &, int64_t, Step &);
+void gemma3_load(Model &), gemma3_block(Model &, Layer &, int64_t, Step &);
+void phi3_load(Model &), phi3_block(Model &, Layer &, int64_t, Step &);
+
 namespace {
 
 [[noreturn]] void fail(const std::string &msg) { throw std::runtime_error(msg); }
+
+// The architectures, one file each in cpp/src/models/ (bitbasis.arch is the Python side's table).
+// Mistral files are "llama" files, as llama.cpp writes them.
+const ArchDef ARCHS[] = {
+    {"llama", llama_load, llama_block},
+    {"qwen2", qwen2_load, llama_block},   // Llama's block; biases on q, k, v
+    {"qwen3", qwen3_load, qwen3_block},
+    {"gemma3", gemma3_load, gemma3_block},
+    {"phi3", phi3_load, phi3_block},
+};
 
 const char *const BB_SUFFIXES[] = {"bbp", "bbs", "bbo", "bbc", "bbe", "bbm", "bbv", "bbz", "bbk"};
 constexpr int64_t BATCH = 512;  // tokens per forward chunk: bounds the activation buffers
@@ -138,16 +155,31 @@ void Model::load_linear(Linear &w, const std::string &name, int64_t rows, int64_
         fail("tensor " + name + " has type " + ttype_name(t->type) + ", expected F32, F16 or Q8_0");
 }
 
+bool Model::get_int(const std::string &key, int64_t &out) const {
+    return file_->get_int(std::string(arch_->name) + "." + key, out);
+}
+
+bool Model::get_float(const std::string &key, double &out) const {
+    return file_->get_float(std::string(arch_->name) + "." + key, out);
+}
+
+// The hyper-parameters and tensors every architecture has; then the architecture's own (ARCHS).
 void Model::load() {
     const GGUFFile &f = *file_;
     std::string arch;
     if (!f.get_string("general.architecture", arch)) fail("missing metadata key general.architecture");
-    if (arch != "llama") fail("architecture '" + arch + "' is not supported (llama only)");
+    for (const ArchDef &a : ARCHS)
+        if (arch == a.name) arch_ = &a;
+    if (!arch_) {
+        std::string names;
+        for (const ArchDef &a : ARCHS) names += std::string(names.empty() ? "" : ", ") + a.name;
+        fail("architecture '" + arch + "' is not supported (supported: " + names + ")");
+    }
     auto req_int = [&](const std::string &key, int64_t lo, int64_t hi, int64_t def, bool required) {
         int64_t v = def;
-        if (!f.get_int("llama." + key, v) && required) fail("missing metadata key llama." + key);
+        if (!get_int(key, v) && required) fail("missing metadata key " + arch + "." + key);
         if (v < lo || v > hi)
-            fail("llama." + key + " = " + std::to_string(v) + " is out of range [" + std::to_string(lo) + ", " +
+            fail(arch + "." + key + " = " + std::to_string(v) + " is out of range [" + std::to_string(lo) + ", " +
                  std::to_string(hi) + "]");
         return v;
     };
@@ -164,14 +196,26 @@ void Model::load() {
     h.n_rot = req_int("rope.dimension_count", 2, h.head_dim, h.head_dim, false);
     if (h.n_rot % 2) fail("rope dimension count must be even");
     h.n_ctx_train = req_int("context_length", 1, 1 << 24, 2048, false);
-    double eps, base = 10000.0;
-    if (!f.get_float("llama.attention.layer_norm_rms_epsilon", eps))
-        fail("missing metadata key llama.attention.layer_norm_rms_epsilon");
-    if (!(eps >= 0 && eps < 1)) fail("llama.attention.layer_norm_rms_epsilon is out of range");
-    f.get_float("llama.rope.freq_base", base);
-    if (!(base > 0 && std::isfinite(base))) fail("llama.rope.freq_base must be positive");
+    h.n_swa = req_int("attention.sliding_window", 0, 1 << 24, 0, false);
+    double eps, base = 10000.0, v;
+    if (!get_float("attention.layer_norm_rms_epsilon", eps))
+        fail("missing metadata key " + arch + ".attention.layer_norm_rms_epsilon");
+    if (!(eps >= 0 && eps < 1)) fail(arch + ".attention.layer_norm_rms_epsilon is out of range");
+    get_float("rope.freq_base", base);
+    if (!(base > 0 && std::isfinite(base))) fail(arch + ".rope.freq_base must be positive");
     h.eps = (float)eps;
-    h.rope_base = (float)base;
+    h.rope_base = h.rope_base_swa = (float)base;   // an architecture may give its swa layers their own
+    h.attn_scale = 1.0f / std::sqrt((float)h.head_dim);
+    if (get_float("attention.scale", v)) {
+        if (!(v > 0 && std::isfinite(v))) fail(arch + ".attention.scale must be positive");
+        h.attn_scale = (float)v;
+    }
+    for (auto kv : {std::make_pair("attn_logit_softcapping", &h.attn_softcap),
+                    std::make_pair("final_logit_softcapping", &h.final_softcap)})
+        if (get_float(kv.first, v)) {
+            if (!(v > 0 && std::isfinite(v))) fail(arch + "." + kv.first + " must be positive");
+            *kv.second = (float)v;
+        }
 
     kernel_ = &select_kernel();
     if (const char *e = std::getenv("BITBASIS_PRECISE_ACTS")) precise_acts_ = e[0] == '1';
@@ -188,33 +232,22 @@ void Model::load() {
     if (f.tensor("output.weight") || f.find("bitbasis.tensor.output.weight"))
         load_linear(output_, "output.weight", h.n_vocab, h.n_embd);
     output_norm_ = load_vector("output_norm.weight", h.n_embd, true);
-
-    // RoPE inverse frequencies as transformers computes them, divided by llama-3 factors.
-    std::vector<float> factors = load_vector("rope_freqs.weight", h.n_rot / 2, false);
-    inv_freq_.resize(h.n_rot / 2);
-    for (int64_t i = 0; i < h.n_rot / 2; i++) {
-        inv_freq_[i] = (float)(1.0 / std::pow((double)h.rope_base, (double)(2 * i) / (double)h.n_rot));
-        if (!factors.empty()) {
-            if (!(factors[i] > 0) || !std::isfinite(factors[i])) fail("rope_freqs.weight holds a non-positive factor");
-            inv_freq_[i] /= factors[i];
-        }
-    }
-
-    const int64_t qd = h.n_head * h.head_dim, kvd = h.n_head_kv * h.head_dim;
     layers_.resize(h.n_layer);
-    for (int64_t l = 0; l < h.n_layer; l++) {
-        Layer &L = layers_[l];
-        const std::string p = "blk." + std::to_string(l) + ".";
-        L.attn_norm = load_vector(p + "attn_norm.weight", h.n_embd, true);
-        L.ffn_norm = load_vector(p + "ffn_norm.weight", h.n_embd, true);
-        load_linear(L.wq, p + "attn_q.weight", qd, h.n_embd);
-        load_linear(L.wk, p + "attn_k.weight", kvd, h.n_embd);
-        load_linear(L.wv, p + "attn_v.weight", kvd, h.n_embd);
-        load_linear(L.wo, p + "attn_output.weight", h.n_embd, qd);
-        load_linear(L.wgate, p + "ffn_gate.weight", h.n_ff, h.n_embd);
-        load_linear(L.wup, p + "ffn_up.weight", h.n_ff, h.n_embd);
-        load_linear(L.wdown, p + "ffn_down.weight", h.n_embd, h.n_ff);
+    arch_->load(*this);
+
+    // RoPE inverse frequencies as transformers computes them: llama-3 factors, linear scaling
+    std::vector<float> factors = load_vector("rope_freqs.weight", h.n_rot / 2, false);
+    for (float x : factors)
+        if (!(x > 0) || !std::isfinite(x)) fail("rope_freqs.weight holds a non-positive factor");
+    double linear = 1.0;
+    std::string stype;
+    if (f.get_string(arch + ".rope.scaling.type", stype) && stype != "none") {
+        if (stype != "linear") fail(arch + ".rope.scaling.type '" + stype + "' is not supported (linear)");
+        if (!get_float("rope.scaling.factor", linear) || !(linear > 0 && std::isfinite(linear)))
+            fail(arch + ".rope.scaling.factor must be positive");
     }
+    inv_freq_ = ops::rope_inv_freq(h.rope_base, h.n_rot, factors, linear);
+    inv_freq_swa_ = ops::rope_inv_freq(h.rope_base_swa, h.n_rot, {}, 1.0);
 }
 
 // --- forward ------------------------------------------------------------------------------------
@@ -313,114 +346,71 @@ void Model::embed(const int32_t *tokens, int64_t n, float *x) {
     for (int64_t i = 0; i < n; i++) dequant_row(tok_embd_, tokens[i], x + i * hp_.n_embd);
 }
 
-static void rms_norm(const float *x, const float *w, float *out, int64_t n_tok, int64_t n, float eps) {
-    for (int64_t t = 0; t < n_tok; t++) {
-        const float *xt = x + t * n;
-        float *ot = out + t * n;
-        double ss = 0;
-        for (int64_t i = 0; i < n; i++) ss += (double)xt[i] * xt[i];
-        const float scale = (float)(1.0 / std::sqrt(ss / (double)n + (double)eps));
-        for (int64_t i = 0; i < n; i++) ot[i] = xt[i] * scale * w[i];
-    }
+void Model::set_input(int slot, const float *x, int64_t n, int64_t cols) { ac_[slot].reset(x, (int)n, cols); }
+
+void Model::matmul(const Linear &w, int slot, float *y) {
+    ActsCache &ac = ac_[slot];
+    if (ac.cols != w.cols)
+        fail("matmul: " + w.name + " reads " + std::to_string(w.cols) + " columns, its input has " + std::to_string(ac.cols));
+    matmul(w, ac, y);
+    if (!w.bias.empty())
+        for (int64_t t = 0; t < ac.n_tok; t++) ops::add(y + t * w.rows, w.bias.data(), w.rows);
 }
 
-// Adjacent-pair rotation (llama.cpp's normal RoPE mode) of the first n_rot dims of every head.
-static void rope(float *v, int64_t n_tok, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t pos0,
-                 const std::vector<float> &inv_freq) {
-    std::vector<float> cs(n_rot);
-    for (int64_t t = 0; t < n_tok; t++) {
-        const float pos = (float)(pos0 + t);
-        for (int64_t i = 0; i < n_rot / 2; i++) {
-            const float a = pos * inv_freq[i];
-            cs[2 * i] = std::cos(a);
-            cs[2 * i + 1] = std::sin(a);
-        }
-        for (int64_t h = 0; h < n_heads; h++) {
-            float *p = v + (t * n_heads + h) * head_dim;
-            for (int64_t i = 0; i < n_rot / 2; i++) {
-                const float c = cs[2 * i], s = cs[2 * i + 1];
-                const float x0 = p[2 * i], x1 = p[2 * i + 1];
-                p[2 * i] = x0 * c - x1 * s;
-                p[2 * i + 1] = x0 * s + x1 * c;
-            }
-        }
+void Model::attention(Step &s, const Layer &L, int64_t il) {
+    const HParams &h = hp_;
+    const int64_t hd = h.head_dim, qd = h.n_head * hd, kvd = h.n_head_kv * hd, group = h.n_head / h.n_head_kv;
+    const std::vector<float> &inv_freq = L.swa ? inv_freq_swa_ : inv_freq_;
+    for (int64_t t = 0; t < s.n; t++) {   // each token at its own position, into its own cache
+        ops::rope(s.q.data() + t * qd, h.n_head, hd, h.n_rot, s.pos[t], inv_freq, h.rope_kind);
+        ops::rope(s.k.data() + t * kvd, h.n_head_kv, hd, h.n_rot, s.pos[t], inv_freq, h.rope_kind);
+        std::memcpy(s.ctx[t]->kcache_[il].data() + s.pos[t] * kvd, s.k.data() + t * kvd, kvd * 4);
+        std::memcpy(s.ctx[t]->vcache_[il].data() + s.pos[t] * kvd, s.v.data() + t * kvd, kvd * 4);
     }
+    ops::AttnParams ap;
+    ap.head_dim = hd;
+    ap.kv_stride = kvd;
+    ap.scale = h.attn_scale;
+    ap.softcap = h.attn_softcap;
+    ap.window = L.swa ? h.n_swa : 0;
+    // Causal attention: a token at position p sees positions [0, p] (its window) of its own context.
+    pool_.parallel_for(s.n * h.n_head, 1, [&](int64_t a, int64_t b, int tid) {
+        for (int64_t idx = a; idx < b; idx++) {
+            const int64_t t = idx / h.n_head, hh = idx % h.n_head, kvh = hh / group;
+            const Context &c = *s.ctx[t];
+            ops::attend_head(s.q.data() + t * qd + hh * hd, c.kcache_[il].data() + kvh * hd,
+                             c.vcache_[il].data() + kvh * hd, s.pos[t], ap, kernel_->dot_f32, scratch_[tid].data(),
+                             s.att.data() + t * qd + hh * hd);
+        }
+    });
 }
 
 void Model::forward(const int32_t *tokens, Context *const *ctx, const int64_t *pos, int64_t n,
                     const int64_t *out_idx, int64_t n_out, float *logits) {
     const HParams &h = hp_;
-    const int64_t E = h.n_embd, hd = h.head_dim, qd = h.n_head * hd, kvd = h.n_head_kv * hd, F = h.n_ff;
-    std::vector<float> x(n * E), hb(n * E), o(n * E), q(n * qd), k(n * kvd), v(n * kvd), att(n * qd), g(n * F),
-        u(n * F);
+    const int64_t E = h.n_embd, qd = h.n_head * h.head_dim, kvd = h.n_head_kv * h.head_dim, F = h.n_ff;
+    std::vector<float> x(n * E);
+    Step s;
+    s.n = n, s.pos = pos, s.ctx = ctx, s.x = x.data();
+    s.hb.resize(n * E), s.o.resize(n * E), s.q.resize(n * qd), s.k.resize(n * kvd), s.v.resize(n * kvd);
+    s.att.resize(n * qd), s.g.resize(n * F), s.u.resize(n * F);
+    if (layers_[0].wqkv.rows || layers_[0].wup.rows > F) s.fused.resize(n * std::max(qd + 2 * kvd, 2 * F));
     embed(tokens, n, x.data());
+    if (h.embd_scale != 1.f)
+        for (float &e : x) e *= h.embd_scale;
     int64_t max_len = 0;
     for (int64_t t = 0; t < n; t++) max_len = std::max(max_len, pos[t] + 1);
-    for (auto &s : scratch_) s.resize(max_len);
-    const float kq_scale = 1.0f / std::sqrt((float)hd);
-    const int64_t group = h.n_head / h.n_head_kv;
+    for (auto &sc : scratch_) sc.resize(max_len);
 
-    for (int64_t l = 0; l < h.n_layer; l++) {
-        Layer &L = layers_[l];
-        rms_norm(x.data(), L.attn_norm.data(), hb.data(), n, E, h.eps);
-        ac_[0].reset(hb.data(), (int)n, E);
-        matmul(L.wq, ac_[0], q.data());
-        matmul(L.wk, ac_[0], k.data());
-        matmul(L.wv, ac_[0], v.data());
-        for (int64_t t = 0; t < n; t++) {   // each token at its own position, into its own cache
-            rope(q.data() + t * qd, 1, h.n_head, hd, h.n_rot, pos[t], inv_freq_);
-            rope(k.data() + t * kvd, 1, h.n_head_kv, hd, h.n_rot, pos[t], inv_freq_);
-            std::memcpy(ctx[t]->kcache_[l].data() + pos[t] * kvd, k.data() + t * kvd, kvd * 4);
-            std::memcpy(ctx[t]->vcache_[l].data() + pos[t] * kvd, v.data() + t * kvd, kvd * 4);
-        }
+    for (int64_t l = 0; l < h.n_layer; l++) arch_->block(*this, layers_[l], l, s);
 
-        // Causal attention: a token at position p sees positions [0, p] of its own context.
-        pool_.parallel_for(n * h.n_head, 1, [&](int64_t a, int64_t b, int tid) {
-            float *sc = scratch_[tid].data();
-            for (int64_t idx = a; idx < b; idx++) {
-                const int64_t t = idx / h.n_head, hh = idx % h.n_head, kvh = hh / group;
-                const float *kc = ctx[t]->kcache_[l].data(), *vc = ctx[t]->vcache_[l].data();
-                const float *qv = q.data() + t * qd + hh * hd;
-                const int64_t len = pos[t] + 1;
-                float mx = -INFINITY;
-                for (int64_t p = 0; p < len; p++) {
-                    sc[p] = kernel_->dot_f32(qv, kc + p * kvd + kvh * hd, hd) * kq_scale;
-                    mx = std::max(mx, sc[p]);
-                }
-                float sum = 0;
-                for (int64_t p = 0; p < len; p++) {
-                    sc[p] = std::exp(sc[p] - mx);
-                    sum += sc[p];
-                }
-                float *out = att.data() + t * qd + hh * hd;
-                std::fill(out, out + hd, 0.f);
-                const float inv = 1.0f / sum;
-                for (int64_t p = 0; p < len; p++) {
-                    const float wgt = sc[p] * inv;
-                    const float *vv = vc + p * kvd + kvh * hd;
-                    for (int64_t i = 0; i < hd; i++) out[i] += wgt * vv[i];
-                }
-            }
-        });
-        ac_[1].reset(att.data(), (int)n, qd);
-        matmul(L.wo, ac_[1], o.data());
-        for (int64_t i = 0; i < n * E; i++) x[i] += o[i];
-
-        rms_norm(x.data(), L.ffn_norm.data(), hb.data(), n, E, h.eps);
-        ac_[0].reset(hb.data(), (int)n, E);
-        matmul(L.wgate, ac_[0], g.data());
-        matmul(L.wup, ac_[0], u.data());
-        for (int64_t i = 0; i < n * F; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];  // SwiGLU
-        ac_[2].reset(g.data(), (int)n, F);
-        matmul(L.wdown, ac_[2], o.data());
-        for (int64_t i = 0; i < n * E; i++) x[i] += o[i];
-    }
     if (!logits || n_out == 0) return;
     const Linear &head = output_.rows ? output_ : tok_embd_;
     for (int64_t i = 0; i < n_out; i++)   // the rows that want logits, packed
-        rms_norm(x.data() + out_idx[i] * E, output_norm_.data(), hb.data() + i * E, 1, E, h.eps);
-    ac_[0].reset(hb.data(), (int)n_out, E);
-    matmul(head, ac_[0], logits);
+        ops::rms_norm(x.data() + out_idx[i] * E, output_norm_.data(), s.hb.data() + i * E, 1, E, h.eps);
+    set_input(0, s.hb.data(), n_out, E);
+    matmul(head, 0, logits);
+    if (h.final_softcap > 0) ops::softcap(logits, n_out * h.n_vocab, h.final_softcap);
 }
 
 void Model::decode(const Batch &b, float *logits, bool all_logits) {

@@ -1,7 +1,8 @@
-// The llama-family forward pass over a GGUF file (llama.cpp conventions): token embedding, RMSNorm,
-// RoPE on adjacent pairs (q/k rows carry llama.cpp's permutation), grouped-query attention with an
-// f32 KV cache, SwiGLU MLP, tied or untied output head. Dense weights are F32/F16/Q8_0; the block
-// linear weights may be binary-basis tensors, run through the kernel interface (kernels.h).
+// The forward pass over a GGUF file of a supported architecture (llama.cpp conventions): token
+// embedding, the blocks of the file's architecture (ARCHS in model.cpp; one file each in
+// cpp/src/models/, built from the shared ops in ops.h), final RMSNorm, tied or untied output head.
+// Attention is grouped-query with an f32 KV cache. Dense weights are F32/F16/Q8_0; the block linear
+// weights may be binary-basis tensors, run through the kernel interface (kernels.h).
 //
 // As llama.cpp splits llama_model from llama_context: a Model holds the mmap'd weights, loaded once;
 // any number of Contexts each hold one sequence's KV cache and position. Model::decode runs one
@@ -18,6 +19,7 @@
 
 #include "gguf.h"
 #include "kernels.h"
+#include "ops.h"
 #include "threadpool.h"
 
 namespace bb {
@@ -29,17 +31,28 @@ struct Linear {
     uint32_t type = 0;                 // TT_F32 / TT_F16 / TT_Q8_0, ignored when bb is set
     const uint8_t *data = nullptr;
     std::unique_ptr<BBTensor> bb;
+    std::vector<float> bias;           // [rows] or empty (Qwen2's q/k/v)
 };
 
+// The weights of one block; an architecture loads the ones it uses.
 struct Layer {
     std::vector<float> attn_norm, ffn_norm;
+    std::vector<float> post_attn_norm, post_ffn_norm;   // Gemma: norms of each branch's output
+    std::vector<float> q_norm, k_norm;                  // Qwen3, Gemma 3: per-head RMSNorm of q and k
     Linear wq, wk, wv, wo, wgate, wup, wdown;
+    Linear wqkv;                                        // Phi-3: [q; k; v] rows in one tensor
+    bool swa = false;                                   // attends over a sliding window (hp.n_swa)
 };
 
 struct HParams {
     int64_t n_vocab = 0, n_embd = 0, n_ff = 0, n_layer = 0, n_head = 0, n_head_kv = 0;
     int64_t head_dim = 0, n_rot = 0, n_ctx_train = 0;
-    float eps = 1e-5f, rope_base = 10000.f;
+    float eps = 1e-5f, rope_base = 10000.f, rope_base_swa = 10000.f;
+    ops::RopeKind rope_kind = ops::ROPE_NORMAL;
+    int64_t n_swa = 0;                  // sliding window of the swa layers (0: none)
+    float attn_scale = 0.f;             // q·k multiplier (set to 1/sqrt(head_dim) unless the file says)
+    float attn_softcap = 0.f, final_softcap = 0.f;   // logit soft-capping (0: off)
+    float embd_scale = 1.f;             // Gemma: embeddings times sqrt(n_embd)
 };
 
 // Quantized activations of a batch, one entry per (group size, column scale) a weight asks for.
@@ -59,6 +72,32 @@ struct ActsCache {
 };
 
 class Model;
+class Context;
+
+// The activations of one forward pass over n tokens, handed to an architecture's block function.
+// Token t is at position pos[t] of context ctx[t]; x is the residual stream [n][n_embd]; the other
+// buffers are sized for the model ([n] rows of n_embd, q, k/v, attention output, n_ff; fused: the
+// widest fused linear's output).
+struct Step {
+    int64_t n = 0;
+    const int64_t *pos = nullptr;
+    Context *const *ctx = nullptr;
+    float *x = nullptr;
+    std::vector<float> hb, o, q, k, v, att, g, u, fused;
+};
+
+// One architecture (ARCHS in model.cpp): `load` reads what its blocks need beyond the common
+// hyper-parameters and tensors (model.cpp's Model::load), `block` runs one block on a Step.
+struct ArchDef {
+    const char *name;
+    void (*load)(Model &m);
+    void (*block)(Model &m, Layer &L, int64_t il, Step &s);
+};
+
+// "blk.<il>.<name>", a block tensor's GGUF name
+inline std::string blk_name(int64_t il, const char *name) { return "blk." + std::to_string(il) + "." + name; }
+// The two norms and seven linears of a Llama-style block (models/llama.cpp; Qwen and Gemma share them).
+void load_llama_tensors(Model &m, Layer &L, int64_t il);
 
 // One sequence: its KV cache and position. Bound to the Model it was made for (which must outlive it).
 class Context {
@@ -106,11 +145,28 @@ public:
     const GGUFFile &file() const { return *file_; }
     int n_threads() const { return pool_.size(); }
     bool precise_acts() const { return precise_acts_; }
+    const char *arch_name() const { return arch_->name; }
+
+    // --- for the architecture files (cpp/src/models/) ---
+    HParams &hparams() { return hp_; }
+    std::vector<Layer> &layers() { return layers_; }
+    // "<arch>.<key>" from the file's metadata; false (out untouched) when absent
+    bool get_int(const std::string &key, int64_t &out) const;
+    bool get_float(const std::string &key, double &out) const;
+    std::vector<float> load_vector(const std::string &name, int64_t n, bool required);
+    // The one place a linear weight is read: dense (F32/F16/Q8_0) or binary basis.
+    void load_linear(Linear &w, const std::string &name, int64_t rows, int64_t cols);
+    // The input x [n][cols] of the next matmuls on `slot` (0..2): linears that read the same input
+    // (q, k, v; gate, up) share one slot, so its activations are quantized once for all of them.
+    void set_input(int slot, const float *x, int64_t n, int64_t cols);
+    // y[t][rows] = W x[t] (+ bias) for the slot's n tokens.
+    void matmul(const Linear &w, int slot, float *y);
+    // RoPE on s.q and s.k (inv freq of the layer's kind), store k, v in each token's cache, and run
+    // causal attention (the layer's window) of s.q over the cache into s.att.
+    void attention(Step &s, const Layer &L, int64_t il);
 
 private:
     void load();
-    std::vector<float> load_vector(const std::string &name, int64_t n, bool required);
-    void load_linear(Linear &w, const std::string &name, int64_t rows, int64_t cols);
     void validate_bb_headers();
     void matmul(const Linear &w, ActsCache &ac, float *y);
     ActsCache::Entry &acts_for(const BBTensor &t, ActsCache &ac);
@@ -123,7 +179,9 @@ private:
     ThreadPool pool_;
     const Kernel *kernel_ = nullptr;
     HParams hp_;
+    const ArchDef *arch_ = nullptr;
     std::vector<float> inv_freq_;      // [n_rot/2], rope_freqs factors applied
+    std::vector<float> inv_freq_swa_;  // the sliding-window layers' (their own base)
     std::vector<float> output_norm_;
     Linear tok_embd_, output_;
     std::vector<Layer> layers_;

@@ -121,7 +121,7 @@ def gguf_kv(arch: Arch, cfg: dict, name: str) -> list[tuple[str, object, object]
         u32(A.HEAD_COUNT, n_head),
         u32(A.HEAD_COUNT_KV, cfg.get("num_key_value_heads") or n_head),
         f32(A.LAYERNORM_RMS_EPS, cfg.get("rms_norm_eps", 1e-6)),
-        u32(R.DIMENSION_COUNT, int(hd * float(cfg.get("partial_rotary_factor") or 1.0))),
+        u32(R.DIMENSION_COUNT, int(hd * float(rp.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1))),
         u32(L.VOCAB_SIZE, cfg["vocab_size"]),
         f32(R.FREQ_BASE, rp["rope_theta"]),
     ]
@@ -143,10 +143,10 @@ def gguf_kv(arch: Arch, cfg: dict, name: str) -> list[tuple[str, object, object]
             "rope_theta", cfg.get("rope_local_base_freq", 10000.0))
         kv.append(f32(R.FREQ_BASE_SWA, local))
         kv.append(f32(A.SCALE, float(cfg.get("query_pre_attn_scalar") or hd) ** -0.5))
-    for key, field in ((L.ATTN_LOGIT_SOFTCAPPING, "attn_logit_softcapping"),
-                       (L.FINAL_LOGIT_SOFTCAPPING, "final_logit_softcapping")):
-        if cfg.get(field):
-            kv.append(f32(key, cfg[field]))
+    # final logit soft-capping only: attn_logit_softcapping is Gemma 2's, and Gemma 3's config key is
+    # read by neither transformers' forward nor llama.cpp
+    if cfg.get("final_logit_softcapping"):
+        kv.append(f32(L.FINAL_LOGIT_SOFTCAPPING, cfg["final_logit_softcapping"]))
     return kv
 
 
@@ -211,8 +211,9 @@ def hf_config(arch: Arch, kv: dict, n_vocab: int, tied: bool, where: str = "") -
         cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
     elif arch.name == "phi3":
         cfg["rope_parameters"] = rope
-        cfg["partial_rotary_factor"] = int(get(R.DIMENSION_COUNT, hd)) / hd
+        cfg["rope_parameters"]["partial_rotary_factor"] = int(get(R.DIMENSION_COUNT, hd)) / hd
         cfg["pad_token_id"] = None
+        cfg["sliding_window"] = int(window) if window else None
     elif arch.name == "gemma3":
         pattern = get(A.SLIDING_WINDOW_PATTERN)
         if pattern is None:    # llama.cpp's gemma3 default: every sixth layer global

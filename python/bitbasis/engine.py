@@ -245,6 +245,9 @@ class Context:
     def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         m = self.model
         toks = m.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        bos = m.bos_first
+        if isinstance(prompt, str) and bos is not None and toks[:1] != [bos]:
+            toks = [bos] + toks      # as llama.cpp tokenizes with add_bos (a chat template may write it)
         if not toks:
             bos = m.meta_int("tokenizer.ggml.bos_token_id")
             toks = [bos if bos is not None else 0]
@@ -358,6 +361,12 @@ class Model:
         return int(out[0]) if self._lib.bb_meta_int(self._m, key.encode(), out) == 0 else None
 
     @property
+    def bos_first(self) -> int | None:
+        """The BOS id when the file's tokenizer puts BOS first (tokenizer.ggml.add_bos_token; Gemma)."""
+        bos = self.meta_int("tokenizer.ggml.bos_token_id")
+        return bos if self.meta_int("tokenizer.ggml.add_bos_token") and bos is not None else None
+
+    @property
     def tokenizer(self):
         if self._tok is None:
             with self._tok_lock:
@@ -449,7 +458,7 @@ class Model:
                    max_windows: int | None = None, progress: bool = False) -> dict:
         from .perplexity import perplexity
         tokens = np.asarray(self.tokenize(text), np.int64)
-        return perplexity(self.logits, tokens, protocol, ctx, max_windows, progress)
+        return perplexity(self.logits, tokens, protocol, ctx, max_windows, progress, self.bos_first)
 
     # --- generation -----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 from HF names/config to the standard llama.cpp GGUF names and keys."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arch as A
+from .gguf_io import GGUFFileError, read_metadata
 
 DEFAULT_MODEL = "smollm2"
 
@@ -43,10 +45,15 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def materialize_from_gguf(gguf_path: Path, out: Path, pre: str | None = None) -> Path:
+SOURCE_GGUF = "bitbasis_source_gguf.txt"   # in a directory made from a GGUF: that file's path
+
+
+def materialize_from_gguf(gguf_path: Path, out: Path, pre: str | None = None, registry: bool = False) -> Path:
     """Dequantize a GGUF through transformers' GGUF loader into a plain HF checkpoint directory.
     transformers refuses save_pretrained on a GGUF-loaded model, so build a plain model from its
-    config and state dict."""
+    config and state dict. registry: the hyper-parameters as bitbasis.arch reads the file (transformers'
+    loader drops some: Gemma 3's sliding_window_pattern and attention.scale), and the directory names
+    the GGUF (SOURCE_GGUF) so that tokenizer_kv copies its tokenizer metadata as it is."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     d, f = str(gguf_path.parent), gguf_path.name
@@ -55,6 +62,12 @@ def materialize_from_gguf(gguf_path: Path, out: Path, pre: str | None = None) ->
     cfg_dict = src.config.to_dict()
     cfg_dict.pop("quantization_config", None)
     cfg_dict.pop("_name_or_path", None)
+    if registry:
+        arch = A.for_gguf(read_metadata(gguf_path, ("general.architecture",))["general.architecture"])
+        kv = read_metadata(gguf_path, (f"{arch.name}.", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                       "tokenizer.ggml.padding_token_id"))
+        cfg_dict.update(A.hf_config(arch, kv, cfg_dict["vocab_size"], bool(cfg_dict.get("tie_word_embeddings")),
+                                    f"{gguf_path}: "))
     cfg = AutoConfig.for_model(**cfg_dict)
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     plain.load_state_dict(src.state_dict())
@@ -64,6 +77,8 @@ def materialize_from_gguf(gguf_path: Path, out: Path, pre: str | None = None) ->
         tok.save_pretrained(tmp)
         if pre:
             (tmp / "bitbasis_tokenizer_pre.txt").write_text(pre)
+        if registry:
+            (tmp / SOURCE_GGUF).write_text(str(gguf_path.resolve()))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -83,9 +98,37 @@ def default_model_dir(progress=print) -> Path:
     return materialize_from_gguf(src, out, pre="smollm")
 
 
+def model_dir_from_gguf(path: Path, progress=print) -> Path:
+    """A llama.cpp GGUF of a supported architecture (any weight type transformers' GGUF loader reads:
+    Q4_K_M, Q8_0, F16, ...) as an HF directory in the user cache, made once per file; its tokenizer
+    metadata travels as it is (Gemma's SentencePiece vocabulary and add_bos included)."""
+    path = Path(path)
+    try:
+        md = read_metadata(path, ("general.architecture", "bitbasis.version"))
+    except GGUFFileError as e:
+        raise CheckpointError(str(e)) from None
+    if "bitbasis.version" in md:
+        raise CheckpointError(f"{path}: a bitbasis file already; convert the checkpoint it was made from")
+    try:
+        A.for_gguf(str(md.get("general.architecture")), f"{path}: ")
+    except A.ArchError as e:
+        raise CheckpointError(str(e)) from None
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf-in" / f"{path.stem}-{key}"
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    progress(f"materializing {path.name} into {out} (once)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return materialize_from_gguf(path, out, registry=True)
+
+
 def resolve_model_dir(spec: str) -> Path:
+    """'smollm2', an HF directory, or a llama.cpp GGUF file (model_dir_from_gguf)."""
     if spec == DEFAULT_MODEL:
         return default_model_dir()
+    if str(spec).endswith(".gguf") and Path(spec).is_file():
+        return model_dir_from_gguf(Path(spec))
     return Path(spec)
 
 
@@ -179,9 +222,12 @@ def arch_kv(cfg: dict, name: str) -> list[tuple[str, object, object]]:
 
 
 def tokenizer_kv(d: Path, cfg: dict) -> list[tuple[str, object, object]]:
-    """Standard llama.cpp tokenizer keys for a BPE (gpt2-style) tokenizer, from tokenizer.json."""
+    """Standard llama.cpp tokenizer keys for a BPE (gpt2-style) tokenizer, from tokenizer.json; of a
+    directory made from a GGUF, that file's tokenizer keys as they are."""
     import gguf
     T = gguf.GGUFValueType
+    if (d / SOURCE_GGUF).exists():
+        return _gguf_tokenizer_kv(Path((d / SOURCE_GGUF).read_text().strip()), d)
     tj = d / "tokenizer.json"
     if not tj.exists():
         raise CheckpointError(f"{d}: no tokenizer.json")
@@ -230,3 +276,17 @@ def tokenizer_kv(d: Path, cfg: dict) -> list[tuple[str, object, object]]:
     if isinstance(template, str):
         kv.append(("tokenizer.chat_template", template, T.STRING))
     return kv
+
+
+def _gguf_tokenizer_kv(src: Path, d: Path) -> list[tuple[str, object, object]]:
+    """Every tokenizer.* key of the source GGUF, with llama.cpp's types (ids UINT32, flags BOOL,
+    token types INT32, scores FLOAT32: what write_model and gguf-py infer from the Python values)."""
+    import gguf
+    try:
+        md = read_metadata(src, ("tokenizer.",))
+    except GGUFFileError as e:
+        raise CheckpointError(f"{d}: was made from {src}, which cannot be read now: {e}") from None
+    if "tokenizer.ggml.tokens" not in md:
+        raise CheckpointError(f"{src}: no tokenizer.ggml.tokens (no tokenizer to carry)")
+    return [(k, v.tolist(), gguf.GGUFValueType.ARRAY) if isinstance(v, np.ndarray) else
+            (k, v, gguf.GGUFValueType.ARRAY) if isinstance(v, list) else (k, v, None) for k, v in md.items()]

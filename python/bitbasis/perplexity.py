@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .gguf_io import read_metadata
+
 PROTOCOLS = {"llamacpp": 512, "papers": 2048}
 
 
@@ -44,8 +46,13 @@ def summarize_nll(nll: np.ndarray) -> tuple[float, float]:
 
 
 def perplexity(logits_fn, tokens: np.ndarray, protocol: str = "llamacpp", ctx: int | None = None,
-               max_windows: int | None = None, progress: bool = True) -> dict:
+               max_windows: int | None = None, progress: bool = True, bos: int | None = None) -> dict:
+    """bos: the model's tokenizer puts BOS first (add_bos; Gemma needs it). As llama-perplexity: the
+    text starts with it (tokenized with add_bos) and each window has it in place of its first token,
+    which is never a scored target."""
     from tqdm import tqdm
+    if bos is not None:
+        tokens = np.concatenate([[bos], np.asarray(tokens)])
     ctx = ctx or PROTOCOLS[protocol]
     first = ctx // 2 if protocol == "llamacpp" else 0
     starts = windows(len(tokens), ctx, max_windows)
@@ -54,6 +61,9 @@ def perplexity(logits_fn, tokens: np.ndarray, protocol: str = "llamacpp", ctx: i
     bar = tqdm(starts, desc=f"ppl {protocol} ctx {ctx}", disable=not progress, unit="win")
     for s in bar:
         w = tokens[s:s + ctx]
+        if bos is not None:
+            w = w.copy()
+            w[0] = bos
         nlls.append(score_window(np.asarray(logits_fn(w), np.float32), w, first))
         if progress:
             bar.set_postfix(ppl=f"{math.exp(np.concatenate(nlls).mean()):.2f}")
@@ -61,6 +71,13 @@ def perplexity(logits_fn, tokens: np.ndarray, protocol: str = "llamacpp", ctx: i
     ppl, se = summarize_nll(nll)
     return {"ppl": ppl, "stderr": se, "protocol": protocol, "ctx": ctx, "windows": len(starts),
             "tokens_scored": int(len(nll)), "seconds": time.time() - t0}
+
+
+def bos_first(md: dict) -> int | None:
+    """The BOS id when a GGUF's tokenizer metadata says to put it first (tokenizer.ggml.add_bos_token)."""
+    if md.get("tokenizer.ggml.add_bos_token") and md.get("tokenizer.ggml.bos_token_id") is not None:
+        return int(md["tokenizer.ggml.bos_token_id"])
+    return None
 
 
 def torch_logits_fn(model):
@@ -87,7 +104,7 @@ def run_perplexity(model_spec: str, text_spec: str | Path, protocol: str = "llam
                 from .engine import Model
                 m = Model(str(model_spec), threads=threads)
                 tokens = np.asarray(m.tokenize(text), np.int64)
-                res = perplexity(m.logits, tokens, protocol, ctx, max_windows, progress)
+                res = perplexity(m.logits, tokens, protocol, ctx, max_windows, progress, m.bos_first)
                 res["backend"] = "engine" + ("+precise-acts" if m.precise_acts else "")
                 return res
             except ImportError:
@@ -96,16 +113,18 @@ def run_perplexity(model_spec: str, text_spec: str | Path, protocol: str = "llam
         from .reference import tokenizer_from_gguf, torch_model_from_gguf
         model, _ = torch_model_from_gguf(model_spec)
         tok = tokenizer_from_gguf(model_spec)
+        bos = bos_first(read_metadata(model_spec, ("tokenizer.ggml.",)))
         be = "torch-reference"
     else:
         d = hf.resolve_model_dir(str(model_spec))
         model = hf.load_torch_model(d)
         tok = hf.load_tokenizer(d)
+        bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
         be = "transformers"
     import torch
     torch.set_num_threads(threads)
     tokens = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int64)
-    res = perplexity(torch_logits_fn(model), tokens, protocol, ctx, max_windows, progress)
+    res = perplexity(torch_logits_fn(model), tokens, protocol, ctx, max_windows, progress, bos)
     res["backend"] = be
     return res
 

@@ -70,7 +70,8 @@ def add_parser(sub) -> None:
         f"The default is the best CPU recipe measured (docs/results.md §21): a rotation folded into the "
         f"weights, then GPTQ with N={R['bases']} G={R['group']} on {R['calib_samples']}x{R['calib_seqlen']} "
         "calibration tokens (the papers' 128x2048 is --calib-samples 128 --calib-seqlen 2048)."))
-    c.add_argument("model", help="HF checkpoint directory, or 'smollm2'")
+    c.add_argument("model", help="HF checkpoint directory, a llama.cpp GGUF of a supported architecture "
+                                 "(dequantized once into the cache; its tokenizer kept as it is), or 'smollm2'")
     c.add_argument("-o", "--output", required=True, help="output .gguf (written atomically)")
     c.add_argument("--method", default=R["method"],
                    help=f"f32, f16 (dense); gptq (default); baselines, the papers' methods as published: "

@@ -1,0 +1,44 @@
+// Qwen 3 (dense): Llama's block with an RMSNorm over each head of q and of k before RoPE (NEOX),
+// no biases.
+#include "../model.h"
+
+namespace bb {
+
+void qwen3_load(Model &m) {
+    HParams &h = m.hparams();
+    h.rope_kind = ops::ROPE_NEOX;
+    for (int64_t il = 0; il < h.n_layer; il++) {
+        Layer &L = m.layers()[il];
+        load_llama_tensors(m, L, il);
+        L.q_norm = m.load_vector(blk_name(il, "attn_q_norm.weight"), h.head_dim, true);
+        L.k_norm = m.load_vector(blk_name(il, "attn_k_norm.weight"), h.head_dim, true);
+    }
+}
+
+void qwen3_block(Model &m, Layer &L, int64_t il, Step &s) {
+    const HParams &h = m.hparams();
+    const int64_t n = s.n, E = h.n_embd, F = h.n_ff, hd = h.head_dim, qd = h.n_head * hd;
+    ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), n, E, h.eps);
+    m.set_input(0, s.hb.data(), n, E);
+    m.matmul(L.wq, 0, s.q.data());
+    m.matmul(L.wk, 0, s.k.data());
+    m.matmul(L.wv, 0, s.v.data());
+    // per-head norms: every head_dim slice of q and k (rows of [n * heads][head_dim])
+    ops::rms_norm(s.q.data(), L.q_norm.data(), s.q.data(), n * h.n_head, hd, h.eps);
+    ops::rms_norm(s.k.data(), L.k_norm.data(), s.k.data(), n * h.n_head_kv, hd, h.eps);
+    m.attention(s, L, il);
+    m.set_input(1, s.att.data(), n, qd);
+    m.matmul(L.wo, 1, s.o.data());
+    ops::add(s.x, s.o.data(), n * E);
+
+    ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
+    m.set_input(0, s.hb.data(), n, E);
+    m.matmul(L.wgate, 0, s.g.data());
+    m.matmul(L.wup, 0, s.u.data());
+    ops::swiglu(s.g.data(), s.u.data(), n * F);
+    m.set_input(2, s.g.data(), n, F);
+    m.matmul(L.wdown, 2, s.o.data());
+    ops::add(s.x, s.o.data(), n * E);
+}
+
+}  // namespace bb

@@ -1,0 +1,100 @@
+#include "ops.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace bb {
+namespace ops {
+
+void rms_norm(const float *x, const float *w, float *out, int64_t n_tok, int64_t n, float eps) {
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *xt = x + t * n;
+        float *ot = out + t * n;
+        double ss = 0;
+        for (int64_t i = 0; i < n; i++) ss += (double)xt[i] * xt[i];
+        const float scale = (float)(1.0 / std::sqrt(ss / (double)n + (double)eps));
+        for (int64_t i = 0; i < n; i++) ot[i] = xt[i] * scale * w[i];
+    }
+}
+
+std::vector<float> rope_inv_freq(double base, int64_t n_rot, const std::vector<float> &factors, double linear) {
+    // as transformers computes them (in double, then rounded), so both sides rotate by the same angles
+    std::vector<float> f(n_rot / 2);
+    for (int64_t i = 0; i < n_rot / 2; i++) {
+        f[i] = (float)(1.0 / std::pow(base, (double)(2 * i) / (double)n_rot));
+        if (!factors.empty()) f[i] /= factors[i];
+        if (linear != 1.0) f[i] = (float)(f[i] / linear);
+    }
+    return f;
+}
+
+void rope(float *v, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t pos, const std::vector<float> &inv_freq,
+          RopeKind kind) {
+    const int64_t half = n_rot / 2;
+    thread_local std::vector<float> cs;
+    cs.resize(n_rot);
+    for (int64_t i = 0; i < half; i++) {
+        const float a = (float)pos * inv_freq[i];
+        cs[2 * i] = std::cos(a);
+        cs[2 * i + 1] = std::sin(a);
+    }
+    // pair i: its two elements' offsets in the head
+    const int64_t step = kind == ROPE_NEOX ? 1 : 2, other = kind == ROPE_NEOX ? half : 1;
+    for (int64_t h = 0; h < n_heads; h++) {
+        float *p = v + h * head_dim;
+        for (int64_t i = 0; i < half; i++) {
+            const float c = cs[2 * i], s = cs[2 * i + 1];
+            float &a = p[i * step], &b = p[i * step + other];
+            const float x0 = a, x1 = b;
+            a = x0 * c - x1 * s;
+            b = x0 * s + x1 * c;
+        }
+    }
+}
+
+void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, DotFn dot,
+                 float *sc, float *out) {
+    const int64_t hd = p.head_dim, p0 = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+    float mx = -INFINITY;
+    for (int64_t j = p0; j <= pos; j++) {
+        float s = dot(q, kc + j * p.kv_stride, hd) * p.scale;
+        if (p.softcap > 0) s = p.softcap * std::tanh(s / p.softcap);
+        sc[j] = s;
+        mx = std::max(mx, s);
+    }
+    float sum = 0;
+    for (int64_t j = p0; j <= pos; j++) {
+        sc[j] = std::exp(sc[j] - mx);
+        sum += sc[j];
+    }
+    std::fill(out, out + hd, 0.f);
+    const float inv = 1.0f / sum;
+    for (int64_t j = p0; j <= pos; j++) {
+        const float w = sc[j] * inv;
+        const float *vv = vc + j * p.kv_stride;
+        for (int64_t i = 0; i < hd; i++) out[i] += w * vv[i];
+    }
+}
+
+void swiglu(float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+void geglu_tanh(float *g, const float *u, int64_t n) {
+    const float k = 0.7978845608028654f;   // sqrt(2/pi): gelu's tanh approximation (gelu_pytorch_tanh)
+    for (int64_t i = 0; i < n; i++) {
+        const float x = g[i];
+        g[i] = 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x))) * u[i];
+    }
+}
+
+void softcap(float *x, int64_t n, float cap) {
+    for (int64_t i = 0; i < n; i++) x[i] = cap * std::tanh(x[i] / cap);
+}
+
+void add(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] += y[i];
+}
+
+}  // namespace ops
+}  // namespace bb
