@@ -125,6 +125,13 @@ using DotQ8Fn = float (*)(const uint8_t *row, const float *x, int64_t n);   // r
 // Q8_0 row · int8 activations (QActs' q and per-32 scales d, QK = 32 = Q8_0's block): Σ_b d_w d_b Σ_j w_j q_j
 // with the block sums exact in int32 (llama.cpp's Q8_0 × Q8_0 vec_dot).
 using DotQ8Q8Fn = float (*)(const uint8_t *row, const int8_t *q, const float *d, int64_t n);
+// Attention over a KV cache, one query head: out[j] = q · K[j] for rows K[j] = K + j·stride, j < n
+// (the scores), and out[i] = Σ_{j<n} w[j] · V[j·stride + i] for i < hd (the weighted sum of values; out
+// is overwritten). Rows of a cache are far apart, hence the stride; j outer in the scalar reference.
+using DotsF32Fn = void (*)(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out);
+using WsumF32Fn = void (*)(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out);
+void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out);
+void wsum_f32_scalar(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out);
 
 struct Kernel {
     const char *name;      // "avx512-vpopcnt", "avx512-vnni", "avx2-bytemask", "neon-dotprod", "neon-bytemask",
@@ -144,6 +151,9 @@ struct Kernel {
     // before gemv/gemm split the rows among threads, to fill a.lut; the kernel rebuilds it itself
     // when a.lut is empty (a caller that skipped this stage)
     void (*prepare_acts)(QActs &a) = nullptr;
+    // attention rows; a kernel set without its own uses the portable ones
+    DotsF32Fn dots_f32 = dots_f32_scalar;
+    WsumF32Fn wsum_f32 = wsum_f32_scalar;
 
     bool supported() const;                 // this CPU has every feature
 };

@@ -45,6 +45,65 @@ float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+// Four scores at a time: one pass over q for rows j..j+3, their sums reduced together by vhaddps.
+void dots_f32(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out) {
+    const int64_t h8 = hd / 8 * 8;
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = K + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        for (int64_t i = 0; i < h8; i += 8) {
+            const __m256 x = _mm256_loadu_ps(q + i);
+            s0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), s0);
+            s1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + i), s1);
+            s2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + i), s2);
+            s3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + i), s3);
+        }
+        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        alignas(16) float v[4];
+        _mm_store_ps(v, r);
+        for (int64_t i = h8; i < hd; i++) {
+            v[0] += q[i] * k0[i];
+            v[1] += q[i] * k1[i];
+            v[2] += q[i] * k2[i];
+            v[3] += q[i] * k3[i];
+        }
+        std::memcpy(out + j, v, sizeof v);
+    }
+    for (; j < n; j++) out[j] = dot_f32(q, K + j * stride, hd);
+}
+
+// 32 outputs at a time held in registers while the rows pass.
+void wsum_f32(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out) {
+    int64_t i = 0;
+    for (; i + 32 <= hd; i += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 x = _mm256_set1_ps(w[j]);
+            const float *v = V + j * stride + i;
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 16), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 24), a3);
+        }
+        _mm256_storeu_ps(out + i, a0);
+        _mm256_storeu_ps(out + i + 8, a1);
+        _mm256_storeu_ps(out + i + 16, a2);
+        _mm256_storeu_ps(out + i + 24, a3);
+    }
+    for (; i + 8 <= hd; i += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(V + j * stride + i), a);
+        _mm256_storeu_ps(out + i, a);
+    }
+    for (; i < hd; i++) {
+        float a = 0;
+        for (int64_t j = 0; j < n; j++) a += w[j] * V[j * stride + i];
+        out[i] = a;
+    }
+}
+
 // Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
 float dot_q8(const uint8_t *row, const float *x, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
@@ -420,10 +479,14 @@ namespace bb {
 void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
-    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut});
-    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut});
-    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr});
-    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr});
+    v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
+                       dots_f32, wsum_f32});
+    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
+                       dots_f32, wsum_f32});
+    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
+                       dots_f32, wsum_f32});
+    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
+                       dots_f32, wsum_f32});
 }
 
 }  // namespace bb

@@ -95,6 +95,16 @@ float dot_f32_scalar(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out) {
+    for (int64_t j = 0; j < n; j++) out[j] = dot_f32_scalar(q, K + j * stride, hd);
+}
+
+void wsum_f32_scalar(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out) {
+    std::fill(out, out + hd, 0.0f);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < hd; i++) out[i] += w[j] * V[j * stride + i];
+}
+
 // Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
 float dot_q8_scalar(const uint8_t *row, const float *x, int64_t n) {
     float total = 0;

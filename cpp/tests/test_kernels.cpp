@@ -331,6 +331,41 @@ static void test_dense_dots(std::mt19937_64 &rng) {
     }
 }
 
+// Every kernel set's attention rows (scores q·K[j], weighted sums of V rows) equal the scalar ones,
+// on strided rows as a KV cache holds them, head dims with and without a tail of 8.
+static void test_attention_rows(std::mt19937_64 &rng) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (int64_t hd : {64, 128, 80, 6}) {
+        for (int64_t n : {1, 3, 4, 7, 33}) {
+            const int64_t stride = 3 * hd + 5;
+            std::vector<float> q(hd), K(n * stride), w(n);
+            for (auto &v : q) v = u(rng);
+            for (auto &v : K) v = u(rng);
+            for (auto &v : w) v = 0.5f * (u(rng) + 1.0f);   // softmax weights are ≥ 0
+            std::vector<float> s_ref(n), o_ref(hd), s_abs(n, 0.0f), o_abs(hd, 0.0f);
+            dots_f32_scalar(q.data(), K.data(), stride, n, hd, s_ref.data());
+            wsum_f32_scalar(w.data(), K.data(), stride, n, hd, o_ref.data());
+            for (int64_t j = 0; j < n; j++)   // the error scale: the same sums over magnitudes
+                for (int64_t i = 0; i < hd; i++) {
+                    s_abs[j] += std::fabs(q[i] * K[j * stride + i]);
+                    o_abs[i] += std::fabs(w[j] * K[j * stride + i]);
+                }
+            for (const Kernel &k : all_kernels()) {
+                if (!k.supported()) continue;
+                std::vector<float> s(n, NAN), o(hd, NAN);
+                k.dots_f32(q.data(), K.data(), stride, n, hd, s.data());
+                k.wsum_f32(w.data(), K.data(), stride, n, hd, o.data());
+                bool ok = true;
+                for (int64_t j = 0; j < n; j++) ok &= std::fabs(s[j] - s_ref[j]) <= 1e-5 * (1 + s_abs[j]);
+                CHECK(ok, "%s dots_f32 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
+                ok = true;
+                for (int64_t i = 0; i < hd; i++) ok &= std::fabs(o[i] - o_ref[i]) <= 1e-5 * (1 + o_abs[i]);
+                CHECK(ok, "%s wsum_f32 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
+            }
+        }
+    }
+}
+
 static void test_f16() {
     CHECK(f16_to_f32(0x3c00) == 1.0f, "f16 1.0");
     CHECK(f16_to_f32(0xc000) == -2.0f, "f16 -2.0");
@@ -352,6 +387,7 @@ int main(int argc, char **argv) {
     test_dispatch();
     std::mt19937_64 rng(42);
     test_dense_dots(rng);
+    test_attention_rows(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
     // (--quick: fewer plane counts and group sizes, smaller shapes; for qemu)
     const std::vector<int> flagN = quick ? std::vector<int>{2, 7} : std::vector<int>{1, 3, 8};
