@@ -351,6 +351,8 @@ def main() -> int:
     p.add_argument("--src", help="f32 GGUF for --table")
     p.add_argument("--types", nargs="*", default=list(TABLE_TYPES), help="F32 = the --src file itself")
     p.add_argument("--papers-windows", type=int, default=0, help="papers-protocol windows for --table, 0 = all")
+    p.add_argument("--protocols", nargs="+", default=["llamacpp", "papers"], choices=["llamacpp", "papers"],
+                   help="the protocols --table measures")
     p.add_argument("--keep", default=".", help="where --table writes the quantized files")
     a = p.parse_args()
     try:
@@ -370,7 +372,7 @@ def main() -> int:
             if not a.src:
                 p.error("--table needs --src (the f32 GGUF)")
             make_table(a.table, a.src, a.imatrix, a.types, a.windows or None, a.papers_windows or None,
-                       a.threads, a.keep)
+                       a.threads, a.keep, tuple(a.protocols))
             return 0
         if not a.model:
             p.error("give a MODEL.gguf, --quantize, --make-imatrix or --table")

@@ -124,4 +124,29 @@ std::unique_ptr<BBTensor> load_bb(const GGUFFile &f, const std::string &name) {
     return build_bb(f, name, hdr);
 }
 
+void bb_dequant_row(const BBTensor &t, int64_t r, float *out) {
+    const int N = t.n_planes, C = t.n_classes, G = t.group;
+    const int64_t gb = G / 8;
+    auto bit = [](const uint8_t *p, int64_t j) { return (p[j >> 3] >> (j & 7)) & 1; };
+    for (int64_t col = 0; col < t.cols; col++) {
+        const int64_t g = col / G, j = col % G, rg = r * t.ngroups + g;
+        int c = 0;   // spec "class c": column mask, then element class
+        if (t.colmask && bit(t.colmask + g * gb, j)) c = 1;
+        if (t.elemclass && bit(t.elemclass + rg * gb, j)) c = C - 1;
+        const uint8_t *pl = t.planes + rg * N * gb;
+        const float *al = t.scales.data() + (rg * C + c) * N;
+        float w = 0.0f;
+        for (int i = 0; i < N; i++) w += bit(pl + i * gb, j) ? al[i] : -al[i];
+        if (!t.offsets.empty()) w += t.offsets[rg * C + c];
+        if (!t.colscale.empty()) w *= t.colscale[col];
+        out[col] = w;
+    }
+    if (!t.sparse_mask) return;
+    const uint8_t *m = t.sparse_mask + r * t.ngroups * gb;
+    int64_t idx = t.sparse_row_start[r];
+    const float z = f16_to_f32(t.sparse_zs[2 * r]), mn = f16_to_f32(t.sparse_zs[2 * r + 1]);
+    for (int64_t col = 0; col < t.cols; col++)
+        if (bit(m, col)) out[col] = z * (float)t.sparse_codes[idx++] + mn;
+}
+
 }  // namespace bb

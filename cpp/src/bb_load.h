@@ -21,4 +21,9 @@ std::unique_ptr<BBTensor> build_bb(const GGUFFile &f, const std::string &name, c
 // The same with the header read from `f`; nullptr when `f` has no key bitbasis.tensor.<name>.
 std::unique_ptr<BBTensor> load_bb(const GGUFFile &f, const std::string &name);
 
+// Row r of a prepared tensor (bb_prepare) dequantized by the spec formula (format.py's dequantize, same
+// summation order): planes ascending, then μ, then the column scale, then the sparse values. The token
+// embedding's lookup: one row per token, so a plain loop is enough.
+void bb_dequant_row(const BBTensor &t, int64_t r, float *out);
+
 }  // namespace bb

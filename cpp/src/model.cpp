@@ -38,7 +38,9 @@ constexpr int64_t BATCH = 512;  // tokens per forward chunk: bounds the activati
 
 static void dequant_row(const Linear &w, int64_t r, float *out) {
     const int64_t n = w.cols;
-    if (w.type == TT_F32) {
+    if (w.bb && !w.data) {   // a binary-basis embedding (w.data is set only for dense and llama.cpp types)
+        bb_dequant_row(*w.bb, r, out);
+    } else if (w.type == TT_F32) {
         std::memcpy(out, w.data + r * n * 4, n * 4);
     } else if (w.type == TT_F16) {
         const uint16_t *p = (const uint16_t *)(w.data + r * n * 2);
@@ -221,13 +223,18 @@ void Model::load() {
     if (const char *e = std::getenv("BITBASIS_PRECISE_ACTS")) precise_acts_ = e[0] == '1';
     validate_bb_headers();
 
-    const GTensor *te = f.tensor("token_embd.weight");
-    if (!te) fail("tensor token_embd.weight is missing");
-    if (te->n_dims != 2 || te->ne[0] != h.n_embd)
-        fail("tensor token_embd.weight must be [n_vocab, " + std::to_string(h.n_embd) + "]");
-    if (te->ne[1] > (1 << 24)) fail("vocabulary of " + std::to_string(te->ne[1]) + " tokens is too large");
-    h.n_vocab = te->ne[1];
-    if (file_->find("bitbasis.tensor.token_embd.weight")) fail("token_embd.weight must be a dense tensor");
+    // the token embedding: dense, a llama.cpp type, or binary basis (then also the tied head's weights)
+    std::vector<int64_t> te_hdr;
+    int64_t te_cols = -1;
+    if (const GTensor *te = f.tensor("token_embd.weight")) {
+        if (te->n_dims == 2) te_cols = te->ne[0], h.n_vocab = te->ne[1];
+    } else if (f.get_int_array("bitbasis.tensor.token_embd.weight", te_hdr)) {
+        te_cols = te_hdr[1], h.n_vocab = te_hdr[0];   // build_bb has checked the header
+    } else {
+        fail("tensor token_embd.weight is missing");
+    }
+    if (te_cols != h.n_embd) fail("tensor token_embd.weight must be [n_vocab, " + std::to_string(h.n_embd) + "]");
+    if (h.n_vocab > (1 << 24)) fail("vocabulary of " + std::to_string(h.n_vocab) + " tokens is too large");
     load_linear(tok_embd_, "token_embd.weight", h.n_vocab, h.n_embd);
     if (f.tensor("output.weight") || f.find("bitbasis.tensor.output.weight"))
         load_linear(output_, "output.weight", h.n_vocab, h.n_embd);

@@ -33,11 +33,15 @@ class ConvertOptions:
     target_bpw: float | None = None          # a bit plan for this block bpw (bitbasis.plan)
     tensor_types: list | None = None         # plan rules: ["REGEX=N[:G]", ...]
     head_bases: tuple[int, int] | None = None   # quantize the output head too: (N, G)
+    embed_bases: tuple[int, int] | None = None  # quantize the token embedding too: (N, G)
     check: bool = False            # after writing: warn when the model has collapsed (collapse_check)
 
 
-# The best CPU recipe measured (docs/results.md §21): the CLI's and the demo's defaults.
-DEFAULT_RECIPE = dict(method="gptq", bases=3, group=192, rotate=True, calib_samples=32, calib_seqlen=512)
+# The best CPU recipe measured (docs/results.md §27): the CLI's and the demo's defaults. A rotation, then a
+# bit plan at 3.4 block bpw (N, G per tensor from the Fisher sensitivity) over GPTQ with act_order, on 32 x
+# 512 calibration tokens. bases/group: the uniform setting when --bases/--group replace the plan.
+DEFAULT_RECIPE = dict(method="gptq", target_bpw=3.4, opts={"act_order": True}, bases=3, group=192, rotate=True,
+                      calib_samples=32, calib_seqlen=512, embed_bases=None, head_bases=None)
 COLLAPSE_RATIO = 4.0               # perplexity of the file / of the f32 model above which it has collapsed
 
 
@@ -56,9 +60,10 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
             quantizer = get_quantizer(opts.method, bases=opts.bases, group=opts.group, **(opts.extra or {}))
         except QuantizerError as e:
             raise ConvertError(str(e)) from None
-    planned = opts.target_bpw is not None or opts.tensor_types or opts.head_bases
+    planned = opts.target_bpw is not None or opts.tensor_types or opts.head_bases or opts.embed_bases
     if planned and (quantizer is None or hasattr(quantizer, "quantize_model")):
-        raise ConvertError(f"--method {opts.method}: no bit plan (--target-bpw, --tensor-type, --head-bases) "
+        raise ConvertError(f"--method {opts.method}: no bit plan (--target-bpw, --tensor-type, --head-bases, "
+                           f"--embed-bases) "
                            f"for dense or whole-model methods")
     t0 = time.time()
     source_dir = model_dir
@@ -71,7 +76,7 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
         try:
             p = bbplan.make_plan(model_dir, opts.method, quantizer.bases, quantizer.group, opts.target_bpw,
                                  bbplan.parse_tensor_types(opts.tensor_types), opts.head_bases, opts.calib,
-                                 progress=progress)
+                                 progress=progress, embed=opts.embed_bases)
             quantizer = bbplan.PlannedQuantizer(p, opts.extra, cfg)
         except (bbplan.PlanError, QuantizerError) as e:
             raise ConvertError(str(e)) from None
@@ -142,9 +147,14 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     kv = hf.arch_kv(cfg, Path(model_dir).name) + hf.tokenizer_kv(model_dir, cfg)
 
-    if "lm_head.weight" not in sd and (quantizer is not None and quantizer.covers("lm_head.weight")
-                                       or "lm_head.weight" in quantized):
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]     # a tied head quantized: its own tensor
+    covers = (lambda k: k in quantized or quantizer is not None and quantizer.covers(k))
+    emb_k, head_k = "model.embed_tokens.weight", "lm_head.weight"
+    if head_k not in sd and covers(head_k):          # a tied head quantized
+        if covers(emb_k) and _same_setting(quantizer, quantized, emb_k, head_k):
+            quantized = dict(quantized)                  # one tensor serves both, quantized for the head
+            quantized[emb_k] = quantized.pop(head_k, None) or _quantize_uncalibrated(quantizer, head_k, sd[emb_k])
+        else:
+            sd[head_k] = sd[emb_k]                       # its own tensor
     names = {k: hf.gguf_name(k, n_layers, arch) for k in sd if not k.endswith("rotary_emb.inv_freq")}
     dense, packed = [], []
     it = tqdm(sorted(names.items(), key=lambda kv_: _order(kv_[1])), desc=f"convert {opts.method}",
@@ -159,7 +169,7 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
         if hf_name in quantized or (quantizer is not None and (is_block_linear(g_name) or quantizer.covers(hf_name))):
             bb = quantized.get(hf_name)
             if bb is None:
-                bb = quantizer.for_tensor(hf_name).quantize(torch.from_numpy(w), None)
+                bb = _quantize_uncalibrated(quantizer, hf_name, w)
             if perm is not None:
                 bb = bbf.permute_rows(bb, perm)
             packed.append((g_name, bbf.pack(bb)))
@@ -183,6 +193,24 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
     mt = ModelTensors(arch=arch.name, kv=kv, dense=dense, packed=packed, method=opts.method, settings=settings)
     write_model(out, mt, force=opts.force)
     return summarize(read_model(out))
+
+
+def _quantize_uncalibrated(quantizer, hf_name: str, w: np.ndarray) -> bbf.BinaryBasis:
+    """A tensor no calibration pass has quantized: a data-free method's block linear, or the token
+    embedding. The embedding is a lookup table, not a product with activations: no input statistics
+    weigh its columns, so a calibrated method gets H = I, under which GPTQ's error feedback vanishes
+    and it rounds each weight to the nearest point of its (range-searched) grid."""
+    import torch
+    q = quantizer.for_tensor(hf_name)
+    H = torch.eye(w.shape[1], dtype=torch.float32) if q.needs_hessian else None
+    return q.quantize(torch.from_numpy(w), H)
+
+
+def _same_setting(quantizer, quantized, emb_k: str, head_k: str) -> bool:
+    """Whether a tied checkpoint's embedding and head are planned in the same form (N, G), so that one
+    tensor, quantized as the head (its Hessian when calibrated), serves both."""
+    plan = getattr(quantizer, "plan", None)
+    return plan is not None and plan.tensors.get("token_embd.weight") == plan.tensors.get("output.weight")
 
 
 def quantized_from_file(path, model_dir: Path) -> tuple[dict[str, bbf.BinaryBasis], dict]:

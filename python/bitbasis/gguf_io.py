@@ -488,11 +488,25 @@ def read_model(path: str | os.PathLike) -> ModelFile:
     return ModelFile(path, kv, dense, dense_types, packed, os.path.getsize(path))
 
 
+EDGE_TENSORS = ("token_embd.weight", "output.weight")
+_DENSE_BPW = {"F32": 32.0, "F16": 16.0, "Q8_0": 8.5}
+
+
 def summarize(mf: ModelFile) -> dict:
-    """Sizes and honest bit counts of a model file."""
-    q_bytes = sum(p.nbytes for p in mf.packed.values())
-    q_weights = sum(p.rows * p.cols for p in mf.packed.values())
+    """Sizes and honest bit counts of a model file: block bpw over the block linears' binary-basis
+    tensors, the token embedding and head described on their own (edge: {name: (form, bpw)})."""
+    blk = [p for n, p in mf.packed.items() if n not in EDGE_TENSORS]
+    q_bytes = sum(p.nbytes for p in blk)
+    q_weights = sum(p.rows * p.cols for p in blk)
+    edge = {}
+    for n in EDGE_TENSORS:
+        if n in mf.packed:
+            p = mf.packed[n]
+            edge[n] = (f"binary basis N={p.n_planes} G={p.group}", p.true_bpw)
+        elif n in mf.dense_types:
+            edge[n] = (mf.dense_types[n], _DENSE_BPW.get(mf.dense_types[n]))
     return {
+        "edge": edge,
         "file_bytes": mf.file_size,
         "params": mf.n_params,
         "quantized_weights": q_weights,

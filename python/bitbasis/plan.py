@@ -34,7 +34,11 @@ from . import hf
 CATEGORIES = [(c, re.compile(p)) for c, p in (
     ("attn_q", r"\.attn_q\.weight$"), ("attn_k", r"\.attn_k\.weight$"), ("attn_v", r"\.attn_v\.weight$"),
     ("attn_output", r"\.attn_output\.weight$"), ("ffn_gate", r"\.ffn_gate\.weight$"),
-    ("ffn_up", r"\.ffn_up\.weight$"), ("ffn_down", r"\.ffn_down\.weight$"), ("output", r"^output\.weight$"))]
+    ("ffn_up", r"\.ffn_up\.weight$"), ("ffn_down", r"\.ffn_down\.weight$"), ("output", r"^output\.weight$"),
+    ("token_embd", r"^token_embd\.weight$"))]
+# the tensors outside the blocks a plan may quantize: only when a rule names them (--head-bases,
+# --embed-bases, --tensor-type), never from the block budget
+EDGE = {"lm_head.weight": "output.weight", "model.embed_tokens.weight": "token_embd.weight"}
 
 # methods whose stored layout is plain planes + per-group scales, so a plan can price them exactly:
 # scales stored per group (1 with POW2, else N) and an fp16 offset per group or not
@@ -229,9 +233,10 @@ def _slope(a, b) -> float:
 
 def make_plan(model_dir: Path, method: str, bases: int, group: int, target_bpw: float | None = None,
               rules=(), head: tuple[int, int] | None = None, calib_opts: dict | None = None,
-              progress: bool = True) -> Plan:
-    """The plan for every block linear of `model_dir` (and the head when `head` is given): pinned by the
-    first matching rule, else chosen for the target, else the uniform (bases, group)."""
+              progress: bool = True, embed: tuple[int, int] | None = None) -> Plan:
+    """The plan for every block linear of `model_dir` (and the head / token embedding when `head` /
+    `embed` or a rule names them): pinned by the first matching rule, else chosen for the target, else
+    the uniform (bases, group)."""
     if method not in LAYOUTS:
         raise PlanError(f"--method {method}: bit plans (--target-bpw, --tensor-type, --head-bases) work with "
                         f"{', '.join(LAYOUTS)}, whose layout they can price")
@@ -249,14 +254,16 @@ def make_plan(model_dir: Path, method: str, bases: int, group: int, target_bpw: 
     if "lm_head.weight" not in shapes:
         shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]
     rules = list(rules)
+    if embed is not None:
+        rules.insert(0, (r"^token_embd\.weight$", embed[0], embed[1]))
     if head is not None:
         rules.insert(0, (r"^output\.weight$", head[0], head[1]))
     names = {}                                  # {HF name: GGUF name} of the tensors the plan covers
     for k, shp in shapes.items():
         if k.endswith("rotary_emb.inv_freq") or len(shp) != 2:
             continue
-        g = hf.gguf_name(k, n_layers, arch)
-        if g.startswith("blk.") and category(g) or (g == "output.weight" and any(re.search(r[0], g) for r in rules)):
+        g = EDGE.get(k) or hf.gguf_name(k, n_layers, arch)
+        if g.startswith("blk.") and category(g) or (k in EDGE and any(re.search(r[0], g) for r in rules)):
             names[k] = g
     plan = Plan(method=method, tensors={}, numel={}, target_bpw=target_bpw, rules=rules,
                 shape={g: shapes[k] for k, g in names.items()})
@@ -304,7 +311,7 @@ class PlannedQuantizer:
         self.name, self.needs_hessian = self.base.name, self.base.needs_hessian
 
     def for_tensor(self, hf_name: str):
-        g = "output.weight" if hf_name == "lm_head.weight" else hf.gguf_name(hf_name, self.n_layers, self.arch)
+        g = EDGE.get(hf_name) or hf.gguf_name(hf_name, self.n_layers, self.arch)
         if g not in self.plan.tensors:
             raise PlanError(f"{hf_name} ({g}) is not in the plan")
         ng = self.plan.tensors[g]
@@ -313,7 +320,8 @@ class PlannedQuantizer:
         return self._cache[ng]
 
     def covers(self, hf_name: str) -> bool:
-        return hf_name == "lm_head.weight" and "output.weight" in self.plan.tensors
+        """Whether the plan quantizes the head or the token embedding (`hf_name`) too."""
+        return EDGE.get(hf_name) in self.plan.tensors
 
     def quantize(self, w, hessian=None):
         raise PlanError("a planned quantizer quantizes through for_tensor(name)")

@@ -17,11 +17,19 @@ def config_from_gguf(mf: ModelFile):
     try:
         arch = A.for_gguf(mf.arch, f"{mf.path}: ")
         tied = "output.weight" not in mf.dense and "output.weight" not in mf.packed
-        cfg = A.hf_config(arch, mf.kv, int(mf.dense["token_embd.weight"].shape[0]), tied, f"{mf.path}: ")
+        cfg = A.hf_config(arch, mf.kv, _rows(mf, "token_embd.weight"), tied, f"{mf.path}: ")
     except A.ArchError as e:
         raise GGUFFileError(str(e)) from None
     model_cls, cfg_cls = A.torch_class(arch, cfg)
     return cfg_cls(**cfg), model_cls, arch
+
+
+def _rows(mf: ModelFile, name: str) -> int:
+    if name in mf.packed:
+        return int(mf.packed[name].rows)
+    if name not in mf.dense:
+        raise GGUFFileError(f"{mf.path}: tensor {name} is missing")
+    return int(mf.dense[name].shape[0])
 
 
 def torch_model_from_gguf(path: str | Path):

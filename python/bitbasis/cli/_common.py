@@ -14,12 +14,18 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def print_summary(s: dict, out=sys.stdout) -> None:
+def print_summary(s: dict, out=None) -> None:
+    out = out or sys.stdout           # looked up per call: a test's captured stdout, not the import-time one
     bpw = s.get("block_bpw")
     print(f"file        {_human(s['file_bytes'])} ({s['file_bytes']} bytes), {s['params']:,} parameters", file=out)
     if bpw is not None:
         print(f"block bpw   {bpw:.3f} true bits per weight over {s['quantized_weights']:,} quantized weights", file=out)
     print(f"file bpw    {s['file_bpw']:.3f} (everything: embeddings, norms, head, metadata)", file=out)
+    edge = s.get("edge") or {}
+    if edge:
+        tied = "" if "output.weight" in edge else " (the head is tied to it)"
+        print("embed/head  " + ", ".join(f"{n.split('.')[0]} {form}" + (f" ({bpw:.3f} bpw)" if bpw else "")
+                                         for n, (form, bpw) in edge.items()) + tied, file=out)
     if "seconds" in s:
         print(f"time        {s['seconds']:.1f} s", file=out)
 

@@ -33,16 +33,45 @@ def options_from_args(a):
         calib["text"] = a.calib_text
     if a.no_checkpoint or a.checkpoint_dir:
         calib["checkpoint"] = "none" if a.no_checkpoint else a.checkpoint_dir
-    head = None
-    if a.head_bases:
-        n, _, g = a.head_bases.partition(":")
-        if not n.isdigit() or (g and not g.isdigit()):
-            raise ConvertError(f"--head-bases {a.head_bases!r}: expected N or N:G")
-        head = (int(n), int(g) if g else (a.group or R["group"]))
+    # the recipe's method gets the recipe's plan, options and embedding/head unless told otherwise;
+    # --bases/--group ask for a uniform model instead of the plan's target
+    recipe = a.method == R["method"]
+    target = a.target_bpw
+    if recipe and target is None and a.bases is None and a.group is None:
+        target = R["target_bpw"]
+    extra = dict(R["opts"], **parse_opts(a.opt)) if recipe else parse_opts(a.opt)
+    head, embed = (_bases_arg(flag, val, a.group or R["group"], R[key] if recipe else None)
+                   for flag, val, key in (("--head-bases", a.head_bases, "head_bases"),
+                                          ("--embed-bases", a.embed_bases, "embed_bases")))
     return ConvertOptions(method=a.method, bases=a.bases or R["bases"], group=a.group or R["group"],
-                          embed_type=a.embed_type, calib=calib, extra=parse_opts(a.opt), force=a.force,
-                          rotate=(not dense) if a.rotate is None else a.rotate, target_bpw=a.target_bpw,
-                          tensor_types=a.tensor_type, head_bases=head, check=not a.no_check)
+                          embed_type=a.embed_type, calib=calib, extra=extra, force=a.force,
+                          rotate=(not dense) if a.rotate is None else a.rotate, target_bpw=target,
+                          tensor_types=a.tensor_type, head_bases=head, embed_bases=embed,
+                          check=not a.no_check)
+
+
+def recipe_options(**given):
+    """ConvertOptions of `bitbasis convert`'s defaults with some flags (argument names) set: the demo's
+    way to run exactly the recipe convert runs."""
+    import argparse
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers())
+    a = p.parse_args(["convert", "smollm2", "-o", "-"])
+    vars(a).update(given)
+    return options_from_args(a)
+
+
+def _bases_arg(flag: str, val: str | None, group: int, default):
+    """--head-bases / --embed-bases N[:G] as (N, G); `default` when not given, None for 'none'."""
+    from ..convert import ConvertError
+    if val is None:
+        return default
+    if val == "none":
+        return None
+    n, _, g = val.partition(":")
+    if not n.isdigit() or (g and not g.isdigit()):
+        raise ConvertError(f"{flag} {val!r}: expected N or N:G")
+    return int(n), int(g) if g else group
 
 
 def run(a) -> int:
@@ -67,9 +96,11 @@ def add_parser(sub) -> None:
         "Convert an HF checkpoint directory (or 'smollm2') into a GGUF. f32/f16 keep every weight "
         "dense; the other methods store block linear weights in the binary-basis type "
         "(formats/binary_basis_v1.md). Embeddings and head use --embed-type unless --head-bases. "
-        f"The default is the best CPU recipe measured (docs/results.md §21): a rotation folded into the "
-        f"weights, then GPTQ with N={R['bases']} G={R['group']} on {R['calib_samples']}x{R['calib_seqlen']} "
-        "calibration tokens (the papers' 128x2048 is --calib-samples 128 --calib-seqlen 2048)."))
+        f"The default is the best CPU recipe measured (docs/results.md §27): a rotation folded into the "
+        f"weights, then a bit plan at {R['target_bpw']} block bpw (N and G per tensor from a Fisher "
+        f"sensitivity) over GPTQ with act_order, on {R['calib_samples']}x{R['calib_seqlen']} calibration "
+        f"tokens{_edge_text(R)} (the papers' 128x2048 is --calib-samples 128 --calib-seqlen 2048). "
+        f"--bases/--group make a uniform model instead (GPTQ N={R['bases']} G={R['group']} by default)."))
     c.add_argument("model", help="HF checkpoint directory, a llama.cpp GGUF of a supported architecture "
                                  "(dequantized once into the cache; its tokenizer kept as it is), or 'smollm2'")
     c.add_argument("-o", "--output", required=True, help="output .gguf (written atomically)")
@@ -86,11 +117,17 @@ def add_parser(sub) -> None:
     c.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotation")
     c.add_argument("--target-bpw", type=float, metavar="BPW",
                    help="bit plan: choose N and G per block linear from a measured (Fisher) sensitivity so the "
-                        "block bpw meets BPW (gptq, residual)")
+                        f"block bpw meets BPW (gptq, residual; default {R['target_bpw']} for gptq without "
+                        "--bases/--group)")
     c.add_argument("--tensor-type", action="append", metavar="REGEX=N[:G]",
                    help="pin tensors whose GGUF name matches REGEX to N bases (and group G), as llama.cpp's "
                         "--tensor-type; the first matching rule wins; '^output' quantizes the head")
-    c.add_argument("--head-bases", metavar="N[:G]", help="store the output head as N bases (group G) too")
+    c.add_argument("--head-bases", metavar="N[:G]", help="store the output head as N bases (group G) too "
+                   f"(GPTQ on the head's own Hessian; 'none': --embed-type; default {_ng(R['head_bases'])} for gptq)")
+    c.add_argument("--embed-bases", metavar="N[:G]",
+                   help="store the token embedding as N bases (group G) too (round to nearest on the grid: a "
+                        "lookup table has no activations); a tied head planned alike shares it ('none': "
+                        f"--embed-type; default {_ng(R['embed_bases'])} for gptq)")
     c.add_argument("--calib-samples", type=int, help=f"calibration samples (default {R['calib_samples']})")
     c.add_argument("--calib-seqlen", type=int, help=f"tokens per calibration sample (default {R['calib_seqlen']})")
     c.add_argument("--calib-text", help="calibration text file (default: the calibration plays)")
@@ -108,3 +145,13 @@ def add_parser(sub) -> None:
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=run)
+
+
+def _ng(v) -> str:
+    return f"{v[0]}:{v[1]}" if v else "none"
+
+
+def _edge_text(R) -> str:
+    if not (R["embed_bases"] or R["head_bases"]):
+        return ""
+    return f", token embedding {_ng(R['embed_bases'])} and head {_ng(R['head_bases'])} as N:G binary bases"

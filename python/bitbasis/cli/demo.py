@@ -4,22 +4,25 @@ from __future__ import annotations
 import os
 
 from ..convert import DEFAULT_RECIPE as R
-from ._common import parse_opts, print_summary
+from ._common import print_summary
 
 
 def run(a) -> int:
-    """The main job on the embedded model: convert, then show size, bits and perplexity."""
+    """The main job on the embedded model: convert with convert's defaults (the recipe), then show size,
+    bits and perplexity."""
     from .. import data, hf
-    from ..convert import ConvertOptions, convert
+    from ..convert import convert
     from ..perplexity import run_perplexity
+    from .convert import recipe_options
     model_dir = hf.default_model_dir()
-    rot = "-rot" if not a.no_rotate else ""
-    out = a.output or str(hf.cache_dir() / f"smollm2-{a.method}-n{a.bases}-g{a.group}{rot}.gguf")
-    extra = parse_opts(a.opt) if a.opt else ({"rounds": 0, "iters": 0} if a.method == "qbb" else {})
-    calib = {"samples": R["calib_samples"], "seqlen": R["calib_seqlen"], "seed": 0}
-    s = convert(model_dir, out, ConvertOptions(method=a.method, bases=a.bases, group=a.group, force=True,
-                                               extra=extra or None, calib=calib, rotate=not a.no_rotate,
-                                               check=True), progress=True)
+    opts = recipe_options(method=a.method, bases=a.bases, group=a.group, opt=a.opt,
+                          rotate=False if a.no_rotate else None, force=True)
+    if opts.method == "qbb" and not a.opt:
+        opts.extra = {"rounds": 0, "iters": 0}
+    rot = "-rot" if opts.rotate else ""
+    shape = f"p{opts.target_bpw:g}" if opts.target_bpw else f"n{opts.bases}-g{opts.group}"
+    out = a.output or str(hf.cache_dir() / f"smollm2-{opts.method}-{shape}{rot}.gguf")
+    s = convert(model_dir, out, opts, progress=True)
     print(f"wrote {out}")
     print_summary(s)
     if "warning" in s:
@@ -43,13 +46,14 @@ def run(a) -> int:
 def add_parser(sub) -> None:
     m = sub.add_parser("demo", help="convert the embedded SmolLM2, report size, bpw, perplexity, a sample",
                        description="The main job on the embedded SmolLM2-135M-Instruct with convert's default, "
-                       f"the best CPU recipe measured: a rotation folded into the weights, GPTQ N={R['bases']} "
-                       f"G={R['group']} on {R['calib_samples']}x{R['calib_seqlen']} calibration tokens (a few "
-                       "minutes on a 2-core laptop); other settings and their costs are in docs/results.md.")
+                       f"the best CPU recipe measured: a rotation folded into the weights, a bit plan at "
+                       f"{R['target_bpw']} block bpw over GPTQ (act_order) on {R['calib_samples']}x"
+                       f"{R['calib_seqlen']} calibration tokens (about 10 minutes of CPU time on a 2-core "
+                       "machine); other settings and their costs are in docs/results.md.")
     m.add_argument("--method", default=R["method"])
-    m.add_argument("--bases", type=int, default=R["bases"])
+    m.add_argument("--bases", type=int, help="a uniform model of N bases instead of the recipe's plan")
+    m.add_argument("--group", type=int, help="with --bases: columns per scale group")
     m.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option")
-    m.add_argument("--group", type=int, default=R["group"])
     m.add_argument("--no-rotate", action="store_true", help="no rotation")
     m.add_argument("--windows", type=int, default=20)
     m.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
