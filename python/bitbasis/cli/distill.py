@@ -22,6 +22,7 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
     cfg.check()
     if Path(out).exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    model_dir = teacher_dir(path, model_dir)
     quantized, kv = quantized_from_file(path, model_dir)
     first = next(iter(quantized.values()))
     t0 = time.time()
@@ -38,6 +39,22 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
                                                        force=force), None, done, progress=False, settings=settings)
     s["seconds"] = time.time() - t0
     return s
+
+
+def teacher_dir(path, model_dir: Path) -> Path:
+    """The checkpoint the file's linears belong to: a file converted with a rotation (convert --rotate,
+    the default) holds rotated weights, so its teacher is the same rotation of model_dir (exact: the
+    rotated model computes the same function), made once and cached by rotate.rotated_checkpoint."""
+    from ..gguf_io import read_model
+    from ..rotate import rotated_checkpoint
+    try:
+        settings = json.loads(str(read_model(path).kv.get("bitbasis.settings", "{}")))
+    except json.JSONDecodeError:
+        settings = {}
+    rot = settings.get("rotation") if isinstance(settings, dict) else None
+    if not rot:
+        return Path(model_dir)
+    return rotated_checkpoint(Path(model_dir), int(rot.get("seed", 0)), progress=None)
 
 
 def config_of(a):
