@@ -8,19 +8,20 @@
 #   bash /tmp/bb/legs.sh go [LIMIT]       no carry: continue training (stop LIMIT s after the call began)
 #   bash /tmp/bb/legs.sh fetch TAG...     no carry: finished files' planes (start_pt.py pack) in 15 MB parts
 set -u
-B=/tmp/bb
+B=${BB:-/tmp/bb}
+MODEL=${MODEL:-smollm2} DEV=${DEV:-cuda}              # overridable for a dry run on the CPU with a tiny model
 T0=$(date +%s)
 LIMIT=${2:-540}
-export PYTHONPATH=$B/bbpy BITBASIS_CACHE=/tmp/bbcache OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
+export PYTHONPATH=$B/bbpy BITBASIS_CACHE=${BBCACHE:-/tmp/bbcache} OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bb/out}
-mkdir -p $B /tmp/bbcache "$OUT"
+mkdir -p $B $BITBASIS_CACHE "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
 
 # the three legs: TAG N STEPS LR SIGN_LR
-LEGS="q1 1 800 0.002 0.01
-q2 2 1000 0.002 0.01
-q3 3 800 0.001 0.005"
-COMMON="--batch 32 --length 256 --seqs 4096 --gen-batch 1024 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 -q"
+LEGS=${LEGS:-"q1 1 500 0.002 0.01
+q2 2 700 0.002 0.01
+q3 3 600 0.001 0.005"}
+COMMON=${COMMON:-"--batch 32 --length 256 --seqs 4096 --gen-batch 1024 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 -q"}
 
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 
@@ -34,24 +35,24 @@ go)
     if [ ! -f $B/bbpy/bitbasis/__init__.py ]; then
         echo "error: /tmp/bb is empty: the machine was restarted; run the part1 call again, then go with carry .dev/p2"; exit 1
     fi
-    cp -n $B/shakespeare-*.txt /tmp/bbcache/ 2>/dev/null
+    cp -n $B/shakespeare-*.txt $BITBASIS_CACHE/ 2>/dev/null
     if [ ! -f $B/setup.done ]; then
         if [ ! -f $B/smol.part.ab ]; then echo "error: teacher part 2 missing: run go with carry [.dev/p2]"; exit 1; fi
         cat $B/smol.part.aa $B/smol.part.ab > $B/smol.gguf && sha256sum $B/smol.gguf
         python3 -m pip install --no-deps --no-index -q $B/gguf-*.whl 2>&1 | tail -2
         python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
         python3 -c "from pathlib import Path; from bitbasis import hf; hf.materialize_from_gguf(Path('$B/smol.gguf'), hf.cache_dir()/'SmolLM2-135M-Instruct', pre='smollm')" 2>&1 | tail -2
-        python3 $B/digest.py /tmp/bbcache/SmolLM2-135M-Instruct          # must be 785e20b3e653276b
+        python3 $B/digest.py $BITBASIS_CACHE/SmolLM2-135M-Instruct          # must be 785e20b3e653276b
         touch $B/setup.done
     fi
     # the rotated teacher once (the converts below would race to make it), then its digest
-    python3 -c "from bitbasis import hf; from bitbasis.rotate import rotated_checkpoint; print(rotated_checkpoint(hf.resolve_model_dir('smollm2'), 0, progress=None))" > $B/rotdir
+    python3 -c "from bitbasis import hf; from bitbasis.rotate import rotated_checkpoint; print(rotated_checkpoint(hf.resolve_model_dir('$MODEL'), 0, progress=None))" > $B/rotdir
     python3 $B/digest.py $(cat $B/rotdir)                                  # rotated: see DEVICE_REQUEST.md
     # the starts: rotation + GPTQ N-bit as QBB planes (§14's step 1 with the default rotation), in parallel
     while read tag n steps lr slr; do
-        [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert smollm2 -o $B/start$n.gguf --method qbb --bases $n --group 192 \
+        [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert $MODEL -o $B/start$n.gguf --method qbb --bases $n --group ${GROUP:-192} \
             --opt init=gptq --opt rounds=0 --opt iters=0 --opt compensate=0 --opt refit=false \
-            --calib-samples 32 --calib-seqlen 512 --device cuda -q > $B/start$n.log 2>&1; echo "start$n rc=$?") &
+            ${CALIB:---calib-samples 32 --calib-seqlen 512} --device $DEV --no-check -q > $B/start$n.log 2>&1; echo "start$n rc=$?") &
     done <<< "$LEGS"
     wait
     for n in 1 2 3; do tail -3 $B/start$n.log; done
@@ -60,15 +61,16 @@ go)
     first=1
     while read tag n steps lr slr; do
         [ -f $B/$tag.gguf ] && continue
-        over=40; { [ -f $B/$tag.pt ] || ls /tmp/bbcache/distill-data-*.pt >/dev/null 2>&1; } || over=150
+        over=40; { [ -f $B/$tag.pt ] || ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; } || over=150
         tl=$(( $(left) - 60 - over ))
         [ $tl -lt 30 ] && { echo "$tag: no time left in this call"; continue; }
         echo "$tag: training for up to $tl s"
-        timeout $(( $(left) - 20 )) python3 -m bitbasis distill $B/start$n.gguf -o $B/$tag.gguf --force --device cuda \
+        timeout $(( $(left) - 20 )) python3 -m bitbasis distill $B/start$n.gguf -o $B/$tag.gguf --force --device $DEV --model $MODEL \
             --steps $steps --lr $lr --sign-lr $slr $COMMON --time-limit $tl --ckpt $B/$tag.pt \
             --eval-log $B/$tag.evals.jsonl >> $B/$tag.log 2>&1 &
-        if [ $first = 1 ] && ! ls /tmp/bbcache/distill-data-*.pt >/dev/null 2>&1; then
-            for i in $(seq 120); do ls /tmp/bbcache/distill-data-*.pt >/dev/null 2>&1 && break; sleep 2; done
+        if [ $first = 1 ] && ! ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; then
+            pid=$!
+            for i in $(seq 120); do ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null && break; sleep 2; done
         fi
         first=0
     done <<< "$LEGS"
@@ -85,7 +87,6 @@ fetch)
     shift
     for t in "$@"; do
         [ -f $B/$t.gguf ] || { echo "$t: not finished"; continue; }
-        n=${t#q}
         python3 $B/start_pt.py pack $B/$t.gguf $B/$t.pt.pack $(cat $B/rotdir) && \
             split -b 15000000 -d $B/$t.pt.pack "$OUT/$t.pack.part" && sha256sum $B/$t.gguf $B/$t.pt.pack
     done
