@@ -146,3 +146,22 @@ def test_fsdp_needs_torchrun_and_swap_0(start, tmp_path):
                             "--fsdp", "--device", "cpu", "-q", *opt], capture_output=True, text=True,
                            env=dict(os.environ, WORLD_SIZE="1"))
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
+
+
+def test_a_rotated_file_distils_against_the_rotated_teacher(tiny_dir, start, tmp_path, cache):
+    """convert's default rotation is folded into the file's weights: its teacher is the same rotation of
+    the model (the file's linears approximate it far better than the unrotated weights), never the
+    unrotated model, which trained such a file towards the wrong function before."""
+    from bitbasis import format as bbf, hf
+    from bitbasis.cli.distill import teacher_dir
+    assert teacher_dir(start, tiny_dir) == tiny_dir                                # not rotated
+    rot = tmp_path / "rot.gguf"
+    convert(tiny_dir, rot, ConvertOptions(method="qbb", bases=2, group=64, rotate=True,
+                                          extra={"rounds": 1, "iters": 0}), progress=False)
+    t = teacher_dir(rot, tiny_dir)
+    assert t != tiny_dir and "bitbasis_rotation" in hf.load_config(t)
+    q, _ = quantized_from_file(rot, t)
+    sd_rot, sd = hf.load_state_dict(t), hf.load_state_dict(tiny_dir)
+    for k, bb in q.items():
+        w = bbf.dequantize(bb)
+        assert np.linalg.norm(w - sd_rot[k]) < 0.8 * np.linalg.norm(w - sd[k]), k
