@@ -87,29 +87,81 @@ def test_bad_settings_are_refused_in_one_line(start, tmp_path):
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.fixture(scope="module")
+def single(tiny_dir, start, tmp_path_factory):
+    """The single-process run every multi-process run below must equal."""
+    from bitbasis.cli.distill import distill_file
+    d = tmp_path_factory.mktemp("single")
+    distill_file(start, d / "single.gguf", tiny_dir, D.DistillConfig(**QAT, ckpt=str(d / "one.pt")), progress=False)
+    return d / "single.gguf"
+
+
 def _torchrun(args: list[str], env: dict) -> subprocess.CompletedProcess:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     return subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2",
                            "-m", "bitbasis", "distill", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_torchrun_two_processes_equal_one_and_resume(tiny_dir, start, tmp_path, cache):
-    """Issue 20: the same command under torchrun (gloo, 2 ranks x 2 sequences) equals the single
-    process on the same global batch (4), and a data-parallel run stopped and resumed ends there too."""
-    from bitbasis.cli.distill import distill_file
-    single = tmp_path / "single.gguf"
-    distill_file(start, single, tiny_dir, D.DistillConfig(**QAT, ckpt=str(tmp_path / "one.pt")), progress=False)
+def _multi_args(start, tiny_dir, tmp_path, tag):
+    """The command-line twin of QAT, and the environment for torchrun's processes."""
     env = dict(os.environ, BITBASIS_CACHE=str(tmp_path / "cache2"), OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(D.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    out = tmp_path / "ddp.gguf"
-    args = [str(start), "-o", str(out), "--model", str(tiny_dir), "-q", "--ckpt", str(tmp_path / "ddp.pt"),
+    out = tmp_path / f"{tag}.gguf"
+    args = [str(start), "-o", str(out), "--model", str(tiny_dir), "-q", "--ckpt", str(tmp_path / f"{tag}.pt"),
             "--steps", "4", "--seqs", "8", "--length", "16", "--batch", "4", "--gen-batch", "4", "--train", "signs",
             "--loss", "cakld", "--swap", "0", "--lr", "0.01", "--sign-lr", "0.5", "--device", "cpu"]
+    return args, env, out
+
+
+def test_torchrun_ddp_then_fsdp_equal_one_process(tiny_dir, start, single, tmp_path, cache):
+    """Issue 20: the same command under torchrun (gloo, 2 ranks x 2 sequences) equals the single process
+    on the same global batch (4). Data parallel to step 2 (checkpoint), then resumed with --fsdp (FSDP2:
+    half of every parameter per rank; latents clipped at the last step through gathered, written-back
+    shards; the file gathered for rank 0): the file equals the single run's, and so does the sharded
+    run's final checkpoint (gathered into the single-process layout) — one checkpoint format for all."""
+    args, env, out = _multi_args(start, tiny_dir, tmp_path, "multi")
     r = _torchrun(args + ["--stop-at", "2"], env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "distributed: world size 2, backend gloo, 2 sequences per rank per step" in r.stderr
     assert "stopped at step 2 of 4" in r.stderr and not out.exists()
-    r = _torchrun(args, env)                                                    # resumes from step 2
+    r = _torchrun(args + ["--fsdp"], env)                                       # resumes from step 2, sharded
     assert r.returncode == 0, r.stderr[-2000:]
+    assert ("distributed: world size 2, backend gloo, FSDP (fully_shard per block; rank 0 holds 50.0% of the "
+            "parameters), 2 sequences per rank per step") in r.stderr
     a, b = quantized_from_file(single, tiny_dir)[0], quantized_from_file(out, tiny_dir)[0]
     _same(a, b, atol=1e-5)
+    want = torch.load(single.with_name("one.pt"), weights_only=False)
+    got = torch.load(tmp_path / "multi.pt", weights_only=False)
+    assert got["step"] == want["step"] == 4 and got["student"].keys() == want["student"].keys()
+    for k, v in want["student"].items():
+        torch.testing.assert_close(got["student"][k], v, rtol=1e-4, atol=1e-4, msg=k)   # latents ~3, steps ~0.5
+    for i, st in want["opt"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(got["opt"]["state"][i][k], st[k], rtol=1e-4, atol=1e-7, msg=f"{i} {k}")
+
+
+def test_fsdp_needs_torchrun_and_swap_0(start, tmp_path):
+    for opt, msg in ((["--swap", "0"], "start it with torchrun"), (["--swap", "0.5"], "needs --swap 0")):
+        r = subprocess.run([sys.executable, "-m", "bitbasis", "distill", str(start), "-o", str(tmp_path / "x.gguf"),
+                            "--fsdp", "--device", "cpu", "-q", *opt], capture_output=True, text=True,
+                           env=dict(os.environ, WORLD_SIZE="1"))
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
+
+
+def test_a_rotated_file_distils_against_the_rotated_teacher(tiny_dir, start, tmp_path, cache):
+    """convert's default rotation is folded into the file's weights: its teacher is the same rotation of
+    the model (the file's linears approximate it far better than the unrotated weights), never the
+    unrotated model, which trained such a file towards the wrong function before."""
+    from bitbasis import format as bbf, hf
+    from bitbasis.cli.distill import teacher_dir
+    assert teacher_dir(start, tiny_dir) == tiny_dir                                # not rotated
+    rot = tmp_path / "rot.gguf"
+    convert(tiny_dir, rot, ConvertOptions(method="qbb", bases=2, group=64, rotate=True,
+                                          extra={"rounds": 1, "iters": 0}), progress=False)
+    t = teacher_dir(rot, tiny_dir)
+    assert t != tiny_dir and "bitbasis_rotation" in hf.load_config(t)
+    q, _ = quantized_from_file(rot, t)
+    sd_rot, sd = hf.load_state_dict(t), hf.load_state_dict(tiny_dir)
+    for k, bb in q.items():
+        w = bbf.dequantize(bb)
+        assert np.linalg.norm(w - sd_rot[k]) < 0.8 * np.linalg.norm(w - sd[k]), k

@@ -30,9 +30,20 @@ each rank writes the teacher sequences of its own seed range, all ranks gather t
 the same global data, no sequence is written twice), each step's global batch is split across ranks,
 and the gradients are averaged with one all-reduce before clipping, as DDP does, so the result equals
 the single-process run on the same global batch. Only rank 0 writes checkpoints and files.
+
+Sharded (`fsdp`, under torchrun): for a teacher and student that do not fit one device, both are
+sharded with torch FSDP2 (`fully_shard`, one unit per transformer block plus the root): every
+parameter, the trainable α corrections and latents included, lives as 1/world of its rows on each
+rank, with their AdamW moments; a block's weights are gathered only for its forward and backward, and
+FSDP's reduce-scatter averages the gradients. The steps are the same computation, so the result equals
+the single-process and the data-parallel runs to float tolerance. Checkpoints hold full tensors in the
+single-process layout (gathered, rank 0 writes), so a sharded run resumes from any of the three and
+any of them from it. Not sharded: the frozen signs and scale buffers of the student's linears (the
+latents, the larger part, are), and the progressive block swap (fsdp needs swap 0).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -93,9 +104,11 @@ class DistillConfig:
     eval_log: str = ""        # JSON lines {step, tokens, ppl} (rank 0); the curve's data
     stop_at: int = 0          # checkpoint and stop after this step (0: run to the end); a rerun continues
     time_limit: float = 0     # checkpoint and stop after this many seconds of training (0: none)
+    fsdp: bool = False        # under torchrun: shard teacher and student with FSDP2 instead of replicating them
 
     # settings that do not change the trajectory: a checkpoint of a run that differs only in these resumes
-    NOT_IN_KEY = ("device", "ckpt", "ckpt_every", "eval_every", "eval_windows", "eval_log", "stop_at", "time_limit")
+    NOT_IN_KEY = ("device", "ckpt", "ckpt_every", "eval_every", "eval_windows", "eval_log", "stop_at", "time_limit",
+                  "fsdp")
 
     def check(self) -> "DistillConfig":
         if self.steps < 0:
@@ -114,6 +127,10 @@ class DistillConfig:
             raise DistillError("distill: gen_batch >= 0, ckpt_every >= 1, eval_every >= 0, eval_windows >= 1")
         if self.stop_at < 0 or self.time_limit < 0:
             raise DistillError("distill: stop_at and time_limit must be >= 0")
+        if self.fsdp and self.swap:
+            raise DistillError("distill: --fsdp shards whole blocks; the progressive block swap needs --swap 0")
+        if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise DistillError("distill: --fsdp shards over processes: start it with torchrun --nproc-per-node N (N > 1)")
         return self
 
     def settings(self) -> dict:
@@ -242,21 +259,71 @@ def _all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
         i += t.numel()
 
 
+def _shard(model, dev: torch.device, world: int) -> None:
+    """FSDP2: one unit per transformer block, the root holding the embeddings, final norm and head.
+    fully_shard moves each unit to the device as it shards it, so the whole model never sits there."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(dev.type, (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) tensor gathered whole on every rank (a collective), else t itself."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shard_like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A whole tensor (from a checkpoint) split the way ref, a parameter, is; ref unsharded: full."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(ref, DTensor):
+        return full
+    return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+
+
+@contextlib.contextmanager
+def _gathered(m: torch.nn.Module, writeback: bool = False):
+    """Inside: m's sharded parameters replaced by their whole values (export, latent clipping); with
+    writeback, the whole values are split back into the shards after. No-op when m is not sharded."""
+    from torch.distributed.tensor import DTensor
+    saved = {n: p for n, p in m._parameters.items() if isinstance(p, DTensor)}
+    for n, p in saved.items():
+        m._parameters[n] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=False)
+    try:
+        yield m
+    finally:
+        for n, p in saved.items():
+            if writeback:
+                with torch.no_grad():
+                    p.to_local().copy_(_shard_like(m._parameters[n].data, p).to_local())
+            m._parameters[n] = p
+
+
 # --- teacher data --------------------------------------------------------------------------------
 
 def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, device, progress=True,
-                  dist_: Dist = Dist()) -> torch.Tensor:
+                  dist_: Dist = Dist(), lockstep: bool = False) -> torch.Tensor:
     """[n_seqs, length] token ids written by the teacher from random first tokens. Chunk k (batch
     sequences) draws from seed range (seed, k), so the data do not depend on how the chunks are shared
-    out: rank r writes chunks r, r + world, ... and all ranks gather the whole."""
+    out: rank r writes chunks r, r + world, ... and all ranks gather the whole. lockstep (a sharded
+    teacher, whose every forward is a collective): a rank with one chunk fewer writes its first chunk
+    again and drops it, so all ranks run the same forwards."""
     from tqdm import tqdm
     device = torch.device(device)
     vocab = teacher.config.vocab_size
     chunks = list(range(0, n_seqs, batch))
     mine = {}
-    bar = tqdm(chunks[dist_.rank::dist_.world], desc="distill: teacher writes data",
-               disable=not (progress and dist_.main), unit="batch")
+    todo = chunks[dist_.rank::dist_.world]
+    if lockstep and len(todo) < -(-len(chunks) // dist_.world):
+        todo.append(None)
+    bar = tqdm(todo, desc="distill: teacher writes data", disable=not (progress and dist_.main), unit="batch")
     for b0 in bar:
+        if b0 is None:                                   # lockstep filler, written again and dropped
+            generate_data(teacher, batch, length, batch, seed, device, False)
+            continue
         k = b0 // batch
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         # sampling where the logits are: torch.multinomial on the CPU costs ~1 ms per row of a 49k vocabulary
@@ -315,7 +382,7 @@ def teacher_data(teacher, model_dir: Path, cfg: DistillConfig, dev, progress: bo
                 return data
         except Exception:                                    # unreadable: write it again
             pass
-    data = generate_data(teacher, cfg.seqs - n_calib, cfg.length, gen_batch, cfg.seed, dev, progress, d)
+    data = generate_data(teacher, cfg.seqs - n_calib, cfg.length, gen_batch, cfg.seed, dev, progress, d, cfg.fsdp)
     data = torch.cat([data, calib_windows(model_dir, n_calib, cfg.length, cfg.seed)])
     if d.main:
         _save(path, data)
@@ -426,17 +493,15 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         torch.cuda.set_device(dev)
     if cfg.batch % d.world:
         raise DistillError(f"distill: batch {cfg.batch} is not a multiple of the world size {d.world}")
+    fsdp = cfg.fsdp
     local = cfg.batch // d.world
-    if d.world > 1 and d.main:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        print(f"distributed: world size {d.world}, backend {backend}, {local} sequences per rank per step",
-              file=sys.stderr, flush=True)
     key = _settings_key(model_dir, quantized, cfg)
     ckpt = Path(cfg.ckpt) if cfg.ckpt else hf.cache_dir() / f"distill-{key}.pt"
     state = _load(ckpt, key) if ckpt.exists() else None
     torch.manual_seed(cfg.seed)
 
-    teacher = hf.load_torch_model(model_dir).to(dev)
+    home = torch.device("cpu") if fsdp else dev        # sharded models go to the device unit by unit
+    teacher = hf.load_torch_model(model_dir).to(home)
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(teacher)                    # frozen too: only the scales (+ latents) below train
@@ -449,8 +514,20 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
             raise DistillError(f"{name}: the file's shape {list(bb.shape)} is not the teacher's {list(w_fp.shape)}")
         grid = paretoq_grid(w_fp.cpu(), bb.n_planes, bb.group, bb.offsets is not None) if cfg.grid == "paretoq" else None
         latent = w_fp if cfg.latent == "teacher" else None
-        modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid).to(dev)
+        modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid).to(home)
         setattr(parent, attr, modules[name])
+    if fsdp:
+        _shard(teacher, dev, d.world)
+        _shard(student, dev, d.world)
+    if d.world > 1 and d.main:
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        mode = ""                                       # data parallel: a whole copy per rank
+        if fsdp:                                        # what this rank holds of the two models' parameters
+            ps = list(teacher.parameters()) + list(student.parameters())
+            held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in ps)
+            mode = f"FSDP (fully_shard per block; rank 0 holds {held / sum(p.numel() for p in ps):.1%} of the parameters), "
+        print(f"distributed: world size {d.world}, backend {backend}, {mode}{local} sequences per rank per step",
+              file=sys.stderr, flush=True)
     n_blocks = len(student.model.layers)
     fp_layers, q_layers = list(teacher.model.layers), list(student.model.layers)
     scale_params = [p for m in modules.values() for k, p in m.named_parameters() if k in ("a", "m")]
@@ -475,15 +552,20 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         if d.main:
             _save(ckpt, state)
     else:
-        student.load_state_dict(state["student"], strict=False)
-        opt.load_state_dict(state["opt"])
+        own = student.state_dict()
+        student.load_state_dict({k: _shard_like(v, own[k]) for k, v in state["student"].items()}, strict=False)
+        osd = state["opt"]
+        if fsdp:                                        # the moments as their parameters are split
+            osd = dict(osd, state={i: {k: _shard_like(v, params[i]) if k.startswith("exp_avg") else v
+                                       for k, v in st.items()} for i, st in osd["state"].items()})
+        opt.load_state_dict(osd)
         sched.load_state_dict(state["sched"])
     data, gamma = state["data"], state["gamma"]
     g = torch.Generator().manual_seed(cfg.seed + 1)     # batch order: one permutation per epoch
     epochs = -(-steps * cfg.batch // len(data))
     order = torch.cat([torch.randperm(len(data), generator=g) for _ in range(epochs)])
     eval_tokens = None
-    if cfg.eval_every and d.main:
+    if cfg.eval_every and (d.main or fsdp):            # sharded: every forward is a collective
         from . import data as bdata
         tok = hf.load_tokenizer(model_dir)
         eval_tokens = torch.tensor(tok(bdata.read_text("eval"), add_special_tokens=False)["input_ids"])
@@ -491,6 +573,8 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
     def evaluate(step):
         student.model.layers = torch.nn.ModuleList(q_layers)
         ppl = eval_perplexity(student, eval_tokens, cfg.eval_windows, dev)
+        if not d.main:
+            return
         rec = {"step": step, "tokens": step * cfg.batch * cfg.length, "ppl": ppl}
         state["evals"].append(rec)
         if cfg.eval_log:
@@ -517,13 +601,15 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         kl = kl.detach().reshape(1).clone()                # for the bar: the mean over the ranks
-        _all_reduce_mean([p.grad for p in params if p.grad is not None] + [kl], d)
+        grads = [] if fsdp else [p.grad for p in params if p.grad is not None]   # FSDP reduce-scatters its own
+        _all_reduce_mean(grads + [kl], d)
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
         sched.step()
         if signs and ((t + 1) % CLIP_LATENT_EVERY == 0 or t + 1 == steps):
             for m in modules.values():
-                m.clip_latent()
+                with _gathered(m, writeback=True):
+                    m.clip_latent()
         kl_v = float(kl)
         state["history"].append(kl_v)
         if progress and d.main:
@@ -533,12 +619,14 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         stop = (cfg.stop_at and t + 1 >= cfg.stop_at) or (cfg.time_limit and time.time() - t_start > cfg.time_limit)
         if d.world > 1 and cfg.time_limit:                 # the clocks differ: rank 0 decides for all
             import torch.distributed as dist
-            flag = torch.tensor([float(bool(stop))])
+            flag = torch.tensor([float(bool(stop))], device=dev)     # nccl broadcasts device tensors only
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         if (t + 1) % cfg.ckpt_every == 0 or t + 1 == steps or stop:
-            state.update(step=t + 1, opt=opt.state_dict(), sched=sched.state_dict(),
-                         student={k: v for k, v in student.state_dict().items() if k.endswith(kept)})
+            osd = opt.state_dict()                     # whole tensors: the single-process layout
+            osd = dict(osd, state={i: {k: _full(v) for k, v in st.items()} for i, st in sorted(osd["state"].items())})
+            state.update(step=t + 1, opt=osd, sched=sched.state_dict(),
+                         student={k: _full(v) for k, v in student.state_dict().items() if k.endswith(kept)})
             if d.main:
                 _save(ckpt, state)
         if stop and t + 1 < steps:
@@ -548,4 +636,8 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
                       "again to continue", file=sys.stderr, flush=True)
             return None
     student.model.layers = torch.nn.ModuleList(q_layers)
-    return {name: modules[name].export(bb) for name, bb in quantized.items()}
+    out = {}
+    for name, bb in quantized.items():
+        with _gathered(modules[name]) as m:
+            out[name] = m.export(bb)
+    return out

@@ -22,6 +22,7 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
     cfg.check()
     if Path(out).exists() and not force:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    model_dir = teacher_dir(path, model_dir)
     quantized, kv = quantized_from_file(path, model_dir)
     first = next(iter(quantized.values()))
     t0 = time.time()
@@ -40,6 +41,22 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
     return s
 
 
+def teacher_dir(path, model_dir: Path) -> Path:
+    """The checkpoint the file's linears belong to: a file converted with a rotation (convert --rotate,
+    the default) holds rotated weights, so its teacher is the same rotation of model_dir (exact: the
+    rotated model computes the same function), made once and cached by rotate.rotated_checkpoint."""
+    from ..gguf_io import read_model
+    from ..rotate import rotated_checkpoint
+    try:
+        settings = json.loads(str(read_model(path).kv.get("bitbasis.settings", "{}")))
+    except json.JSONDecodeError:
+        settings = {}
+    rot = settings.get("rotation") if isinstance(settings, dict) else None
+    if not rot:
+        return Path(model_dir)
+    return rotated_checkpoint(Path(model_dir), int(rot.get("seed", 0)), progress=None)
+
+
 def config_of(a):
     from ..distill import DistillConfig
     return DistillConfig(steps=a.steps, seqs=a.seqs, length=a.length, batch=a.batch, lr=a.lr, train=a.train,
@@ -47,7 +64,7 @@ def config_of(a):
                          calib_frac=a.calib_frac, weight_decay=a.weight_decay, clip=a.clip, gen_batch=a.gen_batch,
                          seed=a.seed, device=a.device, ckpt=a.ckpt or "", ckpt_every=a.ckpt_every,
                          eval_every=a.eval_every, eval_windows=a.eval_windows, eval_log=a.eval_log or "",
-                         stop_at=a.stop_at, time_limit=a.time_limit)
+                         stop_at=a.stop_at, time_limit=a.time_limit, fsdp=a.fsdp)
 
 
 def run(a) -> int:
@@ -71,7 +88,7 @@ def add_parser(sub) -> None:
         "(straight-through), learned scales and offsets; same file format and bits. AdamW, cosine decay, "
         "clipping, bf16 on CUDA. Works on files whose linears are plain planes + scales (qbb, gptq, rtn, "
         "residual). Checkpoints resume across runs. Under torchrun the same command is one rank of a "
-        "data-parallel job (gloo on CPU, nccl on CUDA); rank 0 writes."))
+        "data-parallel job (gloo on CPU, nccl on CUDA), or with --fsdp of a sharded one; rank 0 writes."))
     t.add_argument("input", help="bitbasis GGUF to distill")
     t.add_argument("-o", "--output", required=True, help="output .gguf (written atomically)")
     t.add_argument("--model", default="smollm2", help="the full-precision teacher: HF directory or 'smollm2' (default)")
@@ -110,6 +127,9 @@ def add_parser(sub) -> None:
                    help="checkpoint and stop after this step, writing no file; the same command continues (default 0: run to the end)")
     t.add_argument("--time-limit", type=float, default=0,
                    help="checkpoint and stop after this many seconds of training (for time-limited machines; default 0: none)")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard teacher and student over the processes with FSDP2 (fully_shard per "
+                        "block) for models that do not fit one device, instead of a copy per process; needs --swap 0")
     t.add_argument("--force", action="store_true", help="overwrite an existing output file")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=run)

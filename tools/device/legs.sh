@@ -1,0 +1,98 @@
+# Session 9's QAT legs on the lent GPU, self-contained: everything lives in /tmp/bb there, so after the
+# two transfer calls no carry is needed and the same `go` line continues the runs (resumable
+# checkpoints, `--time-limit`) as long as the machine stays warm. Runs three legs at once:
+#   q1: N = 1, q2: N = 2, q3: N = 3 (lower lr), rotated GPTQ starts made there (convert --device cuda).
+# usage (from the repository root on the device; DEVICE_REQUEST.md has the exact calls):
+#   bash .dev/p1/legs.sh part1            carry [.dev/p1]: teacher part 1, gguf wheel, texts, scripts, code
+#   bash .dev/p2/legs.sh go [LIMIT]       carry [.dev/p2]: teacher part 2; setup, starts, training
+#   bash /tmp/bb/legs.sh go [LIMIT]       no carry: continue training (stop LIMIT s after the call began)
+#   bash /tmp/bb/legs.sh fetch TAG...     no carry: finished files' planes (start_pt.py pack) in 15 MB parts
+set -u
+B=${BB:-/tmp/bb}
+MODEL=${MODEL:-smollm2} DEV=${DEV:-cuda}              # overridable for a dry run on the CPU with a tiny model
+T0=$(date +%s)
+LIMIT=${2:-540}
+export PYTHONPATH=$B/bbpy BITBASIS_CACHE=${BBCACHE:-/tmp/bbcache} OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/bb/out}
+mkdir -p $B $BITBASIS_CACHE "$OUT"
+here=$(cd "$(dirname "$0")" && pwd)
+
+# the three legs: TAG N STEPS LR SIGN_LR
+LEGS=${LEGS:-"q1 1 500 0.002 0.01
+q2 2 700 0.002 0.01
+q3 3 600 0.001 0.005"}
+COMMON=${COMMON:-"--batch 32 --length 256 --seqs 4096 --gen-batch 1024 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 -q"}
+
+left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+
+case $1 in
+part1)
+    cp -r "$here"/. $B/                                   # smol.part.aa, wheel, texts, bbpy, scripts
+    ls -la $B; df -h /tmp | tail -1
+    ;;
+go)
+    [ -d "$here" ] && [ "$here" != "$B" ] && cp -r "$here"/. $B/
+    if [ ! -f $B/bbpy/bitbasis/__init__.py ]; then
+        echo "error: /tmp/bb is empty: the machine was restarted; run the part1 call again, then go with carry .dev/p2"; exit 1
+    fi
+    cp -n $B/shakespeare-*.txt $BITBASIS_CACHE/ 2>/dev/null
+    if [ ! -f $B/setup.done ]; then
+        if [ ! -f $B/smol.part.ab ]; then echo "error: teacher part 2 missing: run go with carry [.dev/p2]"; exit 1; fi
+        cat $B/smol.part.aa $B/smol.part.ab > $B/smol.gguf && sha256sum $B/smol.gguf
+        python3 -m pip install --no-deps --no-index -q $B/gguf-*.whl 2>&1 | tail -2
+        python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
+        python3 -c "from pathlib import Path; from bitbasis import hf; hf.materialize_from_gguf(Path('$B/smol.gguf'), hf.cache_dir()/'SmolLM2-135M-Instruct', pre='smollm')" 2>&1 | tail -2
+        python3 $B/digest.py $BITBASIS_CACHE/SmolLM2-135M-Instruct          # must be 785e20b3e653276b
+        touch $B/setup.done
+    fi
+    # the rotated teacher once (the converts below would race to make it), then its digest
+    python3 -c "from bitbasis import hf; from bitbasis.rotate import rotated_checkpoint; print(rotated_checkpoint(hf.resolve_model_dir('$MODEL'), 0, progress=None))" > $B/rotdir
+    python3 $B/digest.py $(cat $B/rotdir)                                  # rotated: see DEVICE_REQUEST.md
+    # the starts: rotation + GPTQ N-bit as QBB planes (§14's step 1 with the default rotation), in parallel
+    while read tag n steps lr slr; do
+        [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert $MODEL -o $B/start$n.gguf --method qbb --bases $n --group ${GROUP:-192} \
+            --opt init=gptq --opt rounds=0 --opt iters=0 --opt compensate=0 --opt refit=false \
+            ${CALIB:---calib-samples 32 --calib-seqlen 512} --device $DEV --no-check -q > $B/start$n.log 2>&1; echo "start$n rc=$?") &
+    done <<< "$LEGS"
+    wait
+    for n in 1 2 3; do tail -3 $B/start$n.log; done
+    # the legs, each stopping at a checkpoint when this call's LIMIT is near (--time-limit counts training
+    # only: a fresh leg first spends ~2 min on the teacher's data, which the first leg writes for all three)
+    first=1
+    while read tag n steps lr slr; do
+        [ -f $B/$tag.gguf ] && continue
+        over=40; { [ -f $B/$tag.pt ] || ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; } || over=150
+        tl=$(( $(left) - 60 - over ))
+        [ $tl -lt 30 ] && { echo "$tag: no time left in this call"; continue; }
+        echo "$tag: training for up to $tl s"
+        timeout $(( $(left) - 20 )) python3 -m bitbasis distill $B/start$n.gguf -o $B/$tag.gguf --force --device $DEV --model $MODEL \
+            --steps $steps --lr $lr --sign-lr $slr $COMMON --time-limit $tl --ckpt $B/$tag.pt \
+            --eval-log $B/$tag.evals.jsonl >> $B/$tag.log 2>&1 &
+        if [ $first = 1 ] && ! ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; then
+            pid=$!
+            for i in $(seq 120); do ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null && break; sleep 2; done
+        fi
+        first=0
+    done <<< "$LEGS"
+    wait
+    for t in q1 q2 q3; do
+        echo "== $t: $(grep -c . $B/$t.evals.jsonl 2>/dev/null) evals; last: $(tail -1 $B/$t.evals.jsonl 2>/dev/null)"
+        grep -E "stopped|wrote|rror|distributed" $B/$t.log | tail -3
+        [ -f $B/$t.gguf ] && sha256sum $B/$t.gguf
+    done
+    nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls q?.evals.jsonl q?.log start?.log 2>/dev/null)
+    ;;
+fetch)
+    shift
+    for t in "$@"; do
+        [ -f $B/$t.gguf ] || { echo "$t: not finished"; continue; }
+        python3 $B/start_pt.py pack $B/$t.gguf $B/$t.pt.pack $(cat $B/rotdir) && \
+            split -b 15000000 -d $B/$t.pt.pack "$OUT/$t.pack.part" && sha256sum $B/$t.gguf $B/$t.pt.pack
+    done
+    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls q?.evals.jsonl q?.log 2>/dev/null)
+    ls -la "$OUT"
+    ;;
+*)
+    echo "usage: legs.sh part1 | go [LIMIT] | fetch TAG..."; exit 2 ;;
+esac
