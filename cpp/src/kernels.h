@@ -130,6 +130,9 @@ using DotQ8Q8Fn = float (*)(const uint8_t *row, const int8_t *q, const float *d,
 // is overwritten). Rows of a cache are far apart, hence the stride; j outer in the scalar reference.
 using DotsF32Fn = void (*)(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out);
 using WsumF32Fn = void (*)(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out);
+// g[i] = silu(g[i]) · u[i] = g[i] / (1 + e^(−g[i])) · u[i], the SwiGLU gate (Llama, Qwen, Phi-3).
+using SwigluFn = void (*)(float *g, const float *u, int64_t n);
+void swiglu_f32_scalar(float *g, const float *u, int64_t n);
 void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out);
 void wsum_f32_scalar(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out);
 
@@ -154,6 +157,7 @@ struct Kernel {
     // attention rows; a kernel set without its own uses the portable ones
     DotsF32Fn dots_f32 = dots_f32_scalar;
     WsumF32Fn wsum_f32 = wsum_f32_scalar;
+    SwigluFn swiglu_f32 = swiglu_f32_scalar;
 
     bool supported() const;                 // this CPU has every feature
 };

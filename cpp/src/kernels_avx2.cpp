@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #define AVX2 "avx2,fma,f16c,popcnt"
@@ -43,6 +44,36 @@ float dot_f32(const float *a, const float *b, int64_t n) {
     float s = hsum256(_mm256_add_ps(s0, s1));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+// e^x for 8 floats, x clamped to [-87.3, 88.3] (no overflow to inf, no denormals): x = n·ln2 + r,
+// |r| ≤ ln2/2, e^r by Cephes' expf polynomial (relative error ~2e-7), 2^n put into the exponent.
+inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2 in two parts (Cody-Waite)
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void swiglu_f32(float *g, const float *u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
 // Four scores at a time: one pass over q for rows j..j+3, their sums reduced together by vhaddps.
@@ -480,13 +511,13 @@ void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
     v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
-                       dots_f32, wsum_f32});
+                       dots_f32, wsum_f32, swiglu_f32});
     v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
-                       dots_f32, wsum_f32});
+                       dots_f32, wsum_f32, swiglu_f32});
     v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
-                       dots_f32, wsum_f32});
+                       dots_f32, wsum_f32, swiglu_f32});
     v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
-                       dots_f32, wsum_f32});
+                       dots_f32, wsum_f32, swiglu_f32});
 }
 
 }  // namespace bb

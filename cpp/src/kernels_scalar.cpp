@@ -95,6 +95,10 @@ float dot_f32_scalar(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+void swiglu_f32_scalar(float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
 void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out) {
     for (int64_t j = 0; j < n; j++) out[j] = dot_f32_scalar(q, K + j * stride, hd);
 }

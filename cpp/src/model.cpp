@@ -364,6 +364,51 @@ void Model::matmul(const Linear &w, int slot, float *y) {
         for (int64_t t = 0; t < ac.n_tok; t++) ops::add(y + t * w.rows, w.bias.data(), w.rows);
 }
 
+void Model::matmul(std::initializer_list<MatOut> outs, int slot) {
+    ActsCache &ac = ac_[slot];
+    bool fuse = !precise_acts_ && outs.size() <= 8;   // (precise_acts runs each twice: the plain path)
+    for (const MatOut &o : outs) {
+        if (ac.cols != o.w.cols)
+            fail("matmul: " + o.w.name + " reads " + std::to_string(o.w.cols) + " columns, its input has " +
+                 std::to_string(ac.cols));
+        fuse &= o.w.bb != nullptr;
+    }
+    if (!fuse) {
+        for (const MatOut &o : outs) matmul(o.w, slot, o.y);
+        return;
+    }
+    for (const MatOut &o : outs) acts_for(*o.w.bb, ac);   // quantized once per (group, colscale), here
+    struct Part {
+        const BBTensor *t;
+        const QActs *a;
+        float *y;
+        int64_t start;
+    } parts[8];
+    int np = 0;
+    int64_t total = 0;
+    for (const MatOut &o : outs) {   // (acts_for finds them now: no entry is added, none moves)
+        parts[np++] = {o.w.bb.get(), acts_for(*o.w.bb, ac).acts.data(), o.y, total};
+        total += o.w.rows;
+    }
+    const int n = ac.n_tok;
+    const Kernel &k = *kernel_;
+    // ranges in whole 32-row tiles (LUT_ROWS) when every linear's rows are a multiple of 32
+    pool_.parallel_for(total, LUT_ROWS, [&](int64_t a, int64_t b, int) {
+        for (int i = 0; i < np; i++) {
+            const Part &p = parts[i];
+            const int64_t r0 = std::max(a, p.start) - p.start, r1 = std::min(b, p.start + p.t->rows) - p.start;
+            if (r0 >= r1) continue;
+            if (n == 1)
+                k.gemv(*p.t, p.a[0], p.y + r0, r0, r1);
+            else
+                k.gemm(*p.t, p.a, n, p.y + r0, p.t->rows, r0, r1);
+        }
+    });
+    for (const MatOut &o : outs)
+        if (!o.w.bias.empty())
+            for (int64_t t = 0; t < n; t++) ops::add(o.y + t * o.w.rows, o.w.bias.data(), o.w.rows);
+}
+
 void Model::attention(Step &s, const Layer &L, int64_t il) {
     const HParams &h = hp_;
     const int64_t hd = h.head_dim, qd = h.n_head * hd, kvd = h.n_head_kv * hd, group = h.n_head / h.n_head_kv;
@@ -386,7 +431,7 @@ void Model::attention(Step &s, const Layer &L, int64_t il) {
             const int64_t t = idx / h.n_head, hh = idx % h.n_head, kvh = hh / group;
             const Context &c = *s.ctx[t];
             ops::attend_head(s.q.data() + t * qd + hh * hd, c.kcache_[il].data() + kvh * hd,
-                             c.vcache_[il].data() + kvh * hd, s.pos[t], ap, kernel_->dot_f32, scratch_[tid].data(),
+                             c.vcache_[il].data() + kvh * hd, s.pos[t], ap, *kernel_, scratch_[tid].data(),
                              s.att.data() + t * qd + hh * hd);
         }
     });
@@ -396,8 +441,11 @@ void Model::forward(const int32_t *tokens, Context *const *ctx, const int64_t *p
                     const int64_t *out_idx, int64_t n_out, float *logits) {
     const HParams &h = hp_;
     const int64_t E = h.n_embd, qd = h.n_head * h.head_dim, kvd = h.n_head_kv * h.head_dim, F = h.n_ff;
-    std::vector<float> x(n * E);
-    Step s;
+    // the buffers live as long as the model: a fresh allocation per call page-faults (the kernel zeroes
+    // every new page; ~8% of a 128-token prompt, perf) and resize keeps what is already there
+    std::vector<float> &x = x_;
+    x.resize(n * E);
+    Step &s = step_;
     s.n = n, s.pos = pos, s.ctx = ctx, s.x = x.data();
     s.hb.resize(n * E), s.o.resize(n * E), s.q.resize(n * qd), s.k.resize(n * kvd), s.v.resize(n * kvd);
     s.att.resize(n * qd), s.g.resize(n * F), s.u.resize(n * F);

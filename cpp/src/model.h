@@ -10,6 +10,7 @@
 // them (continuous batching: one matmul for every sequence's next token).
 #pragma once
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -149,6 +150,7 @@ public:
 
     // --- for the architecture files (cpp/src/models/) ---
     HParams &hparams() { return hp_; }
+    const Kernel &kernel() const { return *kernel_; }
     std::vector<Layer> &layers() { return layers_; }
     // "<arch>.<key>" from the file's metadata; false (out untouched) when absent
     bool get_int(const std::string &key, int64_t &out) const;
@@ -161,6 +163,13 @@ public:
     void set_input(int slot, const float *x, int64_t n, int64_t cols);
     // y[t][rows] = W x[t] (+ bias) for the slot's n tokens.
     void matmul(const Linear &w, int slot, float *y);
+    // The same for several linears of one input (q, k, v; gate, up) in one hand-off to the threads:
+    // their rows are split as one range, so the threads meet once instead of once per linear.
+    struct MatOut {
+        const Linear &w;
+        float *y;
+    };
+    void matmul(std::initializer_list<MatOut> outs, int slot);
     // RoPE on s.q and s.k (inv freq of the layer's kind), store k, v in each token's cache, and run
     // causal attention (the layer's window) of s.q over the cache into s.att.
     void attention(Step &s, const Layer &L, int64_t il);
@@ -188,6 +197,8 @@ private:
     // the workspace of a forward pass, shared by every context: decode holds mu_ while it runs
     std::mutex mu_;
     std::vector<std::vector<float>> scratch_;           // per thread
+    std::vector<float> x_;                              // the residual stream
+    Step step_;                                         // the other activations
     ActsCache ac_[3];
     // BITBASIS_PRECISE_ACTS=1: every binary-basis product runs twice, on the int8 activations and on
     // the int8 code of their rounding residual (x − d·q), and adds the two. The kernels are linear in

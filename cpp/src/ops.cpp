@@ -1,4 +1,5 @@
 #include "ops.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -52,33 +53,28 @@ void rope(float *v, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t po
     }
 }
 
-void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, DotFn dot,
+void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, const Kernel &k,
                  float *sc, float *out) {
-    const int64_t hd = p.head_dim, p0 = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0;
+    const int64_t hd = p.head_dim, p0 = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0, len = pos + 1 - p0;
+    float *s = sc + p0;
+    k.dots_f32(q, kc + p0 * p.kv_stride, p.kv_stride, len, hd, s);
     float mx = -INFINITY;
-    for (int64_t j = p0; j <= pos; j++) {
-        float s = dot(q, kc + j * p.kv_stride, hd) * p.scale;
-        if (p.softcap > 0) s = p.softcap * std::tanh(s / p.softcap);
-        sc[j] = s;
-        mx = std::max(mx, s);
+    for (int64_t j = 0; j < len; j++) {
+        s[j] *= p.scale;
+        if (p.softcap > 0) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
+        mx = std::max(mx, s[j]);
     }
     float sum = 0;
-    for (int64_t j = p0; j <= pos; j++) {
-        sc[j] = std::exp(sc[j] - mx);
-        sum += sc[j];
+    for (int64_t j = 0; j < len; j++) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
     }
-    std::fill(out, out + hd, 0.f);
     const float inv = 1.0f / sum;
-    for (int64_t j = p0; j <= pos; j++) {
-        const float w = sc[j] * inv;
-        const float *vv = vc + j * p.kv_stride;
-        for (int64_t i = 0; i < hd; i++) out[i] += w * vv[i];
-    }
+    for (int64_t j = 0; j < len; j++) s[j] *= inv;
+    k.wsum_f32(s, vc + p0 * p.kv_stride, p.kv_stride, len, hd, out);
 }
 
-void swiglu(float *g, const float *u, int64_t n) {
-    for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
+void swiglu(float *g, const float *u, int64_t n, const Kernel &k) { k.swiglu_f32(g, u, n); }
 
 void geglu_tanh(float *g, const float *u, int64_t n) {
     const float k = 0.7978845608028654f;   // sqrt(2/pi): gelu's tanh approximation (gelu_pytorch_tanh)

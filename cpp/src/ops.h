@@ -7,6 +7,7 @@
 #include <vector>
 
 namespace bb {
+struct Kernel;
 namespace ops {
 
 // out = x / rms(x) * w over rows of n (in place when out == x). Gemma's (1 + w) is not a variant
@@ -30,13 +31,13 @@ struct AttnParams {
     float softcap = 0.f;                  // > 0: scores = softcap * tanh(scores / softcap) (Gemma 2)
     int64_t window = 0;                   // > 0: a query at p sees keys p - window < j <= p only
 };
-using DotFn = float (*)(const float *, const float *, int64_t);
 // One query head at position pos against cached keys/values kc, vc (already offset to its kv head):
-// softmax(scale * q·k) · v into out[head_dim]. sc: scratch of at least pos + 1 floats.
-void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, DotFn dot,
+// softmax(scale * q·k) · v into out[head_dim]. sc: scratch of at least pos + 1 floats. The scores and
+// the weighted sum of values are the kernel's attention rows (k.dots_f32, k.wsum_f32).
+void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, const Kernel &k,
                  float *sc, float *out);
 
-void swiglu(float *g, const float *u, int64_t n);       // g = silu(g) * u   (Llama, Qwen, Phi-3)
+void swiglu(float *g, const float *u, int64_t n, const Kernel &k);   // g = silu(g) * u (Llama, Qwen, Phi-3): k.swiglu_f32
 void geglu_tanh(float *g, const float *u, int64_t n);   // g = gelu_tanh(g) * u (Gemma)
 void softcap(float *x, int64_t n, float cap);           // x = cap * tanh(x / cap)
 void add(float *x, const float *y, int64_t n);          // x += y (the residual stream)

@@ -366,6 +366,31 @@ static void test_attention_rows(std::mt19937_64 &rng) {
     }
 }
 
+// Every kernel set's SwiGLU gate equals the scalar one (std::exp) within 1e-6 relative, on the range
+// activations take and beyond (exp's clamps: large |g| must give g·u and 0, not inf or NaN).
+static void test_swiglu(std::mt19937_64 &rng) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const int64_t n = 1003;   // a tail after the last 8
+    std::vector<float> g(n), up(n);
+    for (int64_t i = 0; i < n; i++) {
+        g[i] = i < 8 ? std::vector<float>{-200.f, -88.f, -30.f, -1e-6f, 0.f, 1e-6f, 30.f, 200.f}[i] : 12.0f * u(rng);
+        up[i] = u(rng);
+    }
+    std::vector<float> ref = g;
+    swiglu_f32_scalar(ref.data(), up.data(), n);
+    for (const Kernel &k : all_kernels()) {
+        if (!k.supported()) continue;
+        std::vector<float> got = g;
+        k.swiglu_f32(got.data(), up.data(), n);
+        double worst = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const double e = std::fabs((double)got[i] - ref[i]) / (std::fabs((double)ref[i]) + 1e-30);
+            if (!(e <= worst)) worst = e;   // NaN counts as worst
+        }
+        CHECK(worst <= 1e-6, "%s swiglu_f32 vs scalar: rel err %.3g", k.name, worst);
+    }
+}
+
 static void test_f16() {
     CHECK(f16_to_f32(0x3c00) == 1.0f, "f16 1.0");
     CHECK(f16_to_f32(0xc000) == -2.0f, "f16 -2.0");
@@ -388,6 +413,7 @@ int main(int argc, char **argv) {
     std::mt19937_64 rng(42);
     test_dense_dots(rng);
     test_attention_rows(rng);
+    test_swiglu(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
     // (--quick: fewer plane counts and group sizes, smaller shapes; for qemu)
     const std::vector<int> flagN = quick ? std::vector<int>{2, 7} : std::vector<int>{1, 3, 8};

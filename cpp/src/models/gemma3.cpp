@@ -42,9 +42,7 @@ void gemma3_block(Model &m, Layer &L, int64_t il, Step &s) {
     // attention: x += postnorm(Wo · attn(...)), q and k normed per head before RoPE
     ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
-    m.matmul(L.wq, 0, s.q.data());
-    m.matmul(L.wk, 0, s.k.data());
-    m.matmul(L.wv, 0, s.v.data());
+    m.matmul({{L.wq, s.q.data()}, {L.wk, s.k.data()}, {L.wv, s.v.data()}}, 0);
     ops::rms_norm(s.q.data(), L.q_norm.data(), s.q.data(), n * h.n_head, hd, h.eps);
     ops::rms_norm(s.k.data(), L.k_norm.data(), s.k.data(), n * h.n_head_kv, hd, h.eps);
     m.attention(s, L, il);
@@ -55,8 +53,7 @@ void gemma3_block(Model &m, Layer &L, int64_t il, Step &s) {
     // MLP: x += postnorm(Wdown · (gelu_tanh(Wgate h) ⊙ Wup h))
     ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
-    m.matmul(L.wgate, 0, s.g.data());
-    m.matmul(L.wup, 0, s.u.data());
+    m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
     ops::geglu_tanh(s.g.data(), s.u.data(), n * F);
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());

@@ -34,9 +34,7 @@ void llama_block(Model &m, Layer &L, int64_t il, Step &s) {
     // attention: x += Wo · attn(rope(Wq h), rope(Wk h), Wv h),  h = rmsnorm(x)
     ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
-    m.matmul(L.wq, 0, s.q.data());
-    m.matmul(L.wk, 0, s.k.data());
-    m.matmul(L.wv, 0, s.v.data());
+    m.matmul({{L.wq, s.q.data()}, {L.wk, s.k.data()}, {L.wv, s.v.data()}}, 0);
     m.attention(s, L, il);
     m.set_input(1, s.att.data(), n, qd);
     m.matmul(L.wo, 1, s.o.data());
@@ -44,9 +42,8 @@ void llama_block(Model &m, Layer &L, int64_t il, Step &s) {
     // MLP: x += Wdown · (silu(Wgate h) ⊙ Wup h),  h = rmsnorm(x)
     ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
-    m.matmul(L.wgate, 0, s.g.data());
-    m.matmul(L.wup, 0, s.u.data());
-    ops::swiglu(s.g.data(), s.u.data(), n * F);
+    m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
+    ops::swiglu(s.g.data(), s.u.data(), n * F, m.kernel());
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::add(s.x, s.o.data(), n * E);

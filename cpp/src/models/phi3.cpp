@@ -47,7 +47,7 @@ void phi3_block(Model &m, Layer &L, int64_t il, Step &s) {
     m.matmul(L.wup, 0, s.fused.data());
     take_rows(s.fused.data(), n, 2 * F, 0, F, s.g.data());
     take_rows(s.fused.data(), n, 2 * F, F, F, s.u.data());
-    ops::swiglu(s.g.data(), s.u.data(), n * F);
+    ops::swiglu(s.g.data(), s.u.data(), n * F, m.kernel());
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::add(s.x, s.o.data(), n * E);

@@ -20,9 +20,7 @@ void qwen3_block(Model &m, Layer &L, int64_t il, Step &s) {
     const int64_t n = s.n, E = h.n_embd, F = h.n_ff, hd = h.head_dim, qd = h.n_head * hd;
     ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
-    m.matmul(L.wq, 0, s.q.data());
-    m.matmul(L.wk, 0, s.k.data());
-    m.matmul(L.wv, 0, s.v.data());
+    m.matmul({{L.wq, s.q.data()}, {L.wk, s.k.data()}, {L.wv, s.v.data()}}, 0);
     // per-head norms: every head_dim slice of q and k (rows of [n * heads][head_dim])
     ops::rms_norm(s.q.data(), L.q_norm.data(), s.q.data(), n * h.n_head, hd, h.eps);
     ops::rms_norm(s.k.data(), L.k_norm.data(), s.k.data(), n * h.n_head_kv, hd, h.eps);
@@ -33,9 +31,8 @@ void qwen3_block(Model &m, Layer &L, int64_t il, Step &s) {
 
     ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
-    m.matmul(L.wgate, 0, s.g.data());
-    m.matmul(L.wup, 0, s.u.data());
-    ops::swiglu(s.g.data(), s.u.data(), n * F);
+    m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
+    ops::swiglu(s.g.data(), s.u.data(), n * F, m.kernel());
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::add(s.x, s.o.data(), n * E);
