@@ -213,3 +213,41 @@ def test_convert_from_gguf_carries_tokenizer_and_bos(tmp_path, monkeypatch, eval
     (tmp_path / "t.txt").write_text(eval_text[:4000])
     res = run_perplexity(str(out), tmp_path / "t.txt", ctx=128, max_windows=3, progress=False)
     assert res["ppl"] == pytest.approx(with_bos, rel=1e-6)
+
+
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+                  "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_chat_on_gemma3_through_a_pty(tmp_path):
+    """`bitbasis chat` on a (tiny) Gemma 3 file with a Gemma-style template that writes BOS itself:
+    two turns and a clean exit; the prompt holds BOS once (the template's), not twice."""
+    import json
+    import os
+    import sys
+    pexpect = pytest.importorskip("pexpect")
+    from bitbasis.convert import ConvertOptions, convert
+    d = _tiny_dir(tmp_path, "gemma3")
+    tc = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, add_bos_token=True, chat_template=GEMMA_TEMPLATE)))
+    path = tmp_path / "g.gguf"
+    convert(d, path, ConvertOptions(method="residual", bases=2, group=64), progress=False)
+    with Model(path, threads=1) as m:
+        ids = m.tokenize(m.chat_prompt([{"role": "user", "content": "Hi"}]))
+        assert m.bos_first is not None and ids[0] == m.bos_first and ids.count(m.bos_first) == 1
+        text_ids = m._ctx.prompt_tokens("Hi")           # a plain prompt gets BOS put first
+        assert text_ids[0] == m.bos_first and text_ids.count(m.bos_first) == 1
+    child = pexpect.spawn(sys.executable, ["-m", "bitbasis.cli", "chat", "-m", str(path), "-n", "6", "-t", "1",
+                                           "--temp", "0", "--ignore-eos"], env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                          encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact("> ")
+        for q in ("What is the capital of France?", "And of Italy?"):
+            child.sendline(q)
+            child.expect_exact("> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before

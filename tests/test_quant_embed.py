@@ -113,3 +113,22 @@ def test_tied_embedding_rounded_alone_or_quantized_as_the_head(files, tied_dir):
         err = np.abs(got[-1] - w).mean()
         assert 0 < err < 0.2 * np.abs(w).mean(), err
     assert not np.array_equal(*got)
+
+
+def test_recipe_defaults_and_overrides():
+    """convert's (and demo's) defaults are the recipe: the 3.4 bpw plan over GPTQ with act_order;
+    --bases/--group ask for a uniform model, other methods get none of the recipe's options."""
+    from bitbasis.cli.convert import recipe_options
+    from bitbasis.convert import ConvertError, DEFAULT_RECIPE as R
+    o = recipe_options()
+    assert (o.method, o.target_bpw, o.extra["act_order"], o.rotate) == ("gptq", R["target_bpw"], True, True)
+    assert (o.embed_bases, o.head_bases) == (R["embed_bases"], R["head_bases"])
+    u = recipe_options(bases=2)
+    assert u.target_bpw is None and (u.bases, u.group) == (2, R["group"])
+    assert recipe_options(opt=["act_order=false"]).extra["act_order"] is False
+    e = recipe_options(embed_bases="4:128", head_bases="none")
+    assert e.embed_bases == (4, 128) and e.head_bases is None
+    r = recipe_options(method="residual", bases=2)
+    assert r.target_bpw is None and r.extra == {} and r.embed_bases is None
+    with pytest.raises(ConvertError, match="--embed-bases '4x'"):
+        recipe_options(embed_bases="4x")

@@ -309,8 +309,8 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
     """[n_seqs, length] token ids written by the teacher from random first tokens. Chunk k (batch
     sequences) draws from seed range (seed, k), so the data do not depend on how the chunks are shared
     out: rank r writes chunks r, r + world, ... and all ranks gather the whole. lockstep (a sharded
-    teacher, whose every forward is a collective): a rank with one chunk fewer writes its first chunk
-    again and drops it, so all ranks run the same forwards."""
+    teacher, whose every forward is a collective): a rank with one chunk fewer writes a throwaway chunk
+    (seed range 0 again, dropped), so all ranks run the same forwards."""
     from tqdm import tqdm
     device = torch.device(device)
     vocab = teacher.config.vocab_size
@@ -321,7 +321,7 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
         todo.append(None)
     bar = tqdm(todo, desc="distill: teacher writes data", disable=not (progress and dist_.main), unit="batch")
     for b0 in bar:
-        if b0 is None:                                   # lockstep filler, written again and dropped
+        if b0 is None:                                   # lockstep filler, dropped
             generate_data(teacher, batch, length, batch, seed, device, False)
             continue
         k = b0 // batch

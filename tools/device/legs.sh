@@ -2,7 +2,7 @@
 # two transfer calls no carry is needed and the same `go` line continues the runs (resumable
 # checkpoints, `--time-limit`) as long as the machine stays warm. Runs three legs at once:
 #   q1: N = 1, q2: N = 2, q3: N = 3 (lower lr), rotated GPTQ starts made there (convert --device cuda).
-# usage (from the repository root on the device; DEVICE_REQUEST.md has the exact calls):
+# usage (from the repository root on the device; tools/device/session9_request.md has the exact calls):
 #   bash .dev/p1/legs.sh part1            carry [.dev/p1]: teacher part 1, gguf wheel, texts, scripts, code
 #   bash .dev/p2/legs.sh go [LIMIT]       carry [.dev/p2]: teacher part 2; setup, starts, training
 #   bash /tmp/bb/legs.sh go [LIMIT]       no carry: continue training (stop LIMIT s after the call began)
@@ -47,7 +47,7 @@ go)
     fi
     # the rotated teacher once (the converts below would race to make it), then its digest
     python3 -c "from bitbasis import hf; from bitbasis.rotate import rotated_checkpoint; print(rotated_checkpoint(hf.resolve_model_dir('$MODEL'), 0, progress=None))" > $B/rotdir
-    python3 $B/digest.py $(cat $B/rotdir)                                  # rotated: see DEVICE_REQUEST.md
+    python3 $B/digest.py $(cat $B/rotdir)                                  # rotated: see tools/device/session9_request.md
     # the starts: rotation + GPTQ N-bit as QBB planes (§14's step 1 with the default rotation), in parallel
     while read tag n steps lr slr; do
         [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert $MODEL -o $B/start$n.gguf --method qbb --bases $n --group ${GROUP:-192} \
