@@ -52,7 +52,7 @@ def save(rows: list[dict], out: str) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| file | whole file MiB | block bpw | embedding / head | ppl (40 win) |", "|---|---|---|---|---|"]
+    lines = ["| file | whole file MiB | block bpw | embedding / head | ppl | windows |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["bytes"]):
         edge = r.get("edge") or {}
         if edge:
@@ -60,7 +60,7 @@ def markdown(rows: list[dict]) -> str:
         else:
             e = f"token_embd {r.get('token_embd_type')}"
         lines.append(f"| {r['method']} | {r['bytes'] / MIB:.1f} | {r['block_bpw']:.3f} | {e} | "
-                     f"{r['ppl_llamacpp']:.2f} ± {r['se_llamacpp']:.2f} |")
+                     f"{r['ppl_llamacpp']:.2f} ± {r['se_llamacpp']:.2f} | {r['windows_llamacpp']} |")
     return "\n".join(lines)
 
 
@@ -83,7 +83,8 @@ def plot(rows: list[dict], out: str) -> None:
     ax.plot([], [], "o", color="tab:blue", label="bitbasis (engine)")
     ax.plot([], [], "s", color="tab:gray", label="llama.cpp (llama-cpp-python)")
     ax.set_xlabel("whole file (MiB)")
-    ax.set_ylabel("perplexity, held-out plays (llama.cpp protocol, 40 windows)")
+    wins = sorted({r["windows_llamacpp"] for r in rows})
+    ax.set_ylabel(f"perplexity, held-out plays (llama.cpp protocol, {'/'.join(map(str, wins))} windows)")
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M: perplexity vs file size")
     ax.legend(fontsize=8)

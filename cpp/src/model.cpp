@@ -238,6 +238,10 @@ void Model::load() {
     load_linear(tok_embd_, "token_embd.weight", h.n_vocab, h.n_embd);
     if (f.tensor("output.weight") || f.find("bitbasis.tensor.output.weight"))
         load_linear(output_, "output.weight", h.n_vocab, h.n_embd);
+    if (output_.rows && tok_embd_.bb) {   // untied: the embedding is only looked up, so no kernel copy
+        tok_embd_.bb->repacked = {};
+        tok_embd_.bb->repacked_for.clear();
+    }
     output_norm_ = load_vector("output_norm.weight", h.n_embd, true);
     layers_.resize(h.n_layer);
     arch_->load(*this);
