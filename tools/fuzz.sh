@@ -37,17 +37,14 @@ FLAGS=(-g -O1 -std=c++17 -fsanitize=fuzzer-no-link,address,undefined -fno-saniti
 # Rebuild everything when a header changed, else only the sources newer than their object.
 newest_hdr=$(ls -t cpp/src/*.h cpp/include/*.h fuzz/coverage_ignore.txt | head -1)
 objs=()
-for src in cpp/src/*.cpp fuzz/fuzz_gguf.cpp; do
-  obj=$B/obj/$(basename "$src" .cpp).o
+for src in cpp/src/*.cpp cpp/src/models/*.cpp fuzz/fuzz_gguf.cpp; do   # models/: one forward per architecture
+  obj=$B/obj/$(echo "${src%.cpp}" | sed 's#^cpp/src/##; s#/#_#g').o
   objs+=("$obj")
   if [ ! -e "$obj" ] || [ "$src" -nt "$obj" ] || [ "$newest_hdr" -nt "$obj" ]; then
+    # No ISA flags, as in CMakeLists.txt: wide code carries its own target (BB_ISA_BEGIN, kernels.h);
+    # a -mavx512f file would lend its AVX-512 copies of shared templates to the whole binary (SIGILL here).
     isa=()
     case $src in *kernels_*) isa=(-O2) ;; esac   # hot loops, not coverage-traced (coverage_ignore.txt)
-    case $(uname -m)/$src in
-      x86_64/*kernels_avx2.cpp) isa+=(-mavx2 -mfma -mf16c -mpopcnt) ;;
-      x86_64/*kernels_avx512.cpp) isa+=(-mavx512f -mavx512bw -mavx512vl -mavx512vpopcntdq -mavx512vnni
-                                       -mavx512bitalg -mavx2 -mfma -mf16c -mpopcnt) ;;
-    esac
     echo "fuzz.sh: compiling $src"
     nice -n 19 "$CXX" "${FLAGS[@]}" "${isa[@]}" -c "$src" -o "$obj"
   fi
