@@ -99,6 +99,10 @@ struct ArchDef {
 inline std::string blk_name(int64_t il, const char *name) { return "blk." + std::to_string(il) + "." + name; }
 // The two norms and seven linears of a Llama-style block (models/llama.cpp; Qwen and Gemma share them).
 void load_llama_tensors(Model &m, Layer &L, int64_t il);
+// The halves of Llama's block that other architectures reuse (models/llama.cpp), as llama.cpp's
+// build_attn/build_ffn: attention over s.q/s.k/s.v, then x += Wo · att; and x += SwiGLU MLP(rmsnorm(x)).
+void attention_residual(Model &m, Layer &L, int64_t il, Step &s);
+void swiglu_ffn_residual(Model &m, Layer &L, Step &s);
 
 // One sequence: its KV cache and position. Bound to the Model it was made for (which must outlive it).
 class Context {

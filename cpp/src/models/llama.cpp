@@ -28,18 +28,19 @@ void llama_load(Model &m) {
     }
 }
 
-void llama_block(Model &m, Layer &L, int64_t il, Step &s) {
+void attention_residual(Model &m, Layer &L, int64_t il, Step &s) {
     const HParams &h = m.hparams();
-    const int64_t n = s.n, E = h.n_embd, F = h.n_ff, qd = h.n_head * h.head_dim;
-    // attention: x += Wo · attn(rope(Wq h), rope(Wk h), Wv h),  h = rmsnorm(x)
-    ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), n, E, h.eps);
-    m.set_input(0, s.hb.data(), n, E);
-    m.matmul({{L.wq, s.q.data()}, {L.wk, s.k.data()}, {L.wv, s.v.data()}}, 0);
+    const int64_t n = s.n, E = h.n_embd, qd = h.n_head * h.head_dim;
     m.attention(s, L, il);
     m.set_input(1, s.att.data(), n, qd);
     m.matmul(L.wo, 1, s.o.data());
     ops::add(s.x, s.o.data(), n * E);
-    // MLP: x += Wdown · (silu(Wgate h) ⊙ Wup h),  h = rmsnorm(x)
+}
+
+// x += Wdown · (silu(Wgate h) ⊙ Wup h),  h = rmsnorm(x)
+void swiglu_ffn_residual(Model &m, Layer &L, Step &s) {
+    const HParams &h = m.hparams();
+    const int64_t n = s.n, E = h.n_embd, F = h.n_ff;
     ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
     m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
@@ -47,6 +48,16 @@ void llama_block(Model &m, Layer &L, int64_t il, Step &s) {
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::add(s.x, s.o.data(), n * E);
+}
+
+void llama_block(Model &m, Layer &L, int64_t il, Step &s) {
+    const HParams &h = m.hparams();
+    // attention: x += Wo · attn(rope(Wq h), rope(Wk h), Wv h),  h = rmsnorm(x)
+    ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), s.n, h.n_embd, h.eps);
+    m.set_input(0, s.hb.data(), s.n, h.n_embd);
+    m.matmul({{L.wq, s.q.data()}, {L.wk, s.k.data()}, {L.wv, s.v.data()}}, 0);
+    attention_residual(m, L, il, s);
+    swiglu_ffn_residual(m, L, s);
 }
 
 }  // namespace bb

@@ -37,10 +37,7 @@ void phi3_block(Model &m, Layer &L, int64_t il, Step &s) {
     take_rows(s.fused.data(), n, qd + 2 * kvd, 0, qd, s.q.data());
     take_rows(s.fused.data(), n, qd + 2 * kvd, qd, kvd, s.k.data());
     take_rows(s.fused.data(), n, qd + 2 * kvd, qd + kvd, kvd, s.v.data());
-    m.attention(s, L, il);
-    m.set_input(1, s.att.data(), n, qd);
-    m.matmul(L.wo, 1, s.o.data());
-    ops::add(s.x, s.o.data(), n * E);
+    attention_residual(m, L, il, s);
 
     ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);

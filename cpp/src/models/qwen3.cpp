@@ -17,25 +17,15 @@ void qwen3_load(Model &m) {
 
 void qwen3_block(Model &m, Layer &L, int64_t il, Step &s) {
     const HParams &h = m.hparams();
-    const int64_t n = s.n, E = h.n_embd, F = h.n_ff, hd = h.head_dim, qd = h.n_head * hd;
+    const int64_t n = s.n, E = h.n_embd, hd = h.head_dim;
     ops::rms_norm(s.x, L.attn_norm.data(), s.hb.data(), n, E, h.eps);
     m.set_input(0, s.hb.data(), n, E);
     m.matmul({{L.wq, s.q.data()}, {L.wk, s.k.data()}, {L.wv, s.v.data()}}, 0);
     // per-head norms: every head_dim slice of q and k (rows of [n * heads][head_dim])
     ops::rms_norm(s.q.data(), L.q_norm.data(), s.q.data(), n * h.n_head, hd, h.eps);
     ops::rms_norm(s.k.data(), L.k_norm.data(), s.k.data(), n * h.n_head_kv, hd, h.eps);
-    m.attention(s, L, il);
-    m.set_input(1, s.att.data(), n, qd);
-    m.matmul(L.wo, 1, s.o.data());
-    ops::add(s.x, s.o.data(), n * E);
-
-    ops::rms_norm(s.x, L.ffn_norm.data(), s.hb.data(), n, E, h.eps);
-    m.set_input(0, s.hb.data(), n, E);
-    m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
-    ops::swiglu(s.g.data(), s.u.data(), n * F, m.kernel());
-    m.set_input(2, s.g.data(), n, F);
-    m.matmul(L.wdown, 2, s.o.data());
-    ops::add(s.x, s.o.data(), n * E);
+    attention_residual(m, L, il, s);
+    swiglu_ffn_residual(m, L, s);
 }
 
 }  // namespace bb
