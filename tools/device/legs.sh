@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/bb/out}
 mkdir -p $B $BITBASIS_CACHE "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
 
-# the three legs: TAG N STEPS LR SIGN_LR
+# the legs: TAG N STEPS LR SIGN_LR [EXTRA distill options...]
 LEGS=${LEGS:-"q1 1 500 0.002 0.01
 q2 2 700 0.002 0.01
 q3 3 600 0.001 0.005"}
@@ -49,24 +49,24 @@ go)
     python3 -c "from bitbasis import hf; from bitbasis.rotate import rotated_checkpoint; print(rotated_checkpoint(hf.resolve_model_dir('$MODEL'), 0, progress=None))" > $B/rotdir
     python3 $B/digest.py $(cat $B/rotdir)                                  # rotated: see tools/device/session9_request.md
     # the starts: rotation + GPTQ N-bit as QBB planes (§14's step 1 with the default rotation), in parallel
-    while read tag n steps lr slr; do
+    for n in $(awk '{print $2}' <<< "$LEGS" | sort -u); do
         [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert $MODEL -o $B/start$n.gguf --method qbb --bases $n --group ${GROUP:-192} \
             --opt init=gptq --opt rounds=0 --opt iters=0 --opt compensate=0 --opt refit=false \
             ${CALIB:---calib-samples 32 --calib-seqlen 512} --device $DEV --no-check -q > $B/start$n.log 2>&1; echo "start$n rc=$?") &
-    done <<< "$LEGS"
+    done
     wait
-    for n in 1 2 3; do tail -3 $B/start$n.log; done
+    for n in $(awk '{print $2}' <<< "$LEGS" | sort -u); do tail -3 $B/start$n.log; done
     # the legs, each stopping at a checkpoint when this call's LIMIT is near (--time-limit counts training
     # only: a fresh leg first spends ~2 min on the teacher's data, which the first leg writes for all three)
     first=1
-    while read tag n steps lr slr; do
+    while read tag n steps lr slr extra; do
         [ -f $B/$tag.gguf ] && continue
         over=40; { [ -f $B/$tag.pt ] || ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; } || over=150
         tl=$(( $(left) - 60 - over ))
         [ $tl -lt 30 ] && { echo "$tag: no time left in this call"; continue; }
         echo "$tag: training for up to $tl s"
         timeout $(( $(left) - 20 )) python3 -m bitbasis distill $B/start$n.gguf -o $B/$tag.gguf --force --device $DEV --model $MODEL \
-            --steps $steps --lr $lr --sign-lr $slr $COMMON --time-limit $tl --ckpt $B/$tag.pt \
+            --steps $steps --lr $lr --sign-lr $slr $COMMON $extra --time-limit $tl --ckpt $B/$tag.pt \
             --eval-log $B/$tag.evals.jsonl >> $B/$tag.log 2>&1 &
         if [ $first = 1 ] && ! ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; then
             pid=$!
@@ -75,13 +75,13 @@ go)
         first=0
     done <<< "$LEGS"
     wait
-    for t in q1 q2 q3; do
+    for t in $(awk '{print $1}' <<< "$LEGS"); do
         echo "== $t: $(grep -c . $B/$t.evals.jsonl 2>/dev/null) evals; last: $(tail -1 $B/$t.evals.jsonl 2>/dev/null)"
         grep -E "stopped|wrote|rror|distributed" $B/$t.log | tail -3
         [ -f $B/$t.gguf ] && sha256sum $B/$t.gguf
     done
     nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
-    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls q?.evals.jsonl q?.log start?.log 2>/dev/null)
+    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls *.evals.jsonl *.log 2>/dev/null)
     ;;
 fetch)
     shift
@@ -90,7 +90,7 @@ fetch)
         python3 $B/start_pt.py pack $B/$t.gguf $B/$t.pt.pack $(cat $B/rotdir) && \
             split -b 15000000 -d $B/$t.pt.pack "$OUT/$t.pack.part" && sha256sum $B/$t.gguf $B/$t.pt.pack
     done
-    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls q?.evals.jsonl q?.log 2>/dev/null)
+    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls *.evals.jsonl *.log 2>/dev/null)
     ls -la "$OUT"
     ;;
 *)
