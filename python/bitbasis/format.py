@@ -8,7 +8,6 @@ W ≈ Σ α_i s_i + μ with the rules of the spec.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -132,11 +131,6 @@ def unpack_bits(packed: np.ndarray, cols: int) -> np.ndarray:
     flat = packed.reshape(*packed.shape[:-2], -1)
     bits = np.unpackbits(flat, axis=-1, bitorder="little").astype(bool)
     return bits[..., :cols]
-
-
-def _expand_groups(per_group: np.ndarray, group: int, cols: int) -> np.ndarray:
-    """[rows, ngroups, ...] -> [rows, cols, ...] by repeating each group G times."""
-    return np.repeat(per_group, group, axis=1)[:, :cols]
 
 
 # --- pack / unpack ------------------------------------------------------------------------------
@@ -303,17 +297,9 @@ def round_trip(bb: BinaryBasis) -> BinaryBasis:
     return unpack(pack(bb))
 
 
-def ideal_bpw_papers(n_planes: int) -> float:
-    """The papers' convention: sign planes only."""
-    return float(n_planes)
-
-
 def describe(p: Packed) -> str:
     return (f"[{p.rows}x{p.cols}] N={p.n_planes} G={p.group} flags={p.flags} "
             f"{p.nbytes} B {p.true_bpw:.3f} bpw")
-
-
-__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "dataclasses", "math", "np")]
 
 
 def permute_rows(bb: BinaryBasis, perm: np.ndarray) -> BinaryBasis:
