@@ -1,6 +1,7 @@
 #include "threadpool.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 
 namespace bb {
@@ -18,14 +19,18 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
     for (int i = 1; i < n_threads_; i++) threads_.emplace_back(&ThreadPool::worker, this, i);
 }
 
-// BITBASIS_SPIN=<rounds> overrides the spin (0: sleep at once — for cores shared with other busy
-// processes, where a spinning thread only takes time from the one it waits for).
-static int spin_rounds() {
-    static const int n = [] {
+// How long a waiting thread spins before it sleeps, in µs: BITBASIS_SPIN=<µs> (0: sleep at once). A decode
+// step hands work to the threads ~150 times (SmolLM2: 5 per layer), a few µs to ~100 µs apart, so a spin
+// of 50 µs catches nearly every next job without a futex wake (~10-50 µs each on a VM), while a thread
+// whose partner was descheduled (a shared machine) gives its core back after 50 µs, not after a fixed
+// count of pause instructions whose length differs 20x between CPUs (Zen 2: ~65 cycles, Skylake-X ~140,
+// Zen 1 ~3).
+static std::chrono::nanoseconds spin_budget() {
+    static const std::chrono::nanoseconds ns = [] {
         const char *e = std::getenv("BITBASIS_SPIN");
-        return e && *e ? std::max(0, std::atoi(e)) : 1 << 13;
+        return std::chrono::nanoseconds(1000LL * (e && *e ? std::max(0, std::atoi(e)) : 50));
     }();
-    return n;
+    return ns;
 }
 
 static inline void cpu_relax() {
@@ -34,6 +39,21 @@ static inline void cpu_relax() {
 #elif defined(__aarch64__)
     __asm__ volatile("yield");
 #endif
+}
+
+// Spin until done() or the budget is spent (the clock read once per 32 pauses); true when done().
+template <class Done>
+static bool spin_until(Done done) {
+    const auto budget = spin_budget();
+    if (budget.count() == 0) return done();
+    const auto end = std::chrono::steady_clock::now() + budget;
+    for (;;) {
+        for (int i = 0; i < 32; i++) {
+            if (done()) return true;
+            cpu_relax();
+        }
+        if (std::chrono::steady_clock::now() >= end) return done();
+    }
 }
 
 ThreadPool::~ThreadPool() {
@@ -48,18 +68,12 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker(int id) {
     uint64_t seen = 0;
     for (;;) {
-        uint64_t g = generation_.load(std::memory_order_acquire);
-        for (int spin = 0; g == seen && !stop_.load(std::memory_order_acquire); spin++) {
-            if (spin < spin_rounds()) {
-                cpu_relax();
-            } else {   // the lock orders this check against the caller's bump of generation_
-                std::unique_lock<std::mutex> lk(mu_);
-                cv_start_.wait(lk, [&] {
-                    return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen;
-                });
-            }
-            g = generation_.load(std::memory_order_acquire);
+        auto ready = [&] { return stop_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; };
+        if (!spin_until(ready)) {   // the lock orders this check against the caller's bump of generation_
+            std::unique_lock<std::mutex> lk(mu_);
+            cv_start_.wait(lk, ready);
         }
+        const uint64_t g = generation_.load(std::memory_order_acquire);
         if (stop_.load(std::memory_order_acquire)) return;
         seen = g;
         int64_t a, b;
@@ -92,13 +106,10 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, const std::function<void
     int64_t a, b;
     chunk(n, align, n_threads_, 0, a, b);
     if (a < b) fn(a, b, 0);
-    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; spin++) {
-        if (spin < spin_rounds()) {
-            cpu_relax();
-        } else {
-            std::unique_lock<std::mutex> lk(mu_);
-            cv_done_.wait(lk, [&] { return pending_.load(std::memory_order_acquire) == 0; });
-        }
+    auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(done)) {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_done_.wait(lk, done);
     }
 }
 

@@ -1,8 +1,8 @@
 // A small fixed thread pool for splitting the rows of a matrix (or heads of attention) over N
 // threads. A decode step is ~200 short parallel_for calls, so a hand-off through a condition variable
 // alone (futex wake + sleep per call) costs more than the matmuls on a small machine: workers and the
-// caller first spin on atomics for a short while (8192 pause instructions, ~50-500 µs; BITBASIS_SPIN), and
-// only then sleep on the condition variables, so no core is burnt between generations.
+// caller first spin on atomics for a short while (50 µs by the clock; BITBASIS_SPIN=<µs>), and only then
+// sleep on the condition variables, so no core is burnt between generations.
 #pragma once
 #include <atomic>
 #include <condition_variable>
