@@ -6,15 +6,6 @@
 
 namespace bb {
 
-static void chunk(int64_t n, int64_t align, int parts, int i, int64_t &a, int64_t &b) {
-    int64_t units = (n + align - 1) / align;
-    int64_t per = units / parts, extra = units % parts;
-    int64_t u0 = i * per + std::min<int64_t>(i, extra);
-    int64_t u1 = u0 + per + (i < extra ? 1 : 0);
-    a = std::min(n, u0 * align);
-    b = std::min(n, u1 * align);
-}
-
 ThreadPool::ThreadPool(int n_threads) : n_threads_(std::max(1, n_threads)) {
     for (int i = 1; i < n_threads_; i++) threads_.emplace_back(&ThreadPool::worker, this, i);
 }
@@ -65,6 +56,24 @@ ThreadPool::~ThreadPool() {
     for (auto &t : threads_) t.join();
 }
 
+void ThreadPool::run_pieces(int id) {
+    uint64_t w = work_.load(std::memory_order_acquire);
+    for (;;) {
+        const int64_t next = (int64_t)(w >> 32), units = (int64_t)(w & 0xffffffffu);
+        if (next >= units) return;
+        const int64_t take = std::min(piece_.load(std::memory_order_relaxed), units - next);
+        if (!work_.compare_exchange_weak(w, w + ((uint64_t)take << 32), std::memory_order_acq_rel,
+                                         std::memory_order_acquire))
+            continue;   // w now holds the current value
+        (*job_)(next * align_, std::min(n_, (next + take) * align_), id);
+        if (done_.fetch_add(take, std::memory_order_acq_rel) + take == units) {
+            std::lock_guard<std::mutex> lk(mu_);   // a caller past its spin waits on cv_done_ under mu_
+            cv_done_.notify_one();
+        }
+        w = work_.load(std::memory_order_acquire);
+    }
+}
+
 void ThreadPool::worker(int id) {
     uint64_t seen = 0;
     for (;;) {
@@ -73,16 +82,9 @@ void ThreadPool::worker(int id) {
             std::unique_lock<std::mutex> lk(mu_);
             cv_start_.wait(lk, ready);
         }
-        const uint64_t g = generation_.load(std::memory_order_acquire);
         if (stop_.load(std::memory_order_acquire)) return;
-        seen = g;
-        int64_t a, b;
-        chunk(n_, align_, n_threads_, id, a, b);
-        if (a < b) (*job_)(a, b, id);
-        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-            std::lock_guard<std::mutex> lk(mu_);   // a caller past its spin waits on cv_done_ under mu_
-            cv_done_.notify_one();
-        }
+        seen = generation_.load(std::memory_order_acquire);
+        run_pieces(id);
     }
 }
 
@@ -94,19 +96,21 @@ void ThreadPool::parallel_for(int64_t n, int64_t align, const std::function<void
         fn(0, n, 0);
         return;
     }
+    while ((n + align - 1) / align > 0x7fffffff) align *= 2;   // units fit work_'s 32 bits
+    const int64_t units = (n + align - 1) / align;
     job_ = &fn;
     n_ = n;
     align_ = align;
-    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+    piece_.store(std::max<int64_t>(1, units / (4 * n_threads_)), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    work_.store((uint64_t)units, std::memory_order_release);   // next = 0
     {
         std::lock_guard<std::mutex> lk(mu_);   // a worker past its spin checks generation_ under mu_
         generation_.fetch_add(1, std::memory_order_release);
     }
     cv_start_.notify_all();
-    int64_t a, b;
-    chunk(n, align, n_threads_, 0, a, b);
-    if (a < b) fn(a, b, 0);
-    auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    run_pieces(0);
+    auto done = [&] { return done_.load(std::memory_order_acquire) == units; };
     if (!spin_until(done)) {
         std::unique_lock<std::mutex> lk(mu_);
         cv_done_.wait(lk, done);
