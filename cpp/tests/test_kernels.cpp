@@ -3,7 +3,9 @@
 //   test_kernels            all cases, exit code 0 when every check passed
 //   test_kernels --quick    fewer random shapes
 #include "kernels.h"
+#include "threadpool.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -392,6 +394,29 @@ static void test_dense_gemm(std::mt19937_64 &rng) {
         }
 }
 
+// The thread pool hands out every index of [0, n) exactly once per call, in pieces that start at multiples
+// of `align`, to thread ids below size(), also when the calls follow each other closely (a worker that
+// woke late must not run a piece of the previous call's job).
+static void test_pool() {
+    for (int threads : {2, 3}) {
+        ThreadPool pool(threads);
+        for (int rep = 0; rep < 200; rep++) {
+            const int64_t n = 1 + (rep * 7919) % 1000, align = rep % 3 == 0 ? 1 : rep % 3 == 1 ? 4 : 32;
+            std::vector<std::atomic<int>> hits(n);
+            std::atomic<bool> bad{false};
+            const int tag = rep;
+            pool.parallel_for(n, align, [&, tag](int64_t a, int64_t b, int tid) {
+                if (a % align || a >= b || b > n || tid < 0 || tid >= pool.size() || tag != rep) bad = true;
+                for (int64_t i = a; i < b; i++) hits[i]++;
+            });
+            int64_t wrong = 0;
+            for (auto &h : hits) wrong += h.load() != 1;
+            CHECK(!bad && wrong == 0, "pool %d threads n=%lld align=%lld: %lld indices not run once", threads,
+                  (long long)n, (long long)align, (long long)wrong);
+        }
+    }
+}
+
 // Every kernel set's attention rows (scores q·K[j], weighted sums of V rows) equal the scalar ones,
 // on strided rows as a KV cache holds them, head dims with and without a tail of 8.
 static void test_attention_rows(std::mt19937_64 &rng) {
@@ -474,6 +499,7 @@ int main(int argc, char **argv) {
     std::mt19937_64 rng(42);
     test_dense_dots(rng);
     test_dense_gemm(rng);
+    test_pool();
     test_attention_rows(rng);
     test_swiglu(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
