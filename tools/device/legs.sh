@@ -38,7 +38,8 @@ build_engine() {
     [ -f CMakeLists.txt ] || { echo "build: run from the repository root"; return 1; }
     python3 -c "import cffi" 2>/dev/null || python3 -m pip install --no-deps --no-index -q $B/cffi-*.whl $B/pycparser-*.whl 2>&1 | tail -2
     nice cmake -S . -B $B/build -G Ninja -DCMAKE_BUILD_TYPE=Release > $B/build.log 2>&1 &&
-        nice cmake --build $B/build -j ${BUILD_JOBS:-4} >> $B/build.log 2>&1 && touch $B/engine.done
+        nice cmake --build $B/build --target bitbasis -j ${BUILD_JOBS:-4} >> $B/build.log 2>&1 &&
+        cp cpp/include/bitbasis.h $B/bbpy/bitbasis/ && touch $B/engine.done    # the binding's header, same tree
     [ -f $B/engine.done ] && echo "engine built" || { echo "engine build failed:"; tail -5 $B/build.log; return 1; }
 }
 
@@ -109,10 +110,10 @@ eval)
     for t in "$@"; do                  # in parallel, EVAL_THREADS each (the device has 16 cores)
         [ -f $B/$t.gguf ] || { echo "$t: not finished"; continue; }
         python3 -m bitbasis ppl $B/$t.gguf --protocol llamacpp --windows ${EVAL_WINDOWS:-40} --backend engine \
-            -t ${EVAL_THREADS:-4} > $B/$t.ppl.txt 2>&1 &
+            -t ${EVAL_THREADS:-4} --json ${EVAL_OPTS:-} > $B/$t.ppl.txt 2> $B/$t.ppl.err &
     done
     wait
-    for t in "$@"; do [ -f $B/$t.ppl.txt ] && { echo "== $t: $(tail -2 $B/$t.ppl.txt | tr '\n' ' ')"; sha256sum $B/$t.gguf; }; done
+    for t in "$@"; do [ -f $B/$t.ppl.txt ] && { echo "== $t: $(tail -1 $B/$t.ppl.txt) $(grep -i error $B/$t.ppl.err)"; sha256sum $B/$t.gguf; }; done
     nproc; lscpu | grep -m1 "Model name"; uptime
     tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls *.evals.jsonl *.log *.ppl.txt 2>/dev/null)
     ;;
