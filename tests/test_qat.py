@@ -139,8 +139,10 @@ def test_the_weight_bank_equals_each_linear_alone(tiny_dir, start):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_all_calibration_text_needs_no_teacher(tiny_dir, cache):
+def test_all_calibration_text_needs_no_teacher(tiny_dir, cache, monkeypatch):
     """--calib-frac 1: every sequence is a calibration window (the teacher writes none), int32 ids."""
+    from bitbasis import data
+    monkeypatch.setattr(data, "read_text", lambda spec: "To be, or not to be, that is the question. " * 40)
     cfg = D.DistillConfig(seqs=6, length=16, calib_frac=1.0)
     data = D.teacher_data(None, tiny_dir, cfg, torch.device("cpu"), False, D.Dist())
     assert data.shape == (6, 16) and data.dtype == torch.int32
