@@ -49,6 +49,106 @@ def test_paretoq_grids_are_the_papers_levels():
     assert mu is None
 
 
+def test_nearest_level_is_the_signs_sum_in_value_and_gradient():
+    """The fused grid projection (one gather of the level's value) trains α and μ exactly as the sum
+    Σ α_i s_i + μ of the nearest signs does, for N = 1..3, with and without μ."""
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 2, 3):
+        for with_mu in (False, True):
+            wg = torch.randn(5, 2, 32, generator=g)
+            valid = torch.ones(2, 32)
+            alpha0, mu0 = torch.rand(5, 2, n, generator=g) + 0.1, torch.randn(5, 2, generator=g) * 0.1
+            out = []
+            for fused in (True, False):
+                alpha = alpha0.clone().requires_grad_()
+                mu = mu0.clone().requires_grad_() if with_mu else None
+                if fused:
+                    w = basis.nearest_level(wg, alpha, mu, basis.level_codes(n))
+                else:
+                    w = basis.reconstruct(basis.nearest_signs(wg, alpha.detach(), mu, valid), alpha, mu)
+                (w * wg.cos()).sum().backward()               # any loss that weighs the weights unevenly
+                out.append((w.detach(), alpha.grad, mu.grad if with_mu else None))
+            torch.testing.assert_close(out[0][0], out[1][0])
+            torch.testing.assert_close(out[0][1], out[1][1])
+            if with_mu:
+                torch.testing.assert_close(out[0][2], out[1][2])
+            # and the value is the nearest level: no level of the group is closer
+            levels = alpha0 @ basis.level_codes(n).T + (mu0[..., None] if with_mu else 0)
+            best = (wg[..., None] - levels[:, :, None, :]).abs().amin(-1)
+            torch.testing.assert_close((out[0][0] - wg).abs(), best)
+
+
+def test_chunked_loss_equals_autograd_through_log_softmax(monkeypatch):
+    """loss_fn's closed-form gradients (distill._LogitLoss), over several chunks, equal autograd on the
+    plain formulas, for every loss."""
+    monkeypatch.setattr(D, "LOSS_CHUNK", 3 * 50)                # 3 positions per chunk: 4 chunks of 10
+    g = torch.Generator().manual_seed(2)
+    zt, zs0 = torch.randn(2, 5, 50, generator=g) * 3, torch.randn(2, 5, 50, generator=g) * 3
+    lt = torch.log_softmax(zt, -1)
+
+    def kl(p, q):                                                 # KL(p ‖ q) per position, from log-probs
+        return (p.exp() * (p - q)).sum(-1).mean()
+    for loss, gamma in (("kl", 0.0), ("kl+mse", 0.0), ("cakld", 0.3)):
+        cfg = D.DistillConfig(loss=loss, mse_weight=0.7)
+        zs = zs0.clone().requires_grad_()
+        got, got_kl = D.loss_fn(cfg, zt, zs, gamma)
+        got.backward()
+        zr = zs0.clone().requires_grad_()
+        ls = torch.log_softmax(zr, -1)
+        want = {"kl": kl(lt, ls), "kl+mse": kl(lt, ls) + 0.7 * ((zr - zt) ** 2).mean(),
+                "cakld": gamma * kl(ls, lt) + (1 - gamma) * kl(lt, ls)}[loss]
+        want.backward()
+        torch.testing.assert_close(got, want.detach())
+        torch.testing.assert_close(got_kl, kl(lt, ls).detach())
+        torch.testing.assert_close(zs.grad, zr.grad)
+
+
+def test_the_weight_bank_equals_each_linear_alone(tiny_dir, start):
+    """distill._WeightBank (all latents' weights in one expression per step) gives every linear the
+    weight, and every trainable tensor the gradient, of BasisLinear.weight alone; with offsets too."""
+    quantized, _ = quantized_from_file(start, tiny_dir)
+    g = torch.Generator().manual_seed(3)
+    for grid in (None, "paretoq"):
+        mods = []
+        for bb in quantized.values():
+            gr = None
+            if grid:                                          # a grid with μ: the offset path
+                w = basis.reconstruct(*basis.unpack(bb)).reshape(bb.shape[0], -1)[:, :bb.shape[1]]
+                gr = basis.paretoq_grid(w, bb.n_planes, bb.group, offset=True)
+            m = D.BasisLinear(bb, train_signs=True, grid=gr)
+            with torch.no_grad():                             # move off the start so rounding is not trivial
+                m.u.add_(0.3 * torch.randn(m.u.shape, generator=g))
+                m.a.add_(0.1 * torch.randn(m.a.shape, generator=g))
+            mods.append(m)
+        probes = [torch.randn(m.cols, generator=g) for m in mods]
+        grads = []
+        for banked in (True, False):
+            for m in mods:
+                for p in m.parameters():
+                    p.grad = None
+            bank = D._WeightBank(mods) if banked else None
+            if bank:
+                bank.assign()
+            ws = [m(torch.eye(m.cols)).T for m in mods]             # forward: the weight itself
+            sum(((w @ p) ** 2).sum() for w, p in zip(ws, probes)).backward()
+            if bank:
+                bank.clear()
+                assert all("banked" not in m.__dict__ for m in mods)
+            grads.append(([w.detach() for w in ws], [p.grad.clone() for m in mods for p in m.parameters()]))
+        for x, y in zip(grads[0][0] + grads[0][1], grads[1][0] + grads[1][1]):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_all_calibration_text_needs_no_teacher(tiny_dir, cache, monkeypatch):
+    """--calib-frac 1: every sequence is a calibration window (the teacher writes none), int32 ids."""
+    from bitbasis import data
+    monkeypatch.setattr(data, "read_text", lambda spec: "To be, or not to be, that is the question. " * 40)
+    cfg = D.DistillConfig(seqs=6, length=16, calib_frac=1.0)
+    data = D.teacher_data(None, tiny_dir, cfg, torch.device("cpu"), False, D.Dist())
+    assert data.shape == (6, 16) and data.dtype == torch.int32
+    torch.testing.assert_close(data, D.calib_windows(tiny_dir, 6, 16, cfg.seed))
+
+
 def _same(a: dict, b: dict, atol=1e-6):
     for k in a:
         np.testing.assert_array_equal(a[k].signs, b[k].signs, err_msg=k)

@@ -76,19 +76,38 @@ def level_codes(n: int, device=None) -> torch.Tensor:
     return torch.where((code[:, None] >> torch.arange(n, device=device)) & 1 == 1, 1.0, -1.0)
 
 
-def nearest_signs(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, valid: torch.Tensor,
-                  combos: torch.Tensor | None = None) -> torch.Tensor:
-    """Grid projection: for fixed scales, the signs that put every weight on its nearest of the 2^N
-    levels Σ_i ±α_i + μ of its group (exact minimiser of ‖W − Ŵ‖² over the signs; LQ-Net's QEM step).
-    combos: level_codes(N), when the caller keeps it."""
-    n = alpha.shape[-1]
-    combos = level_codes(n, wg.device) if combos is None else combos
-    levels = alpha @ combos.T                                                  # [rows, ng, 2^N]
+def _grid_search(wg, alpha, mu, combos):
+    """The group's levels Σ_i ±α_i + μ sorted ([rows, ng, 2^N] values and codes) and, for every weight,
+    the position of its nearest level among them ([rows, ng, G]): one sort and one search, whatever N."""
+    # a broadcast sum, not alpha @ combos.T: under CUDA autocast a matmul would round the levels, and
+    # their gradient, to bf16
+    levels = (alpha[..., None, :] * combos).sum(-1)                            # [rows, ng, 2^N]
     if mu is not None:
         levels = levels + mu[..., None]
     vals, order = levels.sort(-1)
-    mids = ((vals[..., 1:] + vals[..., :-1]) / 2).contiguous()
-    c = order.gather(-1, torch.searchsorted(mids, wg.contiguous()))           # [rows, ng, G]
+    with torch.no_grad():
+        mids = ((vals[..., 1:] + vals[..., :-1]) / 2).contiguous()
+        pos = torch.searchsorted(mids, wg.detach().contiguous())
+    return vals, order, pos
+
+
+def nearest_level(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, combos: torch.Tensor
+                  ) -> torch.Tensor:
+    """Grid projection: for fixed scales, every weight's nearest of the 2^N levels Σ_i ±α_i + μ of its
+    group (exact minimiser of ‖W − Ŵ‖² over the signs; LQ-Net's QEM step), as its value [rows, ng, G],
+    differentiable in α and μ exactly as Σ α_i s_i + μ is (∂/∂α_i = s_i, ∂/∂μ = 1). combos: level_codes(N)."""
+    vals, _, pos = _grid_search(wg, alpha, mu, combos)
+    return vals.gather(-1, pos)
+
+
+def nearest_signs(wg: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor | None, valid: torch.Tensor,
+                  combos: torch.Tensor | None = None) -> torch.Tensor:
+    """nearest_level's signs ±1 [N, rows, ng, G] (0 where valid is 0). combos: level_codes(N), when the
+    caller keeps it."""
+    n = alpha.shape[-1]
+    combos = level_codes(n, wg.device) if combos is None else combos
+    _, order, pos = _grid_search(wg, alpha, mu, combos)
+    c = order.gather(-1, pos)
     return torch.stack([torch.where((c >> i) & 1 == 1, valid, -valid) for i in range(n)])
 
 

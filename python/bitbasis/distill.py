@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .basis import BasisError, groups_view, level_codes, nearest_signs, pack, paretoq_grid, reconstruct, unpack
+from .basis import BasisError, groups_view, level_codes, nearest_level, nearest_signs, pack, paretoq_grid, reconstruct, unpack
 from .format import BinaryBasis
 
 GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
@@ -196,10 +196,10 @@ class BasisLinear(torch.nn.Module):
 
     def weight(self) -> torch.Tensor:
         alpha, mu = self.scales()
-        w = reconstruct(self.current_signs(), alpha, mu)
-        if self.train_signs:                    # straight-through: the value of w, the gradient of V too
-            lat = self.u * self.unit[..., None]
-            w = w + (lat - lat.detach())
+        if self.train_signs:
+            w = _ste_weight(self.u, self.unit, alpha, mu, self.combos)
+        else:
+            w = reconstruct(self.signs.float(), alpha, mu)
         return w.reshape(w.shape[0], -1)[:, :self.cols]
 
     @torch.no_grad()
@@ -212,7 +212,8 @@ class BasisLinear(torch.nn.Module):
             self.u.copy_(torch.maximum(torch.minimum(self.u, (centre + reach)[..., None]), (centre - reach)[..., None]))
 
     def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight())
+        w = self.__dict__.get("banked")         # this step's weight, when a _WeightBank made it
+        return torch.nn.functional.linear(x, self.weight() if w is None else w)
 
     def export(self, bb: BinaryBasis) -> BinaryBasis:
         alpha, mu = self.scales()
@@ -220,6 +221,47 @@ class BasisLinear(torch.nn.Module):
         if not self.train_signs and not hasattr(self, "combos"):
             out.signs = bb.signs                # untouched planes stay the caller's array
         return out
+
+
+def _ste_weight(u, unit, alpha, mu, combos) -> torch.Tensor:
+    """train=signs, grouped [..., G]: the latents V = u·unit on their nearest levels, straight-through
+    (the value of the level, the gradient of V too; α and μ get the level's own gradient)."""
+    lat = u * unit[..., None]
+    return nearest_level(lat, alpha, mu, combos) + (lat - lat.detach())
+
+
+class _WeightBank:
+    """train=signs: the weights of all BasisLinears of one kind (N, G, offset) in one expression per
+    step, over their groups concatenated, instead of ~25 small kernels per linear and per direction: on
+    a GPU the ~5k launches for SmolLM2's 210 linears, not the arithmetic, bound the step (results.md §31).
+    The same ops as BasisLinear.weight, so the same values and gradients. The frozen buffers are
+    concatenated once (they never change); the trainable tensors once per step (a cat, whose backward
+    hands each parameter a view). assign() before the student's forward, clear() after the backward."""
+
+    def __init__(self, modules):
+        kinds: dict[tuple, list[BasisLinear]] = {}
+        for m in modules:
+            kinds.setdefault((m.alpha0.shape[-1], m.group, m.has_mu), []).append(m)
+        self.kinds = []
+        for ms in kinds.values():
+            def flat(name, ms=ms):
+                return torch.cat([getattr(m, name).flatten(0, 1) for m in ms])
+            frozen = {k: flat(k) for k in ("unit", "alpha0") + (("mu0", "mu_unit") if ms[0].has_mu else ())}
+            self.kinds.append((ms, frozen, [m.u.shape[0] * m.u.shape[1] for m in ms]))
+
+    def assign(self) -> None:
+        for ms, f, sizes in self.kinds:
+            cat = lambda name: torch.cat([getattr(m, name).flatten(0, 1) for m in ms])   # noqa: E731
+            alpha = f["alpha0"] * (1 + cat("a"))                       # BasisLinear.scales, all at once
+            mu = f["mu0"] + f["mu_unit"] * cat("m") if "mu0" in f else None
+            w = _ste_weight(cat("u"), f["unit"], alpha, mu, ms[0].combos)
+            for m, piece in zip(ms, w.split(sizes)):
+                m.banked = piece.reshape(m.u.shape[0], -1)[:, :m.cols]
+
+    def clear(self) -> None:
+        for ms, _, _ in self.kinds:
+            for m in ms:
+                m.__dict__.pop("banked", None)
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -312,6 +354,8 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
     teacher, whose every forward is a collective): a rank with one chunk fewer writes a throwaway chunk
     (seed range 0 again, dropped), so all ranks run the same forwards."""
     from tqdm import tqdm
+    if n_seqs == 0:                                      # calib_frac 1: all calibration text
+        return torch.zeros(0, length, dtype=torch.int32)
     device = torch.device(device)
     vocab = teacher.config.vocab_size
     chunks = list(range(0, n_seqs, batch))
@@ -332,7 +376,7 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
         ids = torch.randint(0, vocab, (nb, 1), generator=g).to(device)
         cache, pos = None, ids
         for t in range(length - 1):
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(device):      # bf16 on CUDA: ~10x the fp32 tokens per second
                 o = teacher(pos, past_key_values=cache, use_cache=True)
             cache = o.past_key_values
             logits = o.logits[:, -1].float()
@@ -342,7 +386,7 @@ def generate_data(teacher, n_seqs: int, length: int, batch: int, seed: int, devi
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g_dev)
             ids = torch.cat([ids, nxt], 1)
             pos = nxt
-        mine[k] = ids.cpu()
+        mine[k] = ids.to(torch.int32).cpu()           # int32: half the checkpoint's data
     if dist_.world > 1:
         import torch.distributed as dist
         parts = [None] * dist_.world
@@ -356,14 +400,14 @@ def calib_windows(model_dir: Path, n: int, length: int, seed: int) -> torch.Tens
     """[n, length] windows of the calibration text at seeded random offsets."""
     from . import data, hf
     if n == 0:
-        return torch.zeros(0, length, dtype=torch.int64)
+        return torch.zeros(0, length, dtype=torch.int32)
     tok = hf.load_tokenizer(model_dir)
     ids = torch.tensor(tok(data.read_text("calib"), add_special_tokens=False)["input_ids"], dtype=torch.int64)
     if len(ids) < length + 1:
         raise DistillError(f"calibration text has {len(ids)} tokens, fewer than one window of {length}")
     g = torch.Generator().manual_seed(seed + 7)
     starts = torch.randint(0, len(ids) - length, (n,), generator=g)
-    return torch.stack([ids[s:s + length] for s in starts.tolist()])
+    return torch.stack([ids[s:s + length] for s in starts.tolist()]).to(torch.int32)
 
 
 def teacher_data(teacher, model_dir: Path, cfg: DistillConfig, dev, progress: bool, d: Dist) -> torch.Tensor:
@@ -383,6 +427,8 @@ def teacher_data(teacher, model_dir: Path, cfg: DistillConfig, dev, progress: bo
         except Exception:                                    # unreadable: write it again
             pass
     data = generate_data(teacher, cfg.seqs - n_calib, cfg.length, gen_batch, cfg.seed, dev, progress, d, cfg.fsdp)
+    if dev.type == "cuda":                                   # the generation's KV caches, for the other legs
+        torch.cuda.empty_cache()
     data = torch.cat([data, calib_windows(model_dir, n_calib, cfg.length, cfg.seed)])
     if d.main:
         _save(path, data)
@@ -396,22 +442,64 @@ def _config_bytes(model_dir: Path) -> bytes:
 
 # --- loss ----------------------------------------------------------------------------------------
 
-def _kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per position."""
-    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+LOSS_CHUNK = 1 << 26     # logits per chunk of the loss (256 MB in fp32); its temporaries live one chunk at a time
+
+
+class _LogitLoss(torch.autograd.Function):
+    """loss_fn's losses over chunks of positions, in fp32, with the gradient in closed form: autograd
+    through log-softmax keeps ~6 fp32 [positions, vocabulary] tensors for the backward pass (1.6 GB each
+    at 32 x 256 tokens and SmolLM2's 49k vocabulary) and reads them all again; this keeps one gradient
+    in the logits' dtype. With d = log p_s − log p_t per position, z_s the student's logits:
+        KL(p_t ‖ p_s) = −Σ p_t d                  ∂/∂z_s = p_s − p_t
+        KL(p_s ‖ p_t) = Σ p_s d =: r              ∂/∂z_s = p_s ⊙ (d − r)
+        MSE           = Σ (z_s − z_t)² / V        ∂/∂z_s = 2 (z_s − z_t) / V
+    each averaged over the positions. Returns (loss, forward KL); the second carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, t_logits, s_logits, mode: str, gamma: float, mse_weight: float):
+        v = s_logits.shape[-1]
+        t2, s2 = t_logits.detach().reshape(-1, v), s_logits.detach().reshape(-1, v)
+        n = len(s2)
+        grad = torch.empty_like(s2)
+        loss = torch.zeros((), device=s2.device)
+        kl = torch.zeros((), device=s2.device)
+        rows = max(1, LOSS_CHUNK // v)
+        for i in range(0, n, rows):
+            zt, zs = t2[i:i + rows].float(), s2[i:i + rows].float()
+            lt, ls = torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)
+            d = ls - lt
+            ps, pt = ls.exp(), lt.exp()
+            kl_r = (pt * d).sum(-1).neg_()
+            kl += kl_r.sum()
+            g = ps - pt
+            if mode == "kl":
+                loss += kl_r.sum()
+            elif mode == "kl+mse":
+                diff = zs - zt
+                loss += kl_r.sum() + mse_weight / v * (diff * diff).sum()
+                g += (2 * mse_weight / v) * diff
+            else:                                          # CAKLD = γ·KL(p_s ‖ p_t) + (1 − γ)·KL(p_t ‖ p_s)
+                r = (ps * d).sum(-1)
+                loss += gamma * r.sum() + (1 - gamma) * kl_r.sum()
+                g = (1 - gamma) * g + gamma * ps * (d - r[:, None])
+            grad[i:i + rows] = g / n
+        ctx.save_for_backward(grad)
+        ctx.shape = s_logits.shape
+        kl = kl / n
+        ctx.mark_non_differentiable(kl)
+        return loss / n, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_kl):
+        grad, = ctx.saved_tensors
+        return None, (grad * g_loss.to(grad.dtype)).reshape(ctx.shape), None, None, None
 
 
 def loss_fn(cfg: DistillConfig, t_logits: torch.Tensor, s_logits: torch.Tensor, gamma: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, forward KL) averaged over the positions."""
-    t_logp = torch.log_softmax(t_logits.float(), -1)
-    s_logp = torch.log_softmax(s_logits.float(), -1)
-    kl = _kl(t_logp, s_logp).mean()
-    if cfg.loss == "kl":
-        return kl, kl
-    if cfg.loss == "kl+mse":
-        return kl + cfg.mse_weight * ((t_logits.float() - s_logits.float()) ** 2).mean(), kl
-    return gamma * _kl(s_logp, t_logp).mean() + (1 - gamma) * kl, kl      # CAKLD
+    """(loss, forward KL) averaged over the positions: KL(p_t ‖ p_s), + mse_weight · the logits' MSE
+    (kl+mse), or CAKLD (module docstring)."""
+    return _LogitLoss.apply(t_logits, s_logits, cfg.loss, gamma, cfg.mse_weight)
 
 
 def _linear_parent(model, hf_name: str):
@@ -535,7 +623,8 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
     if signs:
         groups.append({"params": [m.u for m in modules.values()], "lr": cfg.sign_lr})
     params = [p for g_ in groups for p in g_["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all tensors on CUDA (foreach needs a few per tensor); not for FSDP's DTensors
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=dev.type == "cuda" and not fsdp)
     sched = torch.optim.lr_scheduler.LambdaLR(       # cosine from 1 to LR_FLOOR over the steps
         opt, lambda t: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     kept = (".a", ".m", ".u")
@@ -545,7 +634,7 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         gamma = 0.0
         if cfg.loss == "cakld":                         # the teacher's mean top-1 probability on its data
             with torch.no_grad(), _autocast(dev):
-                top = [torch.softmax(teacher(data[i:i + 8].to(dev)).logits.float(), -1).amax(-1).mean()
+                top = [torch.softmax(teacher(data[i:i + 8].to(dev).long()).logits.float(), -1).amax(-1).mean()
                        for i in range(0, min(len(data), GAMMA_SEQS), 8)]
             gamma = float(torch.stack(top).mean())
         state = {"key": key, "step": 0, "data": data, "gamma": gamma, "history": [], "evals": []}
@@ -587,19 +676,26 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
     swap_steps = max(1, round(steps * cfg.swap))
     bar = tqdm(range(state["step"], steps), desc=f"distill {cfg.train}", disable=not (progress and d.main),
                unit="step", initial=state["step"], total=steps)
+    # the progressive swap leaves some linears out of a step (no gradient, not a zero one): per linear then
+    bank = _WeightBank(modules.values()) if signs and not fsdp and not cfg.swap else None
     t_start = time.time()
+    pending = []                                       # this stretch's forward KLs, still on the device
     for t in bar:
         n_student = min(n_blocks, math.ceil(n_blocks * (t + 1) / swap_steps)) if cfg.swap else n_blocks
         student.model.layers = torch.nn.ModuleList(q_layers[:n_student] + fp_layers[n_student:])
         idx = order[t * cfg.batch:(t + 1) * cfg.batch][d.rank * local:(d.rank + 1) * local]
-        ids = data[idx].to(dev)
+        ids = data[idx].to(dev, non_blocking=True).long()
         with _autocast(dev):
             with torch.no_grad():
                 t_logits = teacher(ids).logits
+            if bank:
+                bank.assign()
             s_logits = student(ids).logits
         loss, kl = loss_fn(cfg, t_logits, s_logits, gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if bank:
+            bank.clear()
         kl = kl.detach().reshape(1).clone()                # for the bar: the mean over the ranks
         grads = [] if fsdp else [p.grad for p in params if p.grad is not None]   # FSDP reduce-scatters its own
         _all_reduce_mean(grads + [kl], d)
@@ -610,10 +706,9 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
             for m in modules.values():
                 with _gathered(m, writeback=True):
                     m.clip_latent()
-        kl_v = float(kl)
-        state["history"].append(kl_v)
+        pending.append(kl)                                 # read at checkpoints: a float() per step syncs the host
         if progress and d.main:
-            bar.set_postfix(blocks=n_student, kl=f"{kl_v:.4f}")
+            bar.set_postfix(blocks=n_student, kl=f"{float(kl):.4f}")
         if eval_tokens is not None and ((t + 1) % cfg.eval_every == 0 or t + 1 == steps):
             evaluate(t + 1)
         stop = (cfg.stop_at and t + 1 >= cfg.stop_at) or (cfg.time_limit and time.time() - t_start > cfg.time_limit)
@@ -623,6 +718,8 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         if (t + 1) % cfg.ckpt_every == 0 or t + 1 == steps or stop:
+            state["history"] += torch.cat(pending).tolist()
+            pending = []
             osd = opt.state_dict()                     # whole tensors: the single-process layout
             osd = dict(osd, state={i: {k: _full(v) for k, v in st.items()} for i, st in sorted(osd["state"].items())})
             state.update(step=t + 1, opt=osd, sched=sched.state_dict(),

@@ -7,6 +7,8 @@
 #   bash .dev/p2/legs.sh go [LIMIT]       carry [.dev/p2]: teacher part 2; setup, starts, training
 #   bash /tmp/bb/legs.sh go [LIMIT]       no carry: continue training (stop LIMIT s after the call began)
 #   bash /tmp/bb/legs.sh fetch TAG...     no carry: finished files' planes (start_pt.py pack) in 15 MB parts
+#   bash /tmp/bb/legs.sh eval TAG...      no carry: the engine's 40-window perplexity of finished files, there
+#                                         (the engine builds from the call's repository root, started by `go`)
 set -u
 B=${BB:-/tmp/bb}
 MODEL=${MODEL:-smollm2} DEV=${DEV:-cuda}              # overridable for a dry run on the CPU with a tiny model
@@ -17,13 +19,29 @@ OUT=${OUT:-/tmp/bb/out}
 mkdir -p $B $BITBASIS_CACHE "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
 
-# the legs: TAG N STEPS LR SIGN_LR [EXTRA distill options...]
-LEGS=${LEGS:-"q1 1 500 0.002 0.01
-q2 2 700 0.002 0.01
-q3 3 600 0.001 0.005"}
-COMMON=${COMMON:-"--batch 32 --length 256 --seqs 4096 --gen-batch 1024 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 -q"}
+# the legs: TAG N STEPS LR SIGN_LR [EXTRA distill options...] (session 10's; session 9's were
+# q1 1 500 0.002 0.01 / q2 2 700 0.002 0.01 / q3 3 600 0.001 0.005 with --seqs 4096 --gen-batch 1024, no calibration text)
+LEGS=${LEGS:-"q3 3 800 0.001 0.005
+q2 2 800 0.002 0.01
+q3c 3 800 0.001 0.005 --calib-frac 1"}
+COMMON=${COMMON:-"--batch 32 --length 256 --seqs 32768 --calib-frac 0.5 --gen-batch 2048 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 --ckpt-every 400 -q"}
+# the teacher's generation grows its KV cache a step at a time: without expandable segments the
+# allocator's cache of outgrown blocks reached 88 GB in the session-10 sweep and starved the other legs
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
+
+# the C++ engine for `eval`, built once from the carried working tree (the call runs in its root) while
+# the GPU trains; cffi is not in the device image: its wheels travel in .dev/p1
+build_engine() {
+    [ -f $B/engine.done ] && return 0
+    [ -f CMakeLists.txt ] || { echo "build: run from the repository root"; return 1; }
+    python3 -c "import cffi" 2>/dev/null || python3 -m pip install --no-deps --no-index -q $B/cffi-*.whl $B/pycparser-*.whl 2>&1 | tail -2
+    nice cmake -S . -B $B/build -G Ninja -DCMAKE_BUILD_TYPE=Release > $B/build.log 2>&1 &&
+        nice cmake --build $B/build --target bitbasis -j ${BUILD_JOBS:-4} >> $B/build.log 2>&1 &&
+        cp cpp/include/bitbasis.h $B/bbpy/bitbasis/ && touch $B/engine.done    # the binding's header, same tree
+    [ -f $B/engine.done ] && echo "engine built" || { echo "engine build failed:"; tail -5 $B/build.log; return 1; }
+}
 
 case $1 in
 part1)
@@ -56,21 +74,23 @@ go)
     done
     wait
     for n in $(awk '{print $2}' <<< "$LEGS" | sort -u); do tail -3 $B/start$n.log; done
+    build_engine > $B/build.out 2>&1 &
     # the legs, each stopping at a checkpoint when this call's LIMIT is near (--time-limit counts training
-    # only: a fresh leg first spends ~2 min on the teacher's data, which the first leg writes for all three)
+    # only: the first fresh leg first spends ~1-2 min on the teacher's data, which the legs of the same
+    # data settings then share: they start once its checkpoint, written after the data, exists)
     first=1
     while read tag n steps lr slr extra; do
         [ -f $B/$tag.gguf ] && continue
-        over=40; { [ -f $B/$tag.pt ] || ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; } || over=150
+        over=40; [ -f $B/$tag.pt ] || [ $first = 0 ] || over=150
         tl=$(( $(left) - 60 - over ))
         [ $tl -lt 30 ] && { echo "$tag: no time left in this call"; continue; }
         echo "$tag: training for up to $tl s"
         timeout $(( $(left) - 20 )) python3 -m bitbasis distill $B/start$n.gguf -o $B/$tag.gguf --force --device $DEV --model $MODEL \
             --steps $steps --lr $lr --sign-lr $slr $COMMON $extra --time-limit $tl --ckpt $B/$tag.pt \
             --eval-log $B/$tag.evals.jsonl >> $B/$tag.log 2>&1 &
-        if [ $first = 1 ] && ! ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1; then
+        if [ $first = 1 ] && [ ! -f $B/$tag.pt ]; then
             pid=$!
-            for i in $(seq 120); do ls $BITBASIS_CACHE/distill-data-*.pt >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null && break; sleep 2; done
+            for i in $(seq 120); do [ -f $B/$tag.pt ] || ! kill -0 $pid 2>/dev/null && break; sleep 2; done
         fi
         first=0
     done <<< "$LEGS"
@@ -83,6 +103,20 @@ go)
     nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
     tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls *.evals.jsonl *.log 2>/dev/null)
     ;;
+eval)
+    shift
+    wait; build_engine || exit 1; cat $B/build.out 2>/dev/null
+    export BITBASIS_LIB=$(find $B/build -name libbitbasis.so | head -1)
+    for t in "$@"; do                  # in parallel, EVAL_THREADS each (the device has 16 cores)
+        [ -f $B/$t.gguf ] || { echo "$t: not finished"; continue; }
+        python3 -m bitbasis ppl $B/$t.gguf --protocol llamacpp --windows ${EVAL_WINDOWS:-40} --backend engine \
+            -t ${EVAL_THREADS:-4} --json ${EVAL_OPTS:-} > $B/$t.ppl.txt 2> $B/$t.ppl.err &
+    done
+    wait
+    for t in "$@"; do [ -f $B/$t.ppl.txt ] && { echo "== $t: $(tail -1 $B/$t.ppl.txt) $(grep -i error $B/$t.ppl.err)"; sha256sum $B/$t.gguf; }; done
+    nproc; lscpu | grep -m1 "Model name"; uptime
+    tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls *.evals.jsonl *.log *.ppl.txt 2>/dev/null)
+    ;;
 fetch)
     shift
     for t in "$@"; do
@@ -94,5 +128,5 @@ fetch)
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: legs.sh part1 | go [LIMIT] | fetch TAG..."; exit 2 ;;
+    echo "usage: legs.sh part1 | go [LIMIT] | eval TAG... | fetch TAG..."; exit 2 ;;
 esac
