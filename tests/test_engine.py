@@ -148,6 +148,19 @@ def test_precise_acts_reach_the_float_reference(tiny_dir, tmp_path, monkeypatch,
           [e / scale for e in err["0"]], [e / scale for e in err["1"]])
     for e0, e1 in zip(err["0"], err["1"]):
         assert e1 <= 0.05 * e0 and e1 <= 1e-5 * scale, (e0, e1, scale)
+    # a list of GGUF name parts: those linears alone; naming every one (and the tied head) is "1"
+    every = "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down,token_embd,output"
+    for names in (every, "ffn_down"):
+        monkeypatch.setenv("BITBASIS_PRECISE_ACTS", names)
+        m = Model(path, threads=2)
+        assert not m.precise_acts
+        lg = m.logits(ids)
+        m.reset()
+        steps = np.stack([m.eval([t]) for t in ids])
+        err[names] = [float(np.abs(x - ref).mean()) for x in (lg, steps)]
+    assert err[every] == err["1"]
+    for e0, e1, ed in zip(err["0"], err["1"], err["ffn_down"]):
+        assert e1 < ed < e0, (e0, e1, ed)
 
 
 def _engine_and_reference_ppl(path, eval_text, ctx: int, windows: int) -> tuple[float, float, str]:

@@ -222,7 +222,15 @@ void Model::load() {
         }
 
     kernel_ = &select_kernel();
-    if (const char *e = std::getenv("BITBASIS_PRECISE_ACTS")) precise_acts_ = e[0] == '1';
+    if (const char *e = std::getenv("BITBASIS_PRECISE_ACTS")) {
+        const std::string v = e;
+        precise_acts_ = v == "1";
+        for (size_t a = 0; !precise_acts_ && v != "0" && a < v.size();) {   // a list of name parts
+            const size_t b = std::min(v.find(',', a), v.size());
+            if (b > a) precise_names_.push_back(v.substr(a, b - a));
+            a = b + 1;
+        }
+    }
     validate_bb_headers();
 
     // the token embedding: dense, a llama.cpp type, or binary basis (then also the tied head's weights)
@@ -265,24 +273,35 @@ void Model::load() {
 
 // --- forward ------------------------------------------------------------------------------------
 
-ActsCache::Entry &Model::acts_for(const BBTensor &t, ActsCache &ac) {
+ActsCache::Entry &Model::acts_for(const BBTensor &t, ActsCache &ac, bool resid) {
     const float *cs = t.colscale.empty() ? nullptr : t.colscale.data();
-    for (size_t i = 0; i < ac.used; i++)
-        if (ac.entries[i].group == t.group && ac.entries[i].colscale == cs) return ac.entries[i];
-    if (ac.used == ac.entries.size()) ac.entries.push_back({});
-    ActsCache::Entry &e = ac.entries[ac.used++];
-    e.group = t.group;
-    e.colscale = cs;
-    if ((int)e.acts.size() < ac.n_tok) e.acts.resize(ac.n_tok);
-    if (precise_acts_ && (int)e.resid.size() < ac.n_tok) e.resid.resize(ac.n_tok);
+    ActsCache::Entry *found = nullptr;
+    for (size_t i = 0; i < ac.used && !found; i++)
+        if (ac.entries[i].group == t.group && ac.entries[i].colscale == cs) found = &ac.entries[i];
+    if (!found) {
+        if (ac.used == ac.entries.size()) ac.entries.push_back({});
+        ActsCache::Entry &e = ac.entries[ac.used++];
+        e.group = t.group;
+        e.colscale = cs;
+        e.has_resid = false;
+        if ((int)e.acts.size() < ac.n_tok) e.acts.resize(ac.n_tok);
+        pool_.parallel_for(ac.n_tok, 1, [&](int64_t a, int64_t b, int) {
+            for (int64_t i = a; i < b; i++) {
+                quantize_acts(ac.x + i * ac.cols, ac.cols, t.group, cs, e.acts[i]);
+                if (kernel_->prepare_acts) kernel_->prepare_acts(e.acts[i]);
+            }
+        });
+        found = &e;
+    }
+    ActsCache::Entry &e = *found;
+    if (!resid || e.has_resid) return e;
+    e.has_resid = true;
+    if ((int)e.resid.size() < ac.n_tok) e.resid.resize(ac.n_tok);
     pool_.parallel_for(ac.n_tok, 1, [&](int64_t a, int64_t b, int) {
         thread_local std::vector<float> r;
         for (int64_t i = a; i < b; i++) {
             const float *x = ac.x + i * ac.cols;
-            QActs &q = e.acts[i];
-            quantize_acts(x, ac.cols, t.group, cs, q);
-            if (kernel_->prepare_acts) kernel_->prepare_acts(q);
-            if (!precise_acts_) continue;
+            const QActs &q = e.acts[i];
             r.resize(ac.cols);
             for (int64_t j = 0; j < ac.cols; j++)   // in the column-scaled domain the kernels see
                 r[j] = (cs ? x[j] * cs[j] : x[j]) - q.d[j / QK] * (float)q.q[j];
@@ -296,12 +315,20 @@ ActsCache::Entry &Model::acts_for(const BBTensor &t, ActsCache &ac) {
     return e;
 }
 
+bool Model::is_precise(const Linear &w) const {
+    if (precise_acts_ || w.precise) return true;
+    for (const std::string &s : precise_names_)
+        if (w.name.find(s) != std::string::npos) return true;
+    return false;
+}
+
 void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
     const int n = ac.n_tok;
     const int64_t rows = w.rows, cols = w.cols;
+    const bool precise = is_precise(w);
     if (w.bb) {
         const BBTensor &t = *w.bb;
-        const ActsCache::Entry &e = acts_for(t, ac);
+        const ActsCache::Entry &e = acts_for(t, ac, precise);
         const Kernel &k = *kernel_;
         auto run = [&](const std::vector<QActs> &a, float *out) {
             if (n == 1)
@@ -312,7 +339,7 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
                 });
         };
         run(e.acts, y);
-        if (precise_acts_) {
+        if (precise) {
             resid_y_.resize((size_t)rows * n);
             run(e.resid, resid_y_.data());
             for (int64_t i = 0; i < rows * n; i++) y[i] += resid_y_[i];
@@ -320,7 +347,7 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
         return;
     }
     const float *x = ac.x;
-    if (w.type == TT_Q8_0 && precise_acts_) {   // float activations (dot_q8): the accuracy precise_acts asks for
+    if (w.type == TT_Q8_0 && precise) {   // float activations (dot_q8): the accuracy precise asks for
         pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1, int) {
             for (int64_t r = r0; r < r1; r++)
                 for (int t = 0; t < n; t++)
@@ -361,18 +388,18 @@ void Model::matmul(const Linear &w, int slot, float *y) {
 
 void Model::matmul(std::initializer_list<MatOut> outs, int slot) {
     ActsCache &ac = ac_[slot];
-    bool fuse = !precise_acts_ && outs.size() <= 8;   // (precise_acts runs each twice: the plain path)
+    bool fuse = outs.size() <= 8;   // (precise linears run each twice: the plain path)
     for (const MatOut &o : outs) {
         if (ac.cols != o.w.cols)
             fail("matmul: " + o.w.name + " reads " + std::to_string(o.w.cols) + " columns, its input has " +
                  std::to_string(ac.cols));
-        fuse &= o.w.bb != nullptr;
+        fuse &= o.w.bb != nullptr && !is_precise(o.w);
     }
     if (!fuse) {
         for (const MatOut &o : outs) matmul(o.w, slot, o.y);
         return;
     }
-    for (const MatOut &o : outs) acts_for(*o.w.bb, ac);   // quantized once per (group, colscale), here
+    for (const MatOut &o : outs) acts_for(*o.w.bb, ac, false);   // quantized once per (group, colscale), here
     struct Part {
         const BBTensor *t;
         const QActs *a;
@@ -382,7 +409,7 @@ void Model::matmul(std::initializer_list<MatOut> outs, int slot) {
     int np = 0;
     int64_t total = 0;
     for (const MatOut &o : outs) {   // (acts_for finds them now: no entry is added, none moves)
-        parts[np++] = {o.w.bb.get(), acts_for(*o.w.bb, ac).acts.data(), o.y, total};
+        parts[np++] = {o.w.bb.get(), acts_for(*o.w.bb, ac, false).acts.data(), o.y, total};
         total += o.w.rows;
     }
     const int n = ac.n_tok;

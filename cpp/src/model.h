@@ -33,6 +33,10 @@ struct Linear {
     const uint8_t *data = nullptr;
     std::unique_ptr<BBTensor> bb;
     std::vector<float> bias;           // [rows] or empty (Qwen2's q/k/v)
+    // Binary basis: run on the int8 activations *and* on the int8 code of their rounding residual
+    // (Model::precise_acts_, for this linear alone): for inputs whose outliers leave the other columns
+    // of their 32-block too few int8 levels (an architecture sets it at load; see gemma3.cpp).
+    bool precise = false;
 };
 
 // The weights of one block; an architecture loads the ones it uses.
@@ -65,7 +69,8 @@ struct ActsCache {
         int group;
         const float *colscale;
         std::vector<QActs> acts;
-        std::vector<QActs> resid;   // precise_acts: the int8 code of each token's rounding residual
+        std::vector<QActs> resid;   // precise acts: the int8 code of each token's rounding residual
+        bool has_resid = false;     // resid holds this batch's (made on the first precise linear's call)
     };
     std::vector<Entry> entries;
     size_t used = 0;
@@ -182,7 +187,8 @@ private:
     void load();
     void validate_bb_headers();
     void matmul(const Linear &w, ActsCache &ac, float *y);
-    ActsCache::Entry &acts_for(const BBTensor &t, ActsCache &ac);
+    bool is_precise(const Linear &w) const;   // run on int8 activations + their residual's code
+    ActsCache::Entry &acts_for(const BBTensor &t, ActsCache &ac, bool resid);
     void embed(const int32_t *tokens, int64_t n, float *x);
     // n tokens, token i of context ctx[i] at position pos[i]; logits of the n_out tokens out_idx.
     void forward(const int32_t *tokens, Context *const *ctx, const int64_t *pos, int64_t n, const int64_t *out_idx,
@@ -208,7 +214,11 @@ private:
     // the int8 code of their rounding residual (x − d·q), and adds the two. The kernels are linear in
     // the activations, so this is exact up to the residual's own rounding (~1/127 of the first):
     // float-reference accuracy at twice the matmul cost, for perplexity measurements.
+    // BITBASIS_PRECISE_ACTS=name[,name...]: the same for the linears whose GGUF name contains one of
+    // the names (e.g. "ffn_down"), on top of those the architecture marks (Linear::precise): to
+    // measure which linears' int8 activations move the logits.
     bool precise_acts_ = false;
+    std::vector<std::string> precise_names_;
     std::vector<float> resid_y_;
     std::vector<QActs> q8_acts_;   // int8 activations of the Q8_0 (head) matmul, per token
 };

@@ -74,8 +74,10 @@ def rotate_state_dict(sd: dict[str, np.ndarray], cfg: dict, seed: int = 0) -> di
     """The rotated weights ({HF name: float32}); the input is not modified. Norm weights come out as ones
     and lm_head is always present (untied)."""
     arch = A.for_config(cfg)
-    # Gemma 3's norms after the attention and MLP outputs are not rotation invariant, and Phi-3's fused
-    # linears have other names: only the plain pre-norm blocks fold a rotation exactly.
+    # Only the plain pre-norm blocks fold a rotation exactly. Gemma 3 adds γ ⊙ RMSNorm(o) to the stream
+    # (post-norms): rotated, that must be (γ ⊙ RMSNorm(o))·Q, and Qᵀ·diag(γ)·Q is dense, so Q can go
+    # neither into o/down (it would come before γ) nor into γ: it needs an online rotation after each
+    # post-norm at run time (README, "Architectures"). Phi-3's fused linears have other names.
     if arch.name not in ROTATABLE:
         raise RotationError(f"rotate: architecture {arch.name} is not supported (supported: {', '.join(ROTATABLE)})")
     d = int(cfg["hidden_size"])

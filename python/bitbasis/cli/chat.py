@@ -62,9 +62,16 @@ def run(a) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     check_threads(a.threads)
+    template = None
+    if a.chat_template_file:
+        try:
+            template = open(a.chat_template_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--chat-template-file {a.chat_template_file}: {e.strerror or e}") from None
     m = Model(a.model, threads=a.threads, n_ctx=a.ctx)
-    if not m.chat_template:
-        raise ValueError(f"{a.model}: no chat template in the file (tokenizer.chat_template)")
+    if not (template or m.chat_template):   # (llama.cpp's GGUFs of base models often carry none)
+        raise ValueError(f"{a.model}: no chat template in the file (tokenizer.chat_template); "
+                         f"give one with --chat-template-file")
     n = n_predict(a.n_predict)
     budget = min(n if n is not None else m.n_ctx, m.n_ctx // 2)
     system = [{"role": "system", "content": a.system}] if a.system else []
@@ -101,7 +108,7 @@ def run(a) -> int:
         reply = ""
         try:
             try:
-                ids = chat_tokens(m, history, budget, lambda h: render_chat(m, h))
+                ids = chat_tokens(m, history, budget, lambda h: render_chat(m, h, template=template))
             except (ValueError, ChatTemplateError) as e:
                 history.pop()
                 print(f"bitbasis: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -129,6 +136,8 @@ def add_parser(sub) -> None:
     c.add_argument("-n", "--n-predict", type=int, default=512,
                    help="most tokens per reply (default 512; -1 = up to half the context)")
     c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--chat-template-file", metavar="FILE",
+                   help="Jinja chat template to use instead of the file's (needed when the file has none)")
     c.add_argument("--ignore-eos", action="store_true",
                    help="replies run to -n tokens past the end-of-text token (testing Ctrl-C, benchmarks)")
     add_sampling(c, 0.7)
