@@ -3,18 +3,20 @@
 measured in one run on the same text and windows (SmolLM2, held-out plays, llama.cpp protocol: ctx 512,
 second half of each window scored, 40 windows).
 
-bitbasis rows: the C++ engine's perplexity (`bitbasis ppl FILE --protocol llamacpp --windows 40`), the
+bitbasis rows: the C++ engine's perplexity (as `bitbasis ppl FILE --protocol llamacpp --windows 40`), the
 file's size and block bpw as `bitbasis info` counts them, and what the embedding / head are stored as.
-llama.cpp rows: `tools/llamacpp_ppl.py --table` (llama-cpp-python: llama.cpp's own tokenizer and forward,
-the same windows), quantized here from the f32 export with the importance matrix given.
+llama.cpp rows: llama-cpp-python (llama.cpp's own tokenizer and forward, the same windows) on files
+quantized from the f32 export with the importance matrix given (a file already in --keep is reused).
 
-Rows are kept in the JSON as they finish: a stopped run started again skips them.
+The run resumes: each finished row is appended to the output as one JSON line (flushed and synced), and
+a row whose (method, file, windows) is already there is skipped, so a stopped run started again only
+measures what is missing. A half-written last line (the run killed mid-write) is ignored.
 
-    python tools/quality_table.py -o docs/quality_table.json --png docs/quality_vs_mib.png \\
-        --bitbasis "recipe=smol.gguf" "recipe + 4-bit embed/head=smol-e4.gguf" \\
+    python tools/quality_table.py -o docs/quality_table.jsonl \\
         --llamacpp-src smol-f32.gguf --imatrix smol-imatrix.gguf --keep DIR \\
-        --types F32 Q8_0 Q4_K_M+imatrix Q4_0+imatrix Q2_K+imatrix IQ2_XXS IQ1_S
-    python tools/quality_table.py -o docs/quality_table.json --png docs/quality_vs_mib.png --md   # redraw, print
+        --types F32 Q8_0 Q4_K_M+imatrix Q4_0+imatrix Q2_K+imatrix IQ2_XXS IQ1_S \\
+        --bitbasis "recipe=smol.gguf" "recipe, 4-bit embed/head=smol-e4.gguf"
+    python tools/quality_table.py -o docs/quality_table.jsonl --png docs/quality_vs_mib.png --md   # redraw, print
 """
 from __future__ import annotations
 
@@ -31,24 +33,71 @@ sys.path.insert(0, str(ROOT / "tools"))
 MIB = 1024 * 1024
 
 
+def load_rows(path: str) -> list[dict]:
+    rows = []
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:          # the line a killed run was writing
+                continue
+    return rows
+
+
+def append_row(path: str, row: dict) -> None:
+    """One JSON line per finished row; synced, so a crash right after loses nothing measured."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def bitbasis_row(name: str, path: str, windows: int, threads: int) -> dict:
     from bitbasis import data
     from bitbasis.gguf_io import read_model, summarize
     from bitbasis.perplexity import run_perplexity
     s = summarize(read_model(path))
+    load = load_avg()
     res = run_perplexity(path, data.text_file("eval"), protocol="llamacpp", max_windows=windows,
                          backend="engine", threads=threads)
     return {"method": f"bitbasis {name}", "file": path, "bytes": s["file_bytes"], "block_bpw": s["block_bpw"],
             "edge": {k: v[0] for k, v in s["edge"].items()}, "ppl_llamacpp": res["ppl"],
             "se_llamacpp": res["stderr"], "windows_llamacpp": res["windows"], "seconds_llamacpp": res["seconds"],
-            "engine": res["backend"],
+            "engine": res["backend"], "load": load,
             "command_llamacpp": f"bitbasis ppl {path} --protocol llamacpp --windows {windows} -t {threads}"}
 
 
-def save(rows: list[dict], out: str) -> None:
-    with open(out + ".tmp", "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(out + ".tmp", out)
+def llamacpp_row(spec: str, src: str, imatrix: str | None, keep: str, windows: int, threads: int) -> dict:
+    """One llama.cpp type ("Q4_0+imatrix": with the importance matrix; the types that need one always get
+    it): quantized from `src` unless the file is already in `keep`, then its perplexity."""
+    from bitbasis import data
+    from llamacpp_ppl import NEEDS_IMATRIX, gguf_sizes, llamacpp_perplexity, llamacpp_quantize
+    qtype = spec.removesuffix("+imatrix")
+    use_im = qtype in NEEDS_IMATRIX or spec.endswith("+imatrix")
+    qsec = None
+    if qtype == "F32":
+        path = src
+    else:
+        path = str(Path(keep) / f"smol-{qtype}{'-imat' if use_im else ''}.gguf")
+        if not Path(path).exists():
+            t0 = time.time()
+            llamacpp_quantize(src, path, qtype, threads, imatrix if use_im else None)
+            qsec = time.time() - t0
+    load = load_avg()
+    res = llamacpp_perplexity(path, data.read_text("eval"), None, windows, threads, "llamacpp")
+    return {"method": f"llama.cpp {qtype}" + (" imatrix" if use_im else ""), "type": qtype,
+            "imatrix": imatrix if use_im else None, "file": path, "quant_seconds": qsec,
+            **gguf_sizes(path, gguf_sizes(src)["params"]), "ppl_llamacpp": res["ppl"], "se_llamacpp": res["stderr"],
+            "windows_llamacpp": res["windows"], "seconds_llamacpp": res["seconds"], "engine": res["engine"],
+            "load": load,
+            "command_llamacpp": f"python tools/llamacpp_ppl.py {path} --windows {windows} -t {threads}"}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -58,8 +107,9 @@ def markdown(rows: list[dict]) -> str:
         if edge:
             e = ", ".join(f"{k.split('.')[0]} {v}" for k, v in edge.items())
         else:
-            e = f"token_embd {r.get('token_embd_type')}"
-        lines.append(f"| {r['method']} | {r['bytes'] / MIB:.1f} | {r['block_bpw']:.3f} | {e} | "
+            e = f"token_embd {r.get('token_embd_type')} (tied)"
+        bpw = f"{r['block_bpw']:.3f}" if r.get("block_bpw") else "-"
+        lines.append(f"| {r['method']} | {r['bytes'] / MIB:.1f} | {bpw} | {e} | "
                      f"{r['ppl_llamacpp']:.2f} ± {r['se_llamacpp']:.2f} | {r['windows_llamacpp']} |")
     return "\n".join(lines)
 
@@ -68,63 +118,71 @@ def plot(rows: list[dict], out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     f32 = [r for r in rows if r.get("type") == "F32"]
     for r in rows:
         if r in f32:
             continue
         ours = r["method"].startswith("bitbasis")
         ax.errorbar(r["bytes"] / MIB, r["ppl_llamacpp"], yerr=r["se_llamacpp"], fmt="o" if ours else "s",
-                    color="tab:blue" if ours else "tab:gray", ms=7, capsize=2)
+                    color="tab:blue" if ours else "tab:gray", ms=6, capsize=2)
         ax.annotate(r["method"].replace("bitbasis ", "").replace("llama.cpp ", ""), (r["bytes"] / MIB, r["ppl_llamacpp"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+                    textcoords="offset points", xytext=(5, 4), fontsize=6)
     if f32:
-        ax.axhline(f32[0]["ppl_llamacpp"], ls="--", color="k", lw=1, label=f"f32 {f32[0]['ppl_llamacpp']:.2f}")
+        ax.axhline(f32[0]["ppl_llamacpp"], ls="--", color="k", lw=1,
+                   label=f"f32 {f32[0]['ppl_llamacpp']:.2f} ({f32[0]['bytes'] / MIB:.0f} MiB)")
     ax.plot([], [], "o", color="tab:blue", label="bitbasis (engine)")
     ax.plot([], [], "s", color="tab:gray", label="llama.cpp (llama-cpp-python)")
     ax.set_xlabel("whole file (MiB)")
     wins = sorted({r["windows_llamacpp"] for r in rows})
     ax.set_ylabel(f"perplexity, held-out plays (llama.cpp protocol, {'/'.join(map(str, wins))} windows)")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M: perplexity vs file size")
+    ax.set_title("SmolLM2-135M: perplexity vs file size (one run, same windows)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out + ".tmp.png", dpi=120)
+    os.replace(out + ".tmp.png", out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-o", "--out", required=True, help="rows JSON (kept and extended)")
+    ap.add_argument("-o", "--out", required=True, help="rows, one JSON line each (kept and extended)")
     ap.add_argument("--png", help="the plot")
     ap.add_argument("--md", action="store_true", help="print the markdown table")
     ap.add_argument("--bitbasis", nargs="*", default=[], metavar="NAME=FILE")
-    ap.add_argument("--llamacpp-src", help="f32 GGUF to quantize with llama.cpp (tools/llamacpp_ppl.py --table)")
-    ap.add_argument("--imatrix")
+    ap.add_argument("--llamacpp-src", help="f32 GGUF to quantize with llama.cpp")
+    ap.add_argument("--imatrix", help="llama.cpp importance matrix (tools/llamacpp_ppl.py --make-imatrix)")
     ap.add_argument("--types", nargs="*", default=["F32", "Q8_0", "Q4_K_M+imatrix", "Q4_0+imatrix", "Q2_K+imatrix",
                                                    "IQ2_XXS", "IQ1_S"])
-    ap.add_argument("--keep", default=".", help="where the llama.cpp files go")
+    ap.add_argument("--keep", default=".", help="where the llama.cpp files go (and are reused from)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("-t", "--threads", type=int, default=2)
     a = ap.parse_args()
-    rows = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else []
+    jobs = []                                   # (method, file, run): llama.cpp's types first, then ours
     if a.llamacpp_src:
-        from llamacpp_ppl import make_table
-        tmp = a.out + ".llamacpp.json"
-        save([r for r in rows if not r["method"].startswith("bitbasis")], tmp)
-        lc = make_table(tmp, a.llamacpp_src, a.imatrix, a.types, a.windows, None, a.threads, a.keep, ("llamacpp",))
-        rows = [r for r in rows if r["method"].startswith("bitbasis")] + lc
-        os.remove(tmp)
-        save(rows, a.out)
+        from llamacpp_ppl import NEEDS_IMATRIX
+        for spec in a.types:
+            qtype = spec.removesuffix("+imatrix")
+            use_im = qtype in NEEDS_IMATRIX or spec.endswith("+imatrix")
+            path = a.llamacpp_src if qtype == "F32" else str(Path(a.keep) / f"smol-{qtype}{'-imat' if use_im else ''}.gguf")
+            jobs.append((f"llama.cpp {qtype}" + (" imatrix" if use_im else ""), path,
+                         lambda spec=spec: llamacpp_row(spec, a.llamacpp_src, a.imatrix, a.keep, a.windows, a.threads)))
     for spec in a.bitbasis:
         name, _, path = spec.partition("=")
         if not path:
             ap.error(f"--bitbasis {spec!r}: expected NAME=FILE")
-        if any(r["method"] == f"bitbasis {name}" and r["file"] == path for r in rows):
-            continue
+        if not Path(path).is_file():
+            ap.error(f"--bitbasis {spec!r}: {path}: no such file")
+        jobs.append((f"bitbasis {name}", path, lambda name=name, path=path: bitbasis_row(name, path, a.windows, a.threads)))
+    done = {(r["method"], r["file"], r["windows_llamacpp"]) for r in load_rows(a.out)}
+    for method, path, run in jobs:
+        if (method, path, a.windows) in done:
+            continue                            # measured by an earlier (stopped) run
         t0 = time.time()
-        rows.append(bitbasis_row(name, path, a.windows, a.threads))
-        print(json.dumps(rows[-1]), f"({time.time() - t0:.0f} s)", flush=True)
-        save(rows, a.out)
+        row = run()
+        append_row(a.out, row)
+        print(json.dumps(row), f"({time.time() - t0:.0f} s)", flush=True)
+    rows = load_rows(a.out)
     if a.png:
         plot(rows, a.png)
     if a.md:

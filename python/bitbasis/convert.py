@@ -37,11 +37,14 @@ class ConvertOptions:
     check: bool = False            # after writing: warn when the model has collapsed (collapse_check)
 
 
-# The best CPU recipe measured (docs/results.md §27): the CLI's and the demo's defaults. A rotation, then a
-# bit plan at 3.4 block bpw (N, G per tensor from the Fisher sensitivity) over GPTQ with act_order, on 32 x
-# 512 calibration tokens. bases/group: the uniform setting when --bases/--group replace the plan.
+# The best CPU recipe measured (docs/results.md §27, §33): the CLI's and the demo's defaults. A rotation, then
+# a bit plan at 3.4 block bpw (N, G per tensor from the Fisher sensitivity) over GPTQ with act_order, on 64 x
+# 512 calibration tokens (32 x 512: 45.57, 64 x 512: 45.35 on 40 windows), and the token embedding as 4
+# bases in groups of 64 (4.5 bpw: -13.5 MiB for +0.5% perplexity; 576 columns are 9 whole groups, where
+# 128 pads a fifth group to 4.72 bpw). The head stays Q8_0 (4-bit embedding + head cost +2.1%, §27).
+# bases/group: the uniform setting when --bases/--group replace the plan.
 DEFAULT_RECIPE = dict(method="gptq", target_bpw=3.4, opts={"act_order": True}, bases=3, group=192, rotate=True,
-                      calib_samples=32, calib_seqlen=512, embed_bases=None, head_bases=None)
+                      calib_samples=64, calib_seqlen=512, embed_bases=(4, 64), head_bases=None)
 COLLAPSE_RATIO = 4.0               # perplexity of the file / of the f32 model above which it has collapsed
 
 
