@@ -56,7 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .basis import BasisError, groups_view, level_codes, nearest_level, nearest_signs, pack, paretoq_grid, reconstruct, unpack
+from .basis import (BasisError, groups_view, level_codes, nearest_level, nearest_signs, pack, paretoq_grid,
+                    reconstruct, unpack)
 from .format import BinaryBasis
 
 GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
