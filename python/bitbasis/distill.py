@@ -56,7 +56,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .basis import BasisError, groups_view, level_codes, nearest_level, nearest_signs, pack, paretoq_grid, reconstruct, unpack
+from .basis import (BasisError, groups_view, level_codes, nearest_level, nearest_signs, pack, paretoq_grid,
+                    reconstruct, unpack)
 from .format import BinaryBasis
 
 GREEDY_TOKENS = 4        # greedy continuation after the random first token, then sampling
@@ -233,7 +234,7 @@ def _ste_weight(u, unit, alpha, mu, combos) -> torch.Tensor:
 class _WeightBank:
     """train=signs: the weights of all BasisLinears of one kind (N, G, offset) in one expression per
     step, over their groups concatenated, instead of ~25 small kernels per linear and per direction: on
-    a GPU the ~5k launches for SmolLM2's 210 linears, not the arithmetic, bound the step (results.md §31).
+    a GPU the ~7k launches for SmolLM2's 210 linears, not the arithmetic, bounded a step (results.md §31).
     The same ops as BasisLinear.weight, so the same values and gradients. The frozen buffers are
     concatenated once (they never change); the trainable tensors once per step (a cat, whose backward
     hands each parameter a view). assign() before the student's forward, clear() after the backward."""
