@@ -132,3 +132,18 @@ def test_recipe_defaults_and_overrides():
     assert r.target_bpw is None and r.extra == {} and r.embed_bases is None
     with pytest.raises(ConvertError, match="--embed-bases '4x'"):
         recipe_options(embed_bases="4x")
+
+
+def test_default_convert_quantizes_the_embedding(untied_dir, tmp_path):
+    """`bitbasis convert` writes the recipe's embedding form (4 bases, G = 64) without being asked, also for
+    a uniform --bases model, and keeps the head Q8_0 (uniform, unrotated, 2 x 32 calibration tokens: the
+    embedding's 49152 rows are most of the time)."""
+    from bitbasis.cli import main
+    from bitbasis.convert import DEFAULT_RECIPE as R
+    from bitbasis.gguf_io import read_model, summarize
+    out = tmp_path / "d.gguf"
+    assert main(["convert", str(untied_dir), "-o", str(out), "-q", "--bases", "2", "--group", "64", "--no-rotate",
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--no-checkpoint", "--no-check"]) == 0
+    edge = summarize(read_model(out))["edge"]
+    assert edge["token_embd.weight"][0] == "binary basis N={} G={}".format(*R["embed_bases"])
+    assert edge["output.weight"][0] == "Q8_0"

@@ -49,7 +49,7 @@ def test_binary_basis_files_cost_what_the_spec_says(model_files):
 
 def test_demo_setting_is_still_a_language_model(smol_dir, model_files, tmp_path):
     """The demo's (and convert's) default recipe, a rotation then GPTQ N = 3 G = 192, keeps the model
-    usable (here on a smaller calibration, 8 x 256, to keep the test short; the demo uses 32 x 512); the
+    usable (here on a smaller calibration, 8 x 256, to keep the test short; the demo uses 64 x 512); the
     2-basis data-free cascade collapses (docs/results.md), and the check after convert says so."""
     from bitbasis.convert import DEFAULT_RECIPE as R, ConvertOptions, collapse_check, convert
     good = tmp_path / "recipe.gguf"

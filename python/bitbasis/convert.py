@@ -39,7 +39,7 @@ class ConvertOptions:
 
 # The best CPU recipe measured (docs/results.md §27, §33): the CLI's and the demo's defaults. A rotation, then
 # a bit plan at 3.4 block bpw (N, G per tensor from the Fisher sensitivity) over GPTQ with act_order, on 64 x
-# 512 calibration tokens (32 x 512: 45.57, 64 x 512: 45.35 on 40 windows), and the token embedding as 4
+# 512 calibration tokens (32 x 512: 45.60, 64 x 512: 45.35, one run on 40 windows), and the token embedding as 4
 # bases in groups of 64 (4.5 bpw: -13.5 MiB for +0.5% perplexity; 576 columns are 9 whole groups, where
 # 128 pads a fifth group to 4.72 bpw). The head stays Q8_0 (4-bit embedding + head cost +2.1%, §27).
 # bases/group: the uniform setting when --bases/--group replace the plan.
