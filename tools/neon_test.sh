@@ -40,7 +40,7 @@ if [ "$MODE" = "--bench" ]; then
     exit 0
 fi
 "$CXX" -std=c++17 -O2 -ffp-contract=off -Wall -Wextra -march=armv8-a -static -I"$SRC" \
-    "$ROOT/cpp/tests/test_kernels.cpp" "$@" \
+    "$ROOT/cpp/tests/test_kernels.cpp" "$@" "$SRC/threadpool.cpp" \
     -o "$OUT/test_kernels_aarch64"
 echo "== qemu -cpu max (neon + dotprod)"
 "$QEMU" -L "$SYSROOT" -cpu max "$OUT/test_kernels_aarch64" $MODE

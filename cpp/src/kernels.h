@@ -133,6 +133,30 @@ using WsumF32Fn = void (*)(const float *w, const float *V, int64_t stride, int64
 // g[i] = silu(g[i]) · u[i] = g[i] / (1 + e^(−g[i])) · u[i], the SwiGLU gate (Llama, Qwen, Phi-3).
 using SwigluFn = void (*)(float *g, const float *u, int64_t n);
 void swiglu_f32_scalar(float *g, const float *u, int64_t n);
+
+// Dense weights (ggml's F32, F16 and Q8_0 row layouts: the token embedding / head, unquantized files) times
+// n_tok tokens: Y[t·ldy + r − r0] = W[r] · x_t for r in [r0, r1). F32 and F16 multiply the float activations
+// X [n_tok][cols] (F16 rows widened exactly to f32 first); Q8_0 multiplies each token's int8 activations q8[t]
+// (QK = 32 blocks, quantized once per matmul: ggml's vec_dot_type) as dot_q8q8 does. Tiled as a GEMM: tokens
+// in blocks whose activations stay in L2, rows in small groups whose weights stay in L1 (or registers)
+// while a block's tokens pass, so each weight is read from memory once per block of tokens instead of once
+// per token; rows are split among threads by the caller.
+enum DenseType : uint32_t { DT_F32 = 0, DT_F16 = 1, DT_Q8_0 = 8 };   // = ggml_type (gguf.h TT_*)
+struct DenseRows {
+    uint32_t type;
+    const uint8_t *data;   // row r at data + r · row_bytes
+    int64_t cols;          // a multiple of 32 for Q8_0
+};
+int64_t dense_row_bytes(const DenseRows &w);
+using GemmDenseFn = void (*)(const DenseRows &w, const float *X, const QActs *q8, int n_tok, float *Y, int64_t ldy,
+                             int64_t r0, int64_t r1);
+// The same tiling over one (row, token) dot at a time, with dot functions given (DotF32Fn on widened rows,
+// DotQ8Q8Fn): the reference, and the dense GEMM of a kernel set without its own.
+void gemm_dense_dots(const DenseRows &w, const float *X, const QActs *q8, int n_tok, float *Y, int64_t ldy, int64_t r0,
+                     int64_t r1, DotF32Fn dot_f32, DotQ8Q8Fn dot_q8q8);
+// How many tokens a block of the tiled dense GEMM holds: their activations (bytes_per_token each) fit
+// ~128 KiB, half a small L2, at least `multiple` and a multiple of it.
+int dense_token_block(int64_t bytes_per_token, int multiple);
 void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out);
 void wsum_f32_scalar(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out);
 
@@ -158,6 +182,8 @@ struct Kernel {
     DotsF32Fn dots_f32 = dots_f32_scalar;
     WsumF32Fn wsum_f32 = wsum_f32_scalar;
     SwigluFn swiglu_f32 = swiglu_f32_scalar;
+    // dense weights × many tokens; nullptr: gemm_dense_dots over this set's dot_f32 / dot_q8q8
+    GemmDenseFn gemm_dense = nullptr;
 
     bool supported() const;                 // this CPU has every feature
 };
@@ -172,6 +198,9 @@ const std::vector<Kernel> &all_kernels();
 const Kernel &select_kernel();
 std::string cpu_features();                 // e.g. "avx2 fma f16c avx512f ... " or "neon dotprod"
 bool cpu_has(const std::string &feature);   // one name from cpu_features()
+// k's dense GEMM (k.gemm_dense, else gemm_dense_dots over k's dots)
+void run_gemm_dense(const Kernel &k, const DenseRows &w, const float *X, const QActs *q8, int n_tok, float *Y, int64_t ldy,
+                    int64_t r0, int64_t r1);
 const Kernel *find_kernel(const std::string &name);  // by name; nullptr if not compiled in
 
 // The scalar reference (every flag and class). Also the tail / fallback for other kernels.

@@ -170,6 +170,122 @@ float dot_q8q8(const uint8_t *row, const int8_t *q, const float *d, int64_t n) {
 
 static_assert(QK == 32, "one 32-column chunk is one activation block");
 
+// ---- dense GEMM (kernels.h GemmDenseFn): F32 / F16 / Q8_0 rows × a block of tokens ----------------------
+// R rows × T tokens of dots in R·T accumulators: each weight vector is loaded once per T tokens and each
+// activation vector once per R rows (F32 4 × 3: 12 accumulators + 3 activations + 1 weight = the 16 ymm
+// registers). x: T tokens' activations, `cols` apart; Y[t·ldy + r].
+template <int R, int T>
+inline void f32_tile(const float *const *w, const float *x, int64_t cols, float *Y, int64_t ldy) {
+    __m256 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+        __m256 xv[T];
+        for (int t = 0; t < T; t++) xv[t] = _mm256_loadu_ps(x + t * cols + j);
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = _mm256_loadu_ps(w[r] + j);
+            for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float s = hsum256(acc[r][t]);
+            for (int64_t k = j; k < cols; k++) s += w[r][k] * x[t * cols + k];
+            Y[t * ldy + r] = s;
+        }
+}
+
+// The same for Q8_0 rows (34-byte blocks) × int8 activations, dot_q8q8's block sum per (row, token):
+// |w| and w's bytes loaded once per T tokens, each token's block once per R rows.
+template <int R, int T>
+inline void q8_tile(const uint8_t *const *w, const QActs *a, int64_t nb, float *Y, int64_t ldy) {
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 acc[R][T];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv[T];
+        float dx[T];
+        for (int t = 0; t < T; t++) {
+            xv[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(a[t].q.data() + b * 32));
+            dx[t] = a[t].d[b];
+        }
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w[r] + b * 34;
+            uint16_t dh;
+            std::memcpy(&dh, blk, 2);
+            const float dw = _cvtsh_ss(dh);
+            const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 2)), aw = _mm256_sign_epi8(wv, wv);
+            for (int t = 0; t < T; t++) {
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[t], wv)), ones16);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * dx[t]), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) Y[t * ldy + r] = hsum256(acc[r][t]);
+}
+
+// Tokens [t0, t1) of R rows: whole tiles of 3 (F32) or 2 (Q8_0) tokens, then the rest.
+template <int R>
+void f32_tiles(const float *const *w, const float *X, int64_t cols, int t0, int t1, float *Y, int64_t ldy) {
+    int t = t0;
+    for (; t + 3 <= t1; t += 3) f32_tile<R, 3>(w, X + t * cols, cols, Y + t * ldy, ldy);
+    if (t1 - t == 2) f32_tile<R, 2>(w, X + t * cols, cols, Y + t * ldy, ldy);
+    if (t1 - t == 1) f32_tile<R, 1>(w, X + t * cols, cols, Y + t * ldy, ldy);
+}
+
+template <int R>
+void q8_tiles(const uint8_t *const *w, const QActs *a, int64_t nb, int t0, int t1, float *Y, int64_t ldy) {
+    int t = t0;
+    for (; t + 2 <= t1; t += 2) q8_tile<R, 2>(w, a + t, nb, Y + t * ldy, ldy);
+    if (t < t1) q8_tile<R, 1>(w, a + t, nb, Y + t * ldy, ldy);
+}
+
+void widen_f16(const uint16_t *h, int64_t n, float *out) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+    for (; j < n; j++) out[j] = _cvtsh_ss(h[j]);
+}
+
+void gemm_dense(const DenseRows &w, const float *X, const QActs *q8, int n_tok, float *Y, int64_t ldy, int64_t r0,
+                int64_t r1) {
+    const int64_t cols = w.cols, rb = dense_row_bytes(w);
+    const bool isq8 = w.type == DT_Q8_0;
+    const int tb = dense_token_block(isq8 ? cols + cols / 8 : cols * 4, isq8 ? 2 : 3);
+    // One token (decode): one row at a time. Four interleaved row streams from memory ran the 30 MB
+    // Q8_0 head of SmolLM2 at half the speed of one (nothing is shared when there is one token).
+    thread_local avec<float> wide;   // four F16 rows widened to f32, once per block of tokens
+    if (w.type == DT_F16) wide.resize(4 * cols);
+    for (int t0 = 0; t0 < n_tok; t0 += tb) {
+        const int t1 = std::min(n_tok, t0 + tb);
+        for (int64_t r = r0; r < r1; r += 4) {
+            const int rn = (int)std::min<int64_t>(4, r1 - r);
+            float *Yr = Y + (r - r0);
+            const uint8_t *rows[4];
+            for (int i = 0; i < rn; i++) rows[i] = w.data + (r + i) * rb;
+            if (isq8) {
+                if (rn == 4 && n_tok > 1) q8_tiles<4>(rows, q8, cols / 32, t0, t1, Yr, ldy);
+                else
+                    for (int i = 0; i < rn; i++) q8_tiles<1>(rows + i, q8, cols / 32, t0, t1, Yr + i, ldy);
+                continue;
+            }
+            const float *wf[4];
+            for (int i = 0; i < rn; i++) {
+                wf[i] = (const float *)rows[i];
+                if (w.type == DT_F16) {
+                    widen_f16((const uint16_t *)rows[i], cols, wide.data() + i * cols);
+                    wf[i] = wide.data() + i * cols;
+                }
+            }
+            if (rn == 4 && n_tok > 1) f32_tiles<4>(wf, X, cols, t0, t1, Yr, ldy);
+            else
+                for (int i = 0; i < rn; i++) f32_tiles<1>(wf + i, X, cols, t0, t1, Yr + i, ldy);
+        }
+    }
+}
+
 template <int N>
 static void bytemask_rows(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
     const int G = t.group, nc = G / 32;   // 32-column chunks (activation blocks) per group
@@ -511,13 +627,13 @@ void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
     // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
     v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
-                       dots_f32, wsum_f32, swiglu_f32});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense});
     v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
-                       dots_f32, wsum_f32, swiglu_f32});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense});
     v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
-                       dots_f32, wsum_f32, swiglu_f32});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense});
     v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
-                       dots_f32, wsum_f32, swiglu_f32});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense});
 }
 
 }  // namespace bb

@@ -281,7 +281,7 @@ extern "C" double bbk_read_bandwidth(int64_t bytes, int n_threads, double min_se
         Aligned<uint64_t> buf(n);
         ThreadPool pool(n_threads);
         std::vector<uint64_t> sink(n_threads * 8);
-        pool.parallel_for(n, 64, [&](int64_t a, int64_t b, int) {   // first touch by the reading thread
+        pool.parallel_for(n, 64, [&](int64_t a, int64_t b, int) {   // first touch (pieces go to free threads: roughly the readers)
             for (int64_t i = a; i < b; i++) buf.p[i] = (uint64_t)i;
         });
         double best = 1e30;

@@ -93,6 +93,12 @@ std::string missing_features(const Kernel &k) {
     return missing;
 }
 
+void run_gemm_dense(const Kernel &k, const DenseRows &w, const float *X, const QActs *q8, int n_tok, float *Y, int64_t ldy,
+                    int64_t r0, int64_t r1) {
+    if (k.gemm_dense) k.gemm_dense(w, X, q8, n_tok, Y, ldy, r0, r1);
+    else gemm_dense_dots(w, X, q8, n_tok, Y, ldy, r0, r1, k.dot_f32, k.dot_q8q8);
+}
+
 bool Kernel::supported() const { return missing_features(*this).empty(); }
 
 const std::vector<Kernel> &all_kernels() {
@@ -113,8 +119,9 @@ const std::vector<Kernel> &all_kernels() {
             if (std::string(k.name) == "avx512-vpopcnt") tok = &k;
         }
         if (lut && tok) {
-            const Kernel both{"avx512-lut", "avx512", tok->features, lut->gemv, tok->gemm, tok->dot_f32, tok->dot_q8,
+            Kernel both{"avx512-lut", "avx512", tok->features, lut->gemv, tok->gemm, tok->dot_f32, tok->dot_q8,
                               tok->dot_q8q8, lut->repack, lut->prepare_acts};
+            both.gemm_dense = lut->gemm_dense;   // AVX2's tiles (the features include AVX2's)
             v.insert(v.begin(), both);
         }
         return v;

@@ -141,6 +141,39 @@ float dot_q8q8_scalar(const uint8_t *row, const int8_t *q, const float *d, int64
     return total;
 }
 
+int64_t dense_row_bytes(const DenseRows &w) {
+    return w.type == DT_F32 ? w.cols * 4 : w.type == DT_F16 ? w.cols * 2 : w.cols / 32 * 34;
+}
+
+int dense_token_block(int64_t bytes_per_token, int multiple) {
+    const int64_t n = std::max<int64_t>(1, ((int64_t)128 << 10) / std::max<int64_t>(1, bytes_per_token) / multiple);
+    return (int)std::min<int64_t>(n * multiple, 1 << 16);
+}
+
+void gemm_dense_dots(const DenseRows &w, const float *X, const QActs *q8, int n_tok, float *Y, int64_t ldy, int64_t r0,
+                     int64_t r1, DotF32Fn dot_f32, DotQ8Q8Fn dot_q8q8) {
+    const int64_t cols = w.cols, rb = dense_row_bytes(w);
+    const int tb = dense_token_block(w.type == DT_Q8_0 ? cols + cols / 8 : cols * 4, 1);
+    thread_local std::vector<float> wide;   // an F16 row widened to f32, once per block of tokens
+    wide.resize(cols);
+    for (int t0 = 0; t0 < n_tok; t0 += tb) {
+        const int t1 = std::min(n_tok, t0 + tb);
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row = w.data + r * rb;
+            if (w.type == DT_Q8_0) {
+                for (int t = t0; t < t1; t++) Y[t * ldy + r - r0] = dot_q8q8(row, q8[t].q.data(), q8[t].d.data(), cols);
+                continue;
+            }
+            const float *wr = (const float *)row;
+            if (w.type == DT_F16) {
+                for (int64_t j = 0; j < cols; j++) wide[j] = f16_to_f32(((const uint16_t *)row)[j]);
+                wr = wide.data();
+            }
+            for (int t = t0; t < t1; t++) Y[t * ldy + r - r0] = dot_f32(wr, X + t * cols, cols);
+        }
+    }
+}
+
 void bb_prepare(BBTensor &t, const std::string &isa) {
     if (t.rows < 1 || t.cols < 1 || t.n_planes < 1 || t.n_planes > 8 || t.group < 64 || t.group % 64)
         throw std::runtime_error("bb_prepare: invalid binary-basis header");

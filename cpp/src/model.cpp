@@ -31,6 +31,8 @@ const ArchDef ARCHS[] = {
     {"phi3", phi3_load, phi3_block},
 };
 
+static_assert((uint32_t)DT_F32 == TT_F32 && (uint32_t)DT_F16 == TT_F16 && (uint32_t)DT_Q8_0 == TT_Q8_0, "kernels.h's dense types are ggml's");
+
 const char *const BB_SUFFIXES[] = {"bbp", "bbs", "bbo", "bbc", "bbe", "bbm", "bbv", "bbz", "bbk"};
 constexpr int64_t BATCH = 512;  // tokens per forward chunk: bounds the activation buffers
 
@@ -345,38 +347,27 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
         return;
     }
     const float *x = ac.x;
-    if (w.type == TT_Q8_0 && !precise) {
-        // Q8_0 weights (the token embedding / tied head) multiply int8 activations with one scale per
-        // 32 columns, as llama.cpp's Q8_0 × Q8_0 dot: exact int32 block sums instead of a float
-        // multiply per weight. Quantized once per token here, before the rows are split.
-        q8_acts_.resize(n);
-        for (int t = 0; t < n; t++) quantize_acts(x + (int64_t)t * cols, cols, 64, nullptr, q8_acts_[t]);
+    if (w.type == TT_Q8_0 && precise) {   // float activations (dot_q8): the accuracy precise acts ask for
         pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1, int) {
-            for (int64_t r = r0; r < r1; r++) {
-                const uint8_t *row = w.data + r * (cols / 32) * 34;
+            for (int64_t r = r0; r < r1; r++)
                 for (int t = 0; t < n; t++)
-                    y[(int64_t)t * rows + r] = kernel_->dot_q8q8(row, q8_acts_[t].q.data(), q8_acts_[t].d.data(), cols);
-            }
+                    y[(int64_t)t * rows + r] = kernel_->dot_q8(w.data + r * (cols / 32) * 34, x + (int64_t)t * cols, cols);
         });
         return;
     }
-    pool_.parallel_for(rows, 8, [&](int64_t r0, int64_t r1, int) {
-        thread_local std::vector<float> buf;
-        if (n == 1 && w.type != TT_F16) {
-            for (int64_t r = r0; r < r1; r++)
-                y[r] = w.type == TT_F32 ? kernel_->dot_f32((const float *)w.data + r * cols, x, cols)
-                                        : kernel_->dot_q8(w.data + r * (cols / 32) * 34, x, cols);
-            return;
-        }
-        buf.resize(cols);
-        for (int64_t r = r0; r < r1; r++) {
-            const float *row = (const float *)w.data + r * cols;
-            if (w.type != TT_F32) {
-                dequant_row(w, r, buf.data());
-                row = buf.data();
-            }
-            for (int t = 0; t < n; t++) y[(int64_t)t * rows + r] = kernel_->dot_f32(row, x + (int64_t)t * cols, cols);
-        }
+    if (w.type == TT_Q8_0) {
+        // Q8_0 weights (the token embedding / tied head, Q8_0 files) multiply int8 activations with one scale
+        // per 32 columns, as llama.cpp's Q8_0 × Q8_0 dot: exact int32 block sums instead of a float multiply
+        // per weight. Quantized once per token here, before the rows are split.
+        q8_acts_.resize(n);
+        pool_.parallel_for(n, 1, [&](int64_t a, int64_t b, int) {
+            for (int64_t t = a; t < b; t++) quantize_acts(x + t * cols, cols, 64, nullptr, q8_acts_[t]);
+        });
+    }
+    // F32 / F16 / Q8_0: the kernel's tiled dense GEMM over each thread's rows (kernels.h GemmDenseFn)
+    const DenseRows dw{w.type, w.data, cols};
+    pool_.parallel_for(rows, 4, [&](int64_t r0, int64_t r1, int) {
+        run_gemm_dense(*kernel_, dw, x, q8_acts_.data(), n, y + r0, rows, r0, r1);
     });
 }
 

@@ -3,7 +3,9 @@
 //   test_kernels            all cases, exit code 0 when every check passed
 //   test_kernels --quick    fewer random shapes
 #include "kernels.h"
+#include "threadpool.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -331,6 +333,90 @@ static void test_dense_dots(std::mt19937_64 &rng) {
     }
 }
 
+// Every kernel set's tiled dense GEMM (F32, F16, Q8_0 rows × many tokens) equals one scalar dot per (row,
+// token): row counts that are not a multiple of the 4-row tiles, token counts that are not a multiple of
+// the token tiles and that cross a token block (cols 2048 f32: 16 tokens a block), a row range [r0, r1).
+static void test_dense_gemm(std::mt19937_64 &rng) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::uniform_int_distribution<int> w8(-128, 127);
+    for (int64_t cols : {32, 96, 200, 576, 2048})
+        for (int n_tok : {1, 2, 3, 5, 7, 37}) {
+            const int64_t rows = 1 + rng() % 13, r0 = rng() % rows, r1 = r0 + 1 + rng() % (rows - r0);
+            std::vector<float> X(n_tok * cols), wf(rows * cols);
+            for (auto &v : X) v = u(rng);
+            for (auto &v : wf) v = u(rng);
+            std::vector<uint16_t> wh(rows * cols);
+            for (int64_t i = 0; i < rows * cols; i++) wh[i] = f32_to_f16(wf[i]);
+            const int64_t nq = cols / 32 * 32;
+            std::vector<uint8_t> wq(rows * (nq / 32) * 34);
+            for (int64_t blk = 0; blk < rows * (nq / 32); blk++) {
+                const uint16_t dh = f32_to_f16(0.01f * (1 + blk % 7));
+                std::memcpy(wq.data() + blk * 34, &dh, 2);
+                for (int j = 0; j < 32; j++) wq[blk * 34 + 2 + j] = (uint8_t)(int8_t)w8(rng);
+            }
+            std::vector<QActs> q8(n_tok);
+            for (int t = 0; t < n_tok; t++) quantize_acts(X.data() + t * cols, nq, 64, nullptr, q8[t]);
+            const DenseRows ws[3] = {{DT_F32, (const uint8_t *)wf.data(), cols}, {DT_F16, (const uint8_t *)wh.data(), cols},
+                                     {DT_Q8_0, wq.data(), nq}};
+            for (const DenseRows &w : ws) {
+                if (w.cols == 0) continue;
+                // the reference: one scalar dot per (row, token)
+                // (and Σ|w x|, the scale of the float reassociation error: 1e-5 of it)
+                std::vector<float> ref((size_t)n_tok * (r1 - r0)), mag(ref.size()), wide(cols);
+                for (int64_t r = r0; r < r1; r++) {
+                    const uint8_t *row = w.data + r * dense_row_bytes(w);
+                    for (int64_t j = 0; j < cols; j++) wide[j] = w.type == DT_F16 ? f16_to_f32(((const uint16_t *)row)[j]) : 0;
+                    const float *wr = w.type == DT_F16 ? wide.data() : (const float *)row;
+                    for (int t = 0; t < n_tok; t++) {
+                        const size_t i = t * (r1 - r0) + r - r0;
+                        if (w.type == DT_Q8_0) {
+                            ref[i] = dot_q8q8_scalar(row, q8[t].q.data(), q8[t].d.data(), w.cols);
+                            mag[i] = std::fabs(ref[i]);   // exact int32 block sums: only the blocks' float sum differs
+                            continue;
+                        }
+                        ref[i] = dot_f32_scalar(wr, X.data() + t * cols, cols);
+                        for (int64_t j = 0; j < cols; j++) mag[i] += std::fabs(wr[j] * X[t * cols + j]);
+                    }
+                }
+                for (const Kernel &k : all_kernels()) {
+                    if (!k.supported()) continue;
+                    const int64_t ldy = r1 - r0 + 3;   // a wider output row than the range, as a caller's
+                    std::vector<float> Y((size_t)n_tok * ldy, NAN);
+                    run_gemm_dense(k, w, X.data(), q8.data(), n_tok, Y.data(), ldy, r0, r1);
+                    for (int t = 0; t < n_tok; t++)
+                        for (int64_t r = r0; r < r1; r++) {
+                            const double y = Y[t * ldy + r - r0], yr = ref[t * (r1 - r0) + r - r0];
+                            CHECK(std::fabs(y - yr) <= 1e-5 * (1 + mag[t * (r1 - r0) + r - r0]), "%s gemm_dense type %u cols=%lld n=%d r=%lld t=%d: %g vs %g",
+                                  k.name, w.type, (long long)cols, n_tok, (long long)r, t, y, yr);
+                        }
+                }
+            }
+        }
+}
+
+// The thread pool hands out every index of [0, n) exactly once per call, in pieces that start at multiples
+// of `align`, to thread ids below size(), also when the calls follow each other closely (a worker that
+// woke late must not run a piece of the previous call's job).
+static void test_pool() {
+    for (int threads : {2, 3}) {
+        ThreadPool pool(threads);
+        for (int rep = 0; rep < 200; rep++) {
+            const int64_t n = 1 + (rep * 7919) % 1000, align = rep % 3 == 0 ? 1 : rep % 3 == 1 ? 4 : 32;
+            std::vector<std::atomic<int>> hits(n);
+            std::atomic<bool> bad{false};
+            const int tag = rep;
+            pool.parallel_for(n, align, [&, tag](int64_t a, int64_t b, int tid) {
+                if (a % align || a >= b || b > n || tid < 0 || tid >= pool.size() || tag != rep) bad = true;
+                for (int64_t i = a; i < b; i++) hits[i]++;
+            });
+            int64_t wrong = 0;
+            for (auto &h : hits) wrong += h.load() != 1;
+            CHECK(!bad && wrong == 0, "pool %d threads n=%lld align=%lld: %lld indices not run once", threads,
+                  (long long)n, (long long)align, (long long)wrong);
+        }
+    }
+}
+
 // Every kernel set's attention rows (scores q·K[j], weighted sums of V rows) equal the scalar ones,
 // on strided rows as a KV cache holds them, head dims with and without a tail of 8.
 static void test_attention_rows(std::mt19937_64 &rng) {
@@ -412,6 +498,8 @@ int main(int argc, char **argv) {
     test_dispatch();
     std::mt19937_64 rng(42);
     test_dense_dots(rng);
+    test_dense_gemm(rng);
+    test_pool();
     test_attention_rows(rng);
     test_swiglu(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G

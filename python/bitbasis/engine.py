@@ -302,13 +302,34 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def default_threads() -> int:
+    """The engine's default thread count: the physical cores this process may run on (its CPU affinity:
+    taskset, a container's cpuset), SMT siblings counted once as llama.cpp counts them — two threads on one
+    core share its vector units, so the second only adds hand-offs. The thread pool gives a piece of work
+    to whichever thread is free (cpp/src/threadpool.h), so all the cores are the right default even on a
+    machine shared with other processes: a descheduled thread's share is taken by the others."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):   # not Linux
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
 class Model:
     """The weights of a GGUF file, loaded (mmap'd) once, and a default context for the
     single-sequence calls (eval, generate, chat, ...); `context()` makes more sequences over the
     same weights and `decode()` runs a step of several of them as one batch."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 2, n_ctx: int = 0):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, n_ctx: int = 0):
         self.path = str(path)
+        threads = default_threads() if threads is None else threads
         self._ffi, self._lib = lib()
         self._m = None
         if not os.path.isfile(self.path):

@@ -91,7 +91,7 @@ def torch_logits_fn(model):
 
 
 def run_perplexity(model_spec: str, text_spec: str | Path, protocol: str = "llamacpp", ctx: int | None = None,
-                   max_windows: int | None = None, backend: str = "auto", threads: int = 2,
+                   max_windows: int | None = None, backend: str = "auto", threads: int | None = None,
                    progress: bool = True) -> dict:
     from . import data, hf
     text = data.read_text(str(text_spec))
@@ -122,7 +122,8 @@ def run_perplexity(model_spec: str, text_spec: str | Path, protocol: str = "llam
         bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
         be = "transformers"
     import torch
-    torch.set_num_threads(threads)
+    if threads:   # None: torch's own default (the physical cores), as the engine's
+        torch.set_num_threads(threads)
     tokens = np.asarray(tok(text, add_special_tokens=False)["input_ids"], np.int64)
     res = perplexity(torch_logits_fn(model), tokens, protocol, ctx, max_windows, progress, bos)
     res["backend"] = be

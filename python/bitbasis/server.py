@@ -580,7 +580,7 @@ def build_app(server: Server):
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, parallel: int = 4, n_ctx: int = 0,
-          threads: int = 2, api_key: str | None = None, queue_size: int = 64, defaults: Sampling | None = None,
+          threads: int | None = None, api_key: str | None = None, queue_size: int = 64, defaults: Sampling | None = None,
           chat_template: str | None = None, log_level: str = "info", default_stop: list[str] | None = None) -> None:
     import sys
     import uvicorn

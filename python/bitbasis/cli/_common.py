@@ -48,7 +48,8 @@ def parse_opts(opts) -> dict:
 
 def add_sampling(p, temp: float) -> None:
     """Engine and sampling options shared by generate, chat and serve."""
-    p.add_argument("-t", "--threads", type=int, default=2, help="engine threads (default 2; more than the cores is warned)")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="engine threads (default: this machine's physical cores; more than the cores is warned)")
     p.add_argument("--temp", type=float, default=temp, help=f"temperature, 0 = greedy (default {temp})")
     p.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens, 0 = all (default 40)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
@@ -67,8 +68,11 @@ def sampling_of(a):
                     repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n)
 
 
-def check_threads(n: int) -> None:
-    """A thread count above the cores only slows the engine down (threads wait for each other)."""
+def check_threads(n: int | None) -> None:
+    """A thread count above the cores only slows the engine down (threads wait for each other).
+    None: the default (bitbasis.engine.default_threads)."""
+    if n is None:
+        return
     cores = os.cpu_count() or 1
     if n < 1:
         raise ValueError(f"--threads must be at least 1 (got {n})")

@@ -56,6 +56,7 @@ def add_parser(sub) -> None:
     m.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option")
     m.add_argument("--no-rotate", action="store_true", help="no rotation")
     m.add_argument("--windows", type=int, default=20)
-    m.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
+    m.add_argument("-t", "--threads", type=int, default=None,
+                   help="engine threads (default: this machine's physical cores)")
     m.add_argument("-o", "--output")
     m.set_defaults(func=run)

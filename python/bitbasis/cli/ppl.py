@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
     q.add_argument("--windows", type=int, default=None, help="score at most this many windows")
     q.add_argument("--backend", choices=["auto", "engine", "torch"], default="auto",
                    help="C++ engine (default for GGUF when available) or the PyTorch reference")
-    q.add_argument("-t", "--threads", type=int, default=os.cpu_count() or 1)
+    q.add_argument("-t", "--threads", type=int, default=None,
+                   help="engine threads (default: this machine's physical cores)")
     q.add_argument("--precise-acts", action="store_true",
                    help="engine: a second int8 pass over each activation's rounding residual "
                         "(BITBASIS_PRECISE_ACTS=1): float-reference accuracy at about twice the matmul time")
