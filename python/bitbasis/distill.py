@@ -288,6 +288,18 @@ def init_distributed(dev: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size())
 
 
+def close_distributed(d: Dist) -> None:
+    """End a rank's part: wait for every rank, then tear the process group down explicitly. Left to the
+    interpreter's exit, gloo's threads could be destroyed mid-flight on one rank (std::terminate, SIGABRT)
+    while another was still finishing (seen under load in the torchrun test)."""
+    if d.world <= 1:
+        return
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _all_reduce_mean(tensors: list[torch.Tensor], d: Dist) -> None:
     """Average tensors over the ranks in place (one flat all-reduce, DDP's bucket)."""
     if d.world == 1 or not tensors:

@@ -16,7 +16,7 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
     None when the run stopped at a checkpoint (stop_at, time_limit) and on the ranks of a data-parallel
     run that do not write (all but rank 0)."""
     from ..convert import ConvertOptions, quantized_from_file, write_converted
-    from ..distill import distill, init_distributed
+    from ..distill import close_distributed, distill, init_distributed
 
     model_dir = Path(model_dir)
     cfg.check()
@@ -27,7 +27,9 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
     first = next(iter(quantized.values()))
     t0 = time.time()
     done = distill(model_dir, quantized, cfg, progress=progress)
-    if done is None or not init_distributed(cfg.torch_device()).main:
+    d = init_distributed(cfg.torch_device())
+    close_distributed(d)
+    if done is None or not d.main:
         return None                                   # stopped at a checkpoint, or not the writing rank
     method = str(kv.get("bitbasis.method", "qbb"))
     try:
