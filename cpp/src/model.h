@@ -35,7 +35,9 @@ struct Linear {
     std::vector<float> bias;           // [rows] or empty (Qwen2's q/k/v)
     // Binary basis: run on the int8 activations *and* on the int8 code of their rounding residual
     // (Model::precise_acts_, for this linear alone): for inputs whose outliers leave the other columns
-    // of their 32-block too few int8 levels (an architecture sets it at load; see gemma3.cpp).
+    // of their 32-block too few int8 levels. An architecture's load function may set it; none does today:
+    // on a calibrated Gemma 3 file no one kind of linear carries the int8 error (results.md §32), so this
+    // is reached through BITBASIS_PRECISE_ACTS=name,... for measuring.
     bool precise = false;
 };
 
