@@ -96,11 +96,13 @@ def _int8_act_hooks(model, block: int = ACT_BLOCK) -> None:
 
 
 @pytest.mark.parametrize("bases,group", [(1, 64), (2, 128), (3, 192)])
-def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group):
+def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group, monkeypatch):
     """On the tiny 2-layer model, the engine equals the PyTorch reference run with the kernels'
     int8 activation quantization (so only float summation order differs): this pin the
-    binary-basis path (acts, gemv, gemm, padding: ffn_down has 320 columns) tightly."""
+    binary-basis path (acts, gemv, gemm, padding: ffn_down has 320 columns) tightly. With the f32
+    KV cache, as the reference holds it (the f16 cache's rounding: test_kv_cache_f16)."""
     import torch
+    monkeypatch.setenv("BITBASIS_KV", "f32")
     from bitbasis.convert import ConvertOptions, convert
     from bitbasis.reference import torch_model_from_gguf
     path = tmp_path / "tiny.gguf"
@@ -227,6 +229,36 @@ def test_context_limit_and_errors(model_files):
     assert m.eval([1, 2]).shape == (m.n_vocab,)
     with pytest.raises(EngineError, match="no such file"):
         Model("/nonexistent/x.gguf")
+
+
+def test_kv_cache_f16(model_files, prompt_ids, monkeypatch):
+    """The KV cache: f32 for a dense file (the float reference), f16 for a binary-basis file where the
+    kernel set converts f16 in hardware (model.h kv_f16), BITBASIS_KV=f16|f32 overriding it. Forced on
+    the f32 file, the f16 cache moves the logits by its rounding only (on a sane model: the residual
+    files collapse, and their chaotic logits amplify any rounding)."""
+    kv_f16 = lambda m: bool(m._lib.bb_kv_f16(m._m))   # noqa: E731
+    path, bb_path = model_files("f32"), model_files("residual", 2)
+    ref = Model(path, threads=1)
+    assert not kv_f16(ref)
+    a = ref.logits(prompt_ids[:64])
+    monkeypatch.setenv("BITBASIS_KV", "f16")
+    try:
+        m = Model(path, threads=1)
+    except EngineError as e:   # a kernel set without hardware f16 (the scalar one): an f32 cache everywhere
+        assert "has no f16 attention" in str(e)
+        monkeypatch.delenv("BITBASIS_KV")
+        assert not kv_f16(Model(bb_path, threads=1))
+        return
+    assert kv_f16(m)
+    d = np.abs(m.logits(prompt_ids[:64]) - a).max()
+    assert 0 < d <= 2e-3 * float(np.abs(a).max()), d
+    monkeypatch.delenv("BITBASIS_KV")
+    assert kv_f16(Model(bb_path, threads=1))
+    monkeypatch.setenv("BITBASIS_KV", "f32")
+    assert not kv_f16(Model(bb_path, threads=1))
+    monkeypatch.setenv("BITBASIS_KV", "f8")
+    with pytest.raises(EngineError, match="BITBASIS_KV must be f16 or f32"):
+        Model(bb_path, threads=1)
 
 
 def test_threads_agree(model_files, prompt_ids):

@@ -35,6 +35,9 @@ const char *bb_kernel_name(const bb_model *m);
 /* 1 when the model was opened with BITBASIS_PRECISE_ACTS=1 (a second int8 pass over each
    activation's rounding residual: float-reference accuracy, about twice the matmul time). */
 int bb_precise_acts(const bb_model *m);
+/* 1 when the KV cache holds f16: files with binary-basis (or llama.cpp low-bit) linears on a kernel set
+   that converts f16 in hardware, precise acts off; 0 for an f32 cache. BITBASIS_KV=f16|f32 overrides. */
+int bb_kv_f16(const bb_model *m);
 
 /* Run n tokens at the current cache position and append them to the KV cache. logits (may be
    NULL) receives n * n_vocab floats when all_logits, else n_vocab floats for the last token.

@@ -75,6 +75,7 @@ extern "C" int bb_n_layer(const bb_model *m) { return (int)m->model->hp().n_laye
 extern "C" int bb_n_threads(const bb_model *m) { return m->model->n_threads(); }
 extern "C" const char *bb_kernel_name(const bb_model *m) { return m->model->kernel_name(); }
 extern "C" int bb_precise_acts(const bb_model *m) { return m->model->precise_acts() ? 1 : 0; }
+extern "C" int bb_kv_f16(const bb_model *m) { return m->model->kv_f16() ? 1 : 0; }
 extern "C" int bb_n_past(const bb_model *m) { return (int)m->ctx->n_past(); }
 
 static_assert(sizeof(int) == sizeof(int32_t), "token ids are 32-bit");

@@ -334,6 +334,43 @@ void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
+// The f16 KV cache rows (kernels.h DotsF16Fn): rows widened by fcvtl (Armv8.0), one row at a time.
+inline float32x4_t load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+void dots_f16(const float *q, const uint16_t *K, int64_t stride, int64_t n, int64_t hd, float *out) {
+    const int64_t h4 = hd / 4 * 4;
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *k = K + j * stride;
+        float32x4_t s = vdupq_n_f32(0.0f);
+        for (int64_t i = 0; i < h4; i += 4) s = vfmaq_f32(s, vld1q_f32(q + i), load_f16(k + i));
+        float r = vaddvq_f32(s);
+        for (int64_t i = h4; i < hd; i++) r += q[i] * f16_to_f32(k[i]);
+        out[j] = r;
+    }
+}
+
+void wsum_f16(const float *w, const uint16_t *V, int64_t stride, int64_t n, int64_t hd, float *out) {
+    int64_t i = 0;
+    for (; i + 16 <= hd; i += 16) {
+        float32x4_t a0 = vdupq_n_f32(0.0f), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < n; j++) {
+            const uint16_t *v = V + j * stride + i;
+            a0 = vfmaq_n_f32(a0, load_f16(v), w[j]);
+            a1 = vfmaq_n_f32(a1, load_f16(v + 4), w[j]);
+            a2 = vfmaq_n_f32(a2, load_f16(v + 8), w[j]);
+            a3 = vfmaq_n_f32(a3, load_f16(v + 12), w[j]);
+        }
+        vst1q_f32(out + i, a0), vst1q_f32(out + i + 4, a1), vst1q_f32(out + i + 8, a2), vst1q_f32(out + i + 12, a3);
+    }
+    if (i < hd) wsum_f16_scalar(w, V + i, stride, n, hd - i, out + i);
+}
+
+void to_f16(const float *x, uint16_t *y, int64_t n) {   // fcvtn rounds as FPCR says: to nearest even by default
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; i++) y[i] = f32_to_f16(x[i]);
+}
+
 }  // namespace
 }  // namespace bb::neon
 
@@ -349,6 +386,8 @@ void add_kernels_neon(std::vector<Kernel> &v) {
     // table lookup: equal to the others, not the default — its speed against neon-dotprod has not
     // been measured on an ARM CPU (CI runs it under qemu, whose timings mean nothing)
     v.push_back(Kernel{"neon-lut", "neon", "neon", gemv_lut, gemm_lut, dot_f32, dot_q8_scalar, dot_q8q8_scalar, repack_lut, prepare_lut});
+    for (Kernel &k : v)
+        if (std::string(k.isa) == "neon") k.dots_f16 = dots_f16, k.wsum_f16 = wsum_f16, k.to_f16 = to_f16;
 }
 
 }  // namespace bb

@@ -99,6 +99,66 @@ void swiglu_f32_scalar(float *g, const float *u, int64_t n) {
     for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// Round to nearest even, overflow to inf, subnormals exact (F. Giesen's float_to_half_fast3_rtne); NaN
+// gives a quiet NaN.
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = x & 0x80000000u;
+    x ^= sign;
+    uint16_t o;
+    if (x >= (127u + 16) << 23) {   // ≥ 2^16: inf, or NaN
+        o = x > 0x7f800000u ? 0x7e00 : 0x7c00;
+    } else if (x < 113u << 23) {     // below f16's smallest normal: the float adder rounds at 2^-24
+        const uint32_t magic_u = ((127u - 15) + (23 - 10) + 1) << 23;
+        float fx, magic;
+        std::memcpy(&fx, &x, 4);
+        std::memcpy(&magic, &magic_u, 4);
+        fx += magic;
+        uint32_t r;
+        std::memcpy(&r, &fx, 4);
+        o = (uint16_t)(r - magic_u);
+    } else {                          // rebias the exponent, round the 13 dropped bits to even
+        const uint32_t odd = (x >> 13) & 1;
+        x += ((uint32_t)(15 - 127) << 23) + 0xfff + odd;
+        o = (uint16_t)(x >> 13);
+    }
+    return (uint16_t)(o | (sign >> 16));
+}
+
+void to_f16_scalar(const float *x, uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = f32_to_f16(x[i]);
+}
+
+void dots_f16_scalar(const float *q, const uint16_t *K, int64_t stride, int64_t n, int64_t hd, float *out) {
+    for (int64_t j = 0; j < n; j++) {
+        float s = 0;
+        for (int64_t i = 0; i < hd; i++) s += q[i] * f16_to_f32(K[j * stride + i]);
+        out[j] = s;
+    }
+}
+
+void wsum_f16_scalar(const float *w, const uint16_t *V, int64_t stride, int64_t n, int64_t hd, float *out) {
+    std::fill(out, out + hd, 0.0f);
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < hd; i++) out[i] += w[j] * f16_to_f32(V[j * stride + i]);
+}
+
+void softmax_f32_scalar(float *s, int64_t n, float scale) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] *= scale;
+        mx = std::max(mx, s[j]);
+    }
+    float sum = 0;
+    for (int64_t j = 0; j < n; j++) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; j++) s[j] *= inv;
+}
+
 void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out) {
     for (int64_t j = 0; j < n; j++) out[j] = dot_f32_scalar(q, K + j * stride, hd);
 }

@@ -76,8 +76,8 @@ Model::Model(const std::string &path, int n_threads) : pool_(std::max(1, std::mi
 Context::Context(const Model &model, int64_t n_ctx) : model_(model) {
     n_ctx_ = n_ctx > 0 ? n_ctx : model.hp().n_ctx_train;
     if (n_ctx_ > (1 << 24)) fail("context " + std::to_string(n_ctx_) + " too large");
-    kcache_.resize(model.hp().n_layer);
-    vcache_.resize(model.hp().n_layer);
+    if (model.kv_f16()) kcache16_.resize(model.hp().n_layer), vcache16_.resize(model.hp().n_layer);
+    else kcache_.resize(model.hp().n_layer), vcache_.resize(model.hp().n_layer);
 }
 
 void Context::set_n_past(int64_t n) {
@@ -255,6 +255,15 @@ void Model::load() {
     output_norm_ = load_vector("output_norm.weight", h.n_embd, true);
     layers_.resize(h.n_layer);
     arch_->load(*this);
+    for (const Layer &L : layers_)
+        for (const Linear *w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.wgate, &L.wup, &L.wdown, &L.wqkv}) kv_f16_ |= w->bb != nullptr;
+    kv_f16_ = kv_f16_ && kernel_->dots_f16 && !precise_acts_ && precise_names_.empty();   // precise: the float reference
+    if (const char *e = std::getenv("BITBASIS_KV")) {
+        const std::string v = e;
+        if (v != "f16" && v != "f32") fail("BITBASIS_KV must be f16 or f32, not '" + v + "'");
+        if (v == "f16" && !kernel_->dots_f16) fail(std::string("BITBASIS_KV=f16: kernel ") + kernel_->name + " has no f16 attention");
+        kv_f16_ = v == "f16";
+    }
 
     // RoPE inverse frequencies as transformers computes them: llama-3 factors, linear scaling
     std::vector<float> factors = load_vector("rope_freqs.weight", h.n_rot / 2, false);
@@ -330,11 +339,11 @@ void Model::matmul(const Linear &w, ActsCache &ac, float *y) {
         const BBTensor &t = *w.bb;
         const ActsCache::Entry &e = acts_for(t, ac, precise);
         const Kernel &k = *kernel_;
-        auto run = [&](const std::vector<QActs> &a, float *out) {
+        auto run = [&](const std::vector<QActs> &a, float *out) {   // whole 32-row lookup tiles per piece
             if (n == 1)
-                pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) { k.gemv(t, a[0], out + r0, r0, r1); });
+                pool_.parallel_for(rows, LUT_ROWS, [&](int64_t r0, int64_t r1, int) { k.gemv(t, a[0], out + r0, r0, r1); });
             else
-                pool_.parallel_for(rows, 16, [&](int64_t r0, int64_t r1, int) {
+                pool_.parallel_for(rows, LUT_ROWS, [&](int64_t r0, int64_t r1, int) {
                     k.gemm(t, a.data(), n, out + r0, rows, r0, r1);
                 });
         };
@@ -438,8 +447,13 @@ void Model::attention(Step &s, const Layer &L, int64_t il) {
     for (int64_t t = 0; t < s.n; t++) {   // each token at its own position, into its own cache
         ops::rope(s.q.data() + t * qd, h.n_head, hd, h.n_rot, s.pos[t], inv_freq, h.rope_kind);
         ops::rope(s.k.data() + t * kvd, h.n_head_kv, hd, h.n_rot, s.pos[t], inv_freq, h.rope_kind);
-        std::memcpy(s.ctx[t]->kcache_[il].data() + s.pos[t] * kvd, s.k.data() + t * kvd, kvd * 4);
-        std::memcpy(s.ctx[t]->vcache_[il].data() + s.pos[t] * kvd, s.v.data() + t * kvd, kvd * 4);
+        if (kv_f16_) {
+            kernel_->to_f16(s.k.data() + t * kvd, s.ctx[t]->kcache16_[il].data() + s.pos[t] * kvd, kvd);
+            kernel_->to_f16(s.v.data() + t * kvd, s.ctx[t]->vcache16_[il].data() + s.pos[t] * kvd, kvd);
+        } else {
+            std::memcpy(s.ctx[t]->kcache_[il].data() + s.pos[t] * kvd, s.k.data() + t * kvd, kvd * 4);
+            std::memcpy(s.ctx[t]->vcache_[il].data() + s.pos[t] * kvd, s.v.data() + t * kvd, kvd * 4);
+        }
     }
     ops::AttnParams ap;
     ap.head_dim = hd;
@@ -452,9 +466,14 @@ void Model::attention(Step &s, const Layer &L, int64_t il) {
         for (int64_t idx = a; idx < b; idx++) {
             const int64_t t = idx / h.n_head, hh = idx % h.n_head, kvh = hh / group;
             const Context &c = *s.ctx[t];
-            ops::attend_head(s.q.data() + t * qd + hh * hd, c.kcache_[il].data() + kvh * hd,
-                             c.vcache_[il].data() + kvh * hd, s.pos[t], ap, *kernel_, scratch_[tid].data(),
-                             s.att.data() + t * qd + hh * hd);
+            if (kv_f16_)
+                ops::attend_head(s.q.data() + t * qd + hh * hd, c.kcache16_[il].data() + kvh * hd,
+                                 c.vcache16_[il].data() + kvh * hd, s.pos[t], ap, *kernel_, scratch_[tid].data(),
+                                 s.att.data() + t * qd + hh * hd);
+            else
+                ops::attend_head(s.q.data() + t * qd + hh * hd, c.kcache_[il].data() + kvh * hd,
+                                 c.vcache_[il].data() + kvh * hd, s.pos[t], ap, *kernel_, scratch_[tid].data(),
+                                 s.att.data() + t * qd + hh * hd);
         }
     });
 }
@@ -523,12 +542,16 @@ void Model::decode(const Batch &b, float *logits, bool all_logits) {
         for (int64_t j = 0; j < b.n_tokens[i]; j++, t++) ctx[t] = c, pos[t] = c->n_past_ + j;
         last[i] = t - 1;
         const size_t need = (size_t)(c->n_past_ + b.n_tokens[i]) * kvd;
-        for (int64_t l = 0; l < hp_.n_layer; l++)
-            if (c->kcache_[l].size() < need) {   // grow by half at least, up to the whole context
-                const size_t cap = (size_t)c->n_ctx_ * kvd;
-                c->kcache_[l].resize(std::max(need, std::min(cap, c->kcache_[l].size() * 3 / 2)));
-                c->vcache_[l].resize(c->kcache_[l].size());
-            }
+        auto grow = [&](auto &kc, auto &vc) {
+            for (int64_t l = 0; l < hp_.n_layer; l++)
+                if (kc[l].size() < need) {   // grow by half at least, up to the whole context
+                    const size_t cap = (size_t)c->n_ctx_ * kvd;
+                    kc[l].resize(std::max(need, std::min(cap, kc[l].size() * 3 / 2)));
+                    vc[l].resize(kc[l].size());
+                }
+        };
+        if (kv_f16_) grow(c->kcache16_, c->vcache16_);
+        else grow(c->kcache_, c->vcache_);
     }
     // chunks of at most BATCH tokens bound the activation buffers
     for (int64_t t0 = 0, s = 0; t0 < total; t0 += BATCH) {

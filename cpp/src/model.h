@@ -125,6 +125,7 @@ private:
     const Model &model_;
     int64_t n_ctx_ = 0, n_past_ = 0;
     std::vector<std::vector<float>> kcache_, vcache_;   // per layer [pos][n_head_kv*head_dim], grown on use
+    std::vector<std::vector<uint16_t>> kcache16_, vcache16_;   // the same in f16 (Model::kv_f16), else empty
 };
 
 // A batch for Model::decode: sequence i appends n_tokens[i] tokens (taken in order from `tokens`)
@@ -158,6 +159,12 @@ public:
     int n_threads() const { return pool_.size(); }
     bool precise_acts() const { return precise_acts_; }
     const char *arch_name() const { return arch_->name; }
+    // The KV cache holds f16 (half the bytes attention reads per token) for files with binary-basis or
+    // llama.cpp low-bit linears when the kernel set widens f16 in hardware (Kernel::dots_f16), unless
+    // precise acts are asked for (BITBASIS_PRECISE_ACTS, any form); f32 for dense files (the float
+    // reference) and otherwise.
+    // BITBASIS_KV=f16|f32 overrides it.
+    bool kv_f16() const { return kv_f16_; }
 
     // --- for the architecture files (cpp/src/models/) ---
     HParams &hparams() { return hp_; }
@@ -220,6 +227,7 @@ private:
     // the names (e.g. "ffn_down"), on top of those the architecture marks (Linear::precise): to
     // measure which linears' int8 activations move the logits.
     bool precise_acts_ = false;
+    bool kv_f16_ = false;
     std::vector<std::string> precise_names_;
     std::vector<float> resid_y_;
     std::vector<QActs> q8_acts_;   // int8 activations of the Q8_0 (head) matmul, per token

@@ -53,25 +53,30 @@ void rope(float *v, int64_t n_heads, int64_t head_dim, int64_t n_rot, int64_t po
     }
 }
 
-void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, const Kernel &k,
-                 float *sc, float *out) {
+// the scores of a head's window, its softmax (soft-capped first if asked), the weighted sum of values
+template <class T, class Dots, class Wsum>
+static void attend(const float *q, const T *kc, const T *vc, int64_t pos, const AttnParams &p, const Kernel &k, float *sc,
+                   float *out, Dots dots, Wsum wsum) {
     const int64_t hd = p.head_dim, p0 = p.window > 0 ? std::max<int64_t>(0, pos - p.window + 1) : 0, len = pos + 1 - p0;
     float *s = sc + p0;
-    k.dots_f32(q, kc + p0 * p.kv_stride, p.kv_stride, len, hd, s);
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < len; j++) {
-        s[j] *= p.scale;
-        if (p.softcap > 0) s[j] = p.softcap * std::tanh(s[j] / p.softcap);
-        mx = std::max(mx, s[j]);
+    dots(q, kc + p0 * p.kv_stride, p.kv_stride, len, hd, s);
+    if (p.softcap > 0) {   // scores = softcap · tanh(scale · q·k / softcap), then the softmax
+        for (int64_t j = 0; j < len; j++) s[j] = p.softcap * std::tanh(s[j] * p.scale / p.softcap);
+        k.softmax_f32(s, len, 1.0f);
+    } else {
+        k.softmax_f32(s, len, p.scale);
     }
-    float sum = 0;
-    for (int64_t j = 0; j < len; j++) {
-        s[j] = std::exp(s[j] - mx);
-        sum += s[j];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < len; j++) s[j] *= inv;
-    k.wsum_f32(s, vc + p0 * p.kv_stride, p.kv_stride, len, hd, out);
+    wsum(s, vc + p0 * p.kv_stride, p.kv_stride, len, hd, out);
+}
+
+void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, const Kernel &k,
+                 float *sc, float *out) {
+    attend(q, kc, vc, pos, p, k, sc, out, k.dots_f32, k.wsum_f32);
+}
+
+void attend_head(const float *q, const uint16_t *kc, const uint16_t *vc, int64_t pos, const AttnParams &p, const Kernel &k,
+                 float *sc, float *out) {
+    attend(q, kc, vc, pos, p, k, sc, out, k.dots_f16, k.wsum_f16);
 }
 
 void swiglu(float *g, const float *u, int64_t n, const Kernel &k) { k.swiglu_f32(g, u, n); }

@@ -36,6 +36,9 @@ struct AttnParams {
 // the weighted sum of values are the kernel's attention rows (k.dots_f32, k.wsum_f32).
 void attend_head(const float *q, const float *kc, const float *vc, int64_t pos, const AttnParams &p, const Kernel &k,
                  float *sc, float *out);
+// The same over an f16 cache (k.dots_f16, k.wsum_f16; Model's cache of quantized files).
+void attend_head(const float *q, const uint16_t *kc, const uint16_t *vc, int64_t pos, const AttnParams &p, const Kernel &k,
+                 float *sc, float *out);
 
 void swiglu(float *g, const float *u, int64_t n, const Kernel &k);   // g = silu(g) * u (Llama, Qwen, Phi-3): k.swiglu_f32
 void geglu_tanh(float *g, const float *u, int64_t n);   // g = gelu_tanh(g) * u (Gemma)

@@ -25,21 +25,6 @@ static int g_fail = 0, g_checks = 0;
         }                                                                 \
     } while (0)
 
-// f32 -> f16 bits for values that are exactly representable or close (round to nearest even).
-static uint16_t f32_to_f16(float f) {
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000;
-    int exp = (int)((x >> 23) & 0xff) - 127 + 15;
-    uint32_t man = x & 0x7fffff;
-    if (exp <= 0) return (uint16_t)sign;  // tests never need subnormals
-    if (exp >= 31) return (uint16_t)(sign | 0x7c00);
-    uint32_t h = sign | (exp << 10) | (man >> 13);
-    const uint32_t rem = man & 0x1fff;
-    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
-    return (uint16_t)h;
-}
-
 // A random binary-basis tensor that owns its component arrays.
 struct Owned {
     std::vector<uint8_t> planes, colmask, elemclass, smask, scodes;
@@ -477,6 +462,89 @@ static void test_swiglu(std::mt19937_64 &rng) {
     }
 }
 
+// The f16 KV cache: f32_to_f16 rounds to nearest even (ties, the largest finite, overflow, subnormals,
+// a round trip of every finite f16), every kernel set's to_f16 equals it bit for bit, and its rows
+// (dots_f16, wsum_f16) equal the scalar ones on strided rows as the cache holds them.
+static void test_kv_f16(std::mt19937_64 &rng) {
+    CHECK(f32_to_f16(1.0f) == 0x3c00 && f32_to_f16(-2.0f) == 0xc000 && f32_to_f16(65504.0f) == 0x7bff, "f32_to_f16 basics");
+    CHECK(f32_to_f16(65519.0f) == 0x7bff && f32_to_f16(65520.0f) == 0x7c00 && f32_to_f16(1e9f) == 0x7c00, "f32_to_f16 overflow");
+    CHECK(f32_to_f16(1.0f + 1.0f / 2048) == 0x3c00 && f32_to_f16(1.0f + 3.0f / 2048) == 0x3c02, "f32_to_f16 ties to even");
+    CHECK(f32_to_f16(std::ldexp(1.0f, -24)) == 0x0001 && f32_to_f16(std::ldexp(1.0f, -25)) == 0x0000 &&
+              f32_to_f16(std::ldexp(3.0f, -25)) == 0x0002, "f32_to_f16 subnormals");
+    CHECK((f32_to_f16(NAN) & 0x7c00) == 0x7c00 && (f32_to_f16(NAN) & 0x3ff) != 0, "f32_to_f16 NaN");
+    bool trip = true;
+    for (uint32_t h = 0; h < 0x10000; h++)
+        if ((h & 0x7c00) != 0x7c00) trip &= f32_to_f16(f16_to_f32((uint16_t)h)) == h;
+    CHECK(trip, "f16 -> f32 -> f16 round trip");
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> x(1003);
+    for (size_t i = 0; i < x.size(); i++) x[i] = std::ldexp(u(rng), (int)(i % 40) - 28);   // 2^-28 .. 2^11: subnormal to large
+    x[0] = 1e6f, x[1] = -70000.0f, x[2] = 0.0f, x[3] = -0.0f;
+    std::vector<uint16_t> ref(x.size());
+    to_f16_scalar(x.data(), ref.data(), (int64_t)x.size());
+    for (int64_t hd : {64, 128, 80, 6}) {
+        for (int64_t n : {1, 3, 4, 7, 33}) {
+            const int64_t stride = 3 * hd + 5;
+            std::vector<float> q(hd), Kf(n * stride), w(n);
+            for (auto &v : q) v = u(rng);
+            for (auto &v : Kf) v = u(rng);
+            for (auto &v : w) v = 0.5f * (u(rng) + 1.0f);
+            std::vector<uint16_t> K(Kf.size());
+            to_f16_scalar(Kf.data(), K.data(), (int64_t)K.size());
+            std::vector<float> s_ref(n), o_ref(hd), s_abs(n, 0.0f), o_abs(hd, 0.0f);
+            dots_f16_scalar(q.data(), K.data(), stride, n, hd, s_ref.data());
+            wsum_f16_scalar(w.data(), K.data(), stride, n, hd, o_ref.data());
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t i = 0; i < hd; i++) {
+                    s_abs[j] += std::fabs(q[i] * Kf[j * stride + i]);
+                    o_abs[i] += std::fabs(w[j] * Kf[j * stride + i]);
+                }
+            for (const Kernel &k : all_kernels()) {
+                if (!k.supported() || !k.dots_f16) continue;
+                std::vector<float> s(n, NAN), o(hd, NAN);
+                k.dots_f16(q.data(), K.data(), stride, n, hd, s.data());
+                k.wsum_f16(w.data(), K.data(), stride, n, hd, o.data());
+                bool ok = true;
+                for (int64_t j = 0; j < n; j++) ok &= std::fabs(s[j] - s_ref[j]) <= 1e-5 * (1 + s_abs[j]);
+                CHECK(ok, "%s dots_f16 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
+                ok = true;
+                for (int64_t i = 0; i < hd; i++) ok &= std::fabs(o[i] - o_ref[i]) <= 1e-5 * (1 + o_abs[i]);
+                CHECK(ok, "%s wsum_f16 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
+            }
+        }
+    }
+    for (const Kernel &k : all_kernels()) {
+        if (!k.supported() || !k.to_f16) continue;
+        CHECK(k.dots_f16 && k.wsum_f16, "%s has to_f16 without the f16 rows", k.name);
+        std::vector<uint16_t> got(x.size(), 0xffff);
+        k.to_f16(x.data(), got.data(), (int64_t)x.size());
+        CHECK(got == ref, "%s to_f16 differs from f32_to_f16", k.name);
+    }
+}
+
+// Every kernel set's softmax equals the scalar one (std::exp, sums in order) within 1e-6 relative per
+// weight: lengths with and without a tail of 8, scores far below the max (weights that underflow to 0).
+static void test_softmax(std::mt19937_64 &rng) {
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    for (int64_t n : {1, 5, 8, 37, 300}) {
+        std::vector<float> x(n);
+        for (int64_t j = 0; j < n; j++) x[j] = j == 2 ? -1e4f : 20.0f * u(rng);
+        std::vector<float> ref = x;
+        softmax_f32_scalar(ref.data(), n, 0.125f);
+        for (const Kernel &k : all_kernels()) {
+            if (!k.supported()) continue;
+            std::vector<float> got = x;
+            k.softmax_f32(got.data(), n, 0.125f);
+            double worst = 0;
+            for (int64_t j = 0; j < n; j++) {
+                const double e = std::fabs((double)got[j] - ref[j]) / (ref[j] + 1e-30);
+                if (!(e <= worst)) worst = e;   // NaN counts as worst
+            }
+            CHECK(worst <= 1e-6, "%s softmax_f32 n=%lld vs scalar: rel err %.3g", k.name, (long long)n, worst);
+        }
+    }
+}
+
 static void test_f16() {
     CHECK(f16_to_f32(0x3c00) == 1.0f, "f16 1.0");
     CHECK(f16_to_f32(0xc000) == -2.0f, "f16 -2.0");
@@ -502,6 +570,8 @@ int main(int argc, char **argv) {
     test_pool();
     test_attention_rows(rng);
     test_swiglu(rng);
+    test_softmax(rng);
+    test_kv_f16(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
     // (--quick: fewer plane counts and group sizes, smaller shapes; for qemu)
     const std::vector<int> flagN = quick ? std::vector<int>{2, 7} : std::vector<int>{1, 3, 8};
