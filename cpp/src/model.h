@@ -1,8 +1,9 @@
 // The forward pass over a GGUF file of a supported architecture (llama.cpp conventions): token
 // embedding, the blocks of the file's architecture (ARCHS in model.cpp; one file each in
 // cpp/src/models/, built from the shared ops in ops.h), final RMSNorm, tied or untied output head.
-// Attention is grouped-query with an f32 KV cache. Dense weights are F32/F16/Q8_0; the block linear
-// weights may be binary-basis tensors, run through the kernel interface (kernels.h).
+// Attention is grouped-query with an f32 or f16 KV cache (Model::kv_f16). Dense weights are
+// F32/F16/Q8_0; the block linear weights may be binary-basis tensors, run through the kernel
+// interface (kernels.h).
 //
 // As llama.cpp splits llama_model from llama_context: a Model holds the mmap'd weights, loaded once;
 // any number of Contexts each hold one sequence's KV cache and position. Model::decode runs one
