@@ -27,7 +27,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # q3 3 600 with --seqs 4096 --gen-batch 1024 and no calibration text)
 LEGS=${LEGS:-"q2e 2 1400 0.002 0.01 --embed-bases 4:64 --head-bases 4:64
 q3c 3 1400 0.001 0.005
-q1t 1 1400 0.002 0.01 --latent teacher --grid paretoq"}
+q1t 1 600 0.002 0.01 --latent teacher --grid paretoq"}
 COMMON=${COMMON:-"--batch 32 --length 256 --seqs 32768 --calib-frac 1 --gen-batch 2048 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 --ckpt-every 400 -q"}
 # the teacher's generation grows its KV cache a step at a time: without expandable segments the
 # allocator's cache of outgrown blocks reached 88 GB in the session-10 sweep and starved the other legs
