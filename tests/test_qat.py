@@ -265,3 +265,40 @@ def test_a_rotated_file_distils_against_the_rotated_teacher(tiny_dir, start, tmp
     for k, bb in q.items():
         w = bbf.dequantize(bb)
         assert np.linalg.norm(w - sd_rot[k]) < 0.8 * np.linalg.norm(w - sd[k]), k
+
+
+def test_embedding_and_head_train_as_bases_and_are_written_so(tiny_dir, start, tmp_path, cache):
+    """--embed-bases / --head-bases (issue 19 item 4): the token embedding / head become N:G binary bases
+    trained with the linears and written packed. The tiny model is tied: one tensor (token_embd, no
+    output.weight); a rotated file's head is its own tensor, quantized alone when only --head-bases."""
+    from bitbasis import format as bbf, hf
+    from bitbasis.cli.distill import distill_file
+    from bitbasis.gguf_io import read_model
+    out = tmp_path / "e.gguf"
+    distill_file(start, out, tiny_dir, D.DistillConfig(**QAT, embed_bases="4:64", head_bases="4:64",
+                                                       ckpt=str(tmp_path / "e.pt")), progress=False)
+    mf = read_model(out)
+    assert "token_embd.weight" in mf.packed and "output.weight" not in mf.packed and "output.weight" not in mf.dense
+    emb = bbf.unpack(mf.packed["token_embd.weight"], "token_embd.weight")
+    assert (emb.n_planes, emb.group) == (4, 64)
+    w = hf.load_state_dict(tiny_dir)["model.embed_tokens.weight"]
+    start_bb = D.outer_bases(hf.load_torch_model(tiny_dir), {}, D.DistillConfig(embed_bases="4:64"), tied=True)
+    w0 = bbf.dequantize(start_bb[D.EMBED])
+    err = np.linalg.norm(bbf.dequantize(emb) - w) / np.linalg.norm(w)
+    assert err < 0.5 and not np.allclose(bbf.dequantize(emb), w0)    # trained (the test's large steps), still near
+    assert np.linalg.norm(w0 - w) / np.linalg.norm(w) < 0.15     # the 16-level start itself: ~0.11
+
+    with pytest.raises(D.DistillError, match="ties its head"):
+        D.distill(tiny_dir, quantized_from_file(start, tiny_dir)[0],
+                  D.DistillConfig(**QAT, embed_bases="4:64", head_bases="2:64"), progress=False)
+    with pytest.raises(D.DistillError, match="N:G"):
+        D.DistillConfig(embed_bases="4").check()
+
+    rot = tmp_path / "rot.gguf"
+    convert(tiny_dir, rot, ConvertOptions(method="qbb", bases=2, group=64, rotate=True,
+                                          extra={"rounds": 1, "iters": 0}), progress=False)
+    out2 = tmp_path / "h.gguf"
+    distill_file(rot, out2, tiny_dir, D.DistillConfig(**QAT, head_bases="4:64", ckpt=str(tmp_path / "h.pt")),
+                 progress=False)
+    mf2 = read_model(out2)
+    assert "output.weight" in mf2.packed and "token_embd.weight" in mf2.dense

@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class DistillConfig:
     stop_at: int = 0          # checkpoint and stop after this step (0: run to the end); a rerun continues
     time_limit: float = 0     # checkpoint and stop after this many seconds of training (0: none)
     fsdp: bool = False        # under torchrun: shard teacher and student with FSDP2 instead of replicating them
+    embed_bases: str = ""     # "N:G": the token embedding as N bases of group G, trained like the linears
+    head_bases: str = ""      # "N:G": the output head likewise (a tied model: one tensor, see outer_bases)
 
     # settings that do not change the trajectory: a checkpoint of a run that differs only in these resumes
     NOT_IN_KEY = ("device", "ckpt", "ckpt_every", "eval_every", "eval_windows", "eval_log", "stop_at", "time_limit",
@@ -128,6 +131,9 @@ class DistillConfig:
             raise DistillError("distill: gen_batch >= 0, ckpt_every >= 1, eval_every >= 0, eval_windows >= 1")
         if self.stop_at < 0 or self.time_limit < 0:
             raise DistillError("distill: stop_at and time_limit must be >= 0")
+        for flag, spec in (("--embed-bases", self.embed_bases), ("--head-bases", self.head_bases)):
+            if spec and not re.fullmatch(r"[1-8]:[1-9]\d*", spec):
+                raise DistillError(f"distill: {flag} {spec!r}: expected N:G with N in 1..8 (e.g. 4:64)")
         if self.fsdp and self.swap:
             raise DistillError("distill: --fsdp shards whole blocks; the progressive block swap needs --swap 0")
         if self.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -159,6 +165,7 @@ class BasisLinear(torch.nn.Module):
         if grid is not None:
             alpha0, mu0 = grid[0].float().cpu(), None if grid[1] is None else grid[1].float().cpu()
         self.cols, self.group = bb.shape[1], bb.group
+        self.embed_scale = None                 # a scaled embedding's factor (Gemma's √hidden), set by the caller
         self.register_buffer("signs", signs.to(torch.int8))                  # ±1, 0 in the padding
         self.register_buffer("alpha0", alpha0)
         self.a = torch.nn.Parameter(torch.zeros_like(alpha0))
@@ -214,7 +221,11 @@ class BasisLinear(torch.nn.Module):
 
     def forward(self, x):
         w = self.__dict__.get("banked")         # this step's weight, when a _WeightBank made it
-        return torch.nn.functional.linear(x, self.weight() if w is None else w)
+        w = self.weight() if w is None else w
+        if not x.is_floating_point():           # token ids: the module stands for the token embedding
+            y = torch.nn.functional.embedding(x, w)
+            return y if self.embed_scale is None else y * self.embed_scale
+        return torch.nn.functional.linear(x, w)
 
     def export(self, bb: BinaryBasis) -> BinaryBasis:
         alpha, mu = self.scales()
@@ -515,6 +526,37 @@ def loss_fn(cfg: DistillConfig, t_logits: torch.Tensor, s_logits: torch.Tensor, 
     return _LogitLoss.apply(t_logits, s_logits, cfg.loss, gamma, cfg.mse_weight)
 
 
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def outer_bases(teacher, quantized: dict[str, BinaryBasis], cfg: DistillConfig, tied: bool
+                ) -> dict[str, BinaryBasis]:
+    """--embed-bases / --head-bases N:G: the token embedding / output head as N bases of group G, to be
+    trained with the same straight-through signs as the block linears (issue 19 item 4: ~60 MB of Q8_0
+    embedding + untied head would otherwise be most of an N = 2 file). Start: ParetoQ's grid of the
+    teacher's weights with an offset (N = 4: LSQ's 16 uniform levels, basis.paretoq_grid), signs on their
+    nearest levels. A tied model has one tensor for both: either flag quantizes it (as the embedding)."""
+    specs = {EMBED: cfg.embed_bases, HEAD: cfg.head_bases}
+    if tied:
+        given = {v for v in specs.values() if v}
+        if len(given) > 1:
+            raise DistillError(f"distill: the model ties its head to its embedding (one tensor): "
+                               f"--embed-bases {cfg.embed_bases} and --head-bases {cfg.head_bases} differ")
+        specs = {EMBED: given.pop() if given else ""}
+    out = {}
+    for name, spec in specs.items():
+        if not spec:
+            continue
+        if name in quantized:
+            raise DistillError(f"distill: {name} is already binary bases in the file; drop the option")
+        n, g = (int(x) for x in spec.split(":"))
+        w = (teacher.model.embed_tokens if name == EMBED else teacher.lm_head).weight.detach().float().cpu()
+        alpha, mu = paretoq_grid(w, n, g, offset=True)
+        wg, valid = groups_view(w, g)
+        out[name] = pack(nearest_signs(wg, alpha, mu, valid.float(), level_codes(n)), alpha, mu, g, w.shape[1])
+    return out
+
+
 def _linear_parent(model, hf_name: str):
     """'model.layers.3.self_attn.q_proj.weight' -> (module holding q_proj, 'q_proj')."""
     parts = hf_name.split(".")[:-1]
@@ -607,16 +649,23 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         p.requires_grad_(False)
     student = copy.deepcopy(teacher)                    # frozen too: only the scales (+ latents) below train
     signs = cfg.train == "signs"
+    tied = student.lm_head.weight is student.model.embed_tokens.weight
+    quantized = dict(quantized, **outer_bases(teacher, quantized, cfg, tied))
     modules: dict[str, BasisLinear] = {}
     for name, bb in quantized.items():
         parent, attr = _linear_parent(student, name)
-        w_fp = getattr(parent, attr).weight.detach()
+        old = getattr(parent, attr)
+        w_fp = old.weight.detach()
         if tuple(w_fp.shape) != bb.shape:
             raise DistillError(f"{name}: the file's shape {list(bb.shape)} is not the teacher's {list(w_fp.shape)}")
         grid = paretoq_grid(w_fp.cpu(), bb.n_planes, bb.group, bb.offsets is not None) if cfg.grid == "paretoq" else None
         latent = w_fp if cfg.latent == "teacher" else None
         modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid).to(home)
+        if isinstance(old, torch.nn.Embedding) and getattr(old, "embed_scale", None) is not None:
+            modules[name].embed_scale = float(old.embed_scale)
         setattr(parent, attr, modules[name])
+    if tied and EMBED in modules:                       # one tensor: the head is the quantized embedding too
+        student.lm_head = modules[EMBED]
     if fsdp:
         _shard(teacher, dev, d.world)
         _shard(student, dev, d.world)

@@ -7,6 +7,7 @@
 #   bash .dev/p2/legs.sh go [LIMIT]       carry [.dev/p2]: teacher part 2; setup, starts, training
 #   bash /tmp/bb/legs.sh go [LIMIT]       no carry: continue training (stop LIMIT s after the call began)
 #   bash /tmp/bb/legs.sh fetch TAG...     no carry: finished files' planes (start_pt.py pack) in 15 MB parts
+#   PARTS=0[0-2] bash /tmp/bb/legs.sh file TAG...   a finished file itself in 15 MB parts (cat them together)
 #   bash /tmp/bb/legs.sh eval TAG...      no carry: the engine's 40-window perplexity of finished files, there
 #                                         (the engine builds from the call's repository root, started by `go`)
 set -u
@@ -19,12 +20,15 @@ OUT=${OUT:-/tmp/bb/out}
 mkdir -p $B $BITBASIS_CACHE "$OUT"
 here=$(cd "$(dirname "$0")" && pwd)
 
-# the legs: TAG N STEPS LR SIGN_LR [EXTRA distill options...] (session 10's; session 9's were
-# q1 1 500 0.002 0.01 / q2 2 700 0.002 0.01 / q3 3 600 0.001 0.005 with --seqs 4096 --gen-batch 1024, no calibration text)
-LEGS=${LEGS:-"q3 3 800 0.001 0.005
-q2 2 800 0.002 0.01
-q3c 3 800 0.001 0.005 --calib-frac 1"}
-COMMON=${COMMON:-"--batch 32 --length 256 --seqs 32768 --calib-frac 0.5 --gen-batch 2048 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 --ckpt-every 400 -q"}
+# the legs: TAG N STEPS LR SIGN_LR [EXTRA distill options...] (session 11's: all calibration text, the
+# lever of session 10; q2e trains its embedding and head as 4:64 bases for a small whole file; q1t is
+# N = 1 from the teacher's weights on ParetoQ's 1-bit grid (mean |W| per group). Session 10's were
+# q3 / q2 (800 steps, --calib-frac 0.5) and q3c (--calib-frac 1); session 9's q1 1 500 / q2 2 700 /
+# q3 3 600 with --seqs 4096 --gen-batch 1024 and no calibration text)
+LEGS=${LEGS:-"q2e 2 1400 0.002 0.01 --embed-bases 4:64 --head-bases 4:64
+q3c 3 1400 0.001 0.005
+q1t 1 600 0.002 0.01 --latent teacher --grid paretoq"}
+COMMON=${COMMON:-"--batch 32 --length 256 --seqs 32768 --calib-frac 1 --gen-batch 2048 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 --ckpt-every 400 -q"}
 # the teacher's generation grows its KV cache a step at a time: without expandable segments the
 # allocator's cache of outgrown blocks reached 88 GB in the session-10 sweep and starved the other legs
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
@@ -81,7 +85,7 @@ go)
     first=1
     while read tag n steps lr slr extra; do
         [ -f $B/$tag.gguf ] && continue
-        over=40; [ -f $B/$tag.pt ] || [ $first = 0 ] || over=150
+        over=40; [ -f $B/$tag.pt ] || [ $first = 0 ] || over=${OVER:-150}   # OVER: the data's time (--calib-frac 1: ~40 s)
         tl=$(( $(left) - 60 - over ))
         [ $tl -lt 30 ] && { echo "$tag: no time left in this call"; continue; }
         echo "$tag: training for up to $tl s"
@@ -117,6 +121,15 @@ eval)
     nproc; lscpu | grep -m1 "Model name"; uptime
     tar czf "$OUT/evals.tgz" -C $B $(cd $B && ls *.evals.jsonl *.log *.ppl.txt 2>/dev/null)
     ;;
+file)        # a finished file itself in 15 MB parts, PARTS (a glob: 0[0-2]) of them per call: 64 MiB come back
+    shift
+    for t in "$@"; do
+        [ -f $B/$t.gguf ] || { echo "$t: not finished"; continue; }
+        [ -f $B/$t.gguf.part00 ] || split -b 15000000 -d $B/$t.gguf $B/$t.gguf.part
+        cp $B/$t.gguf.part${PARTS:-*} "$OUT/" && sha256sum $B/$t.gguf
+    done
+    ls -la "$OUT"
+    ;;
 fetch)
     shift
     for t in "$@"; do
@@ -128,5 +141,5 @@ fetch)
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: legs.sh part1 | go [LIMIT] | eval TAG... | fetch TAG..."; exit 2 ;;
+    echo "usage: legs.sh part1 | go [LIMIT] | eval TAG... | file TAG... | fetch TAG..."; exit 2 ;;
 esac

@@ -66,7 +66,8 @@ def config_of(a):
                          calib_frac=a.calib_frac, weight_decay=a.weight_decay, clip=a.clip, gen_batch=a.gen_batch,
                          seed=a.seed, device=a.device, ckpt=a.ckpt or "", ckpt_every=a.ckpt_every,
                          eval_every=a.eval_every, eval_windows=a.eval_windows, eval_log=a.eval_log or "",
-                         stop_at=a.stop_at, time_limit=a.time_limit, fsdp=a.fsdp)
+                         stop_at=a.stop_at, time_limit=a.time_limit, fsdp=a.fsdp,
+                         embed_bases=a.embed_bases or "", head_bases=a.head_bases or "")
 
 
 def run(a) -> int:
@@ -133,6 +134,12 @@ def add_parser(sub) -> None:
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard teacher and student over the processes with FSDP2 (fully_shard per "
                         "block) for models that do not fit one device, instead of a copy per process; needs --swap 0")
+    t.add_argument("--embed-bases", metavar="N:G",
+                   help="quantize the token embedding (a Q8_0/dense one in the file) as N bases in groups of G and "
+                        "train it with the block linears (e.g. 4:64; default: as in the file)")
+    t.add_argument("--head-bases", metavar="N:G",
+                   help="likewise the output head (e.g. 4:64). A model whose head is tied to its embedding has one "
+                        "tensor: either option quantizes it")
     t.add_argument("--force", action="store_true", help="overwrite an existing output file")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=run)
