@@ -26,6 +26,12 @@ GEMMA3 = dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 CONFIGS = {   # name: (transformers model class, config class, config over COMMON)
     "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    # Llama 3.x: llama-3 RoPE scaling (the rope_freqs tensor); an original context of 64 puts the
+    # frequencies of head_dim 16 in all three bands (kept, smoothed, divided by the factor)
+    "llama3": ("LlamaForCausalLM", "LlamaConfig",
+               dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64})),
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=WINDOW)),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False)),   # q/k/v biases
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32)),                  # q/k norms
