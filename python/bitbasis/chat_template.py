@@ -249,6 +249,20 @@ def check_messages(messages: Any) -> list[dict]:
     return out
 
 
+def template_for(model, given: str | None = None) -> tuple[str | None, str | None]:
+    """(template, notice): the template a conversation with `model` renders in — `given` (a
+    --chat-template-file), else the file's tokenizer.chat_template, else its architecture's built-in
+    turn format (bitbasis.arch; then `notice` is a one-line message saying so), else None."""
+    if given or model.chat_template:
+        return given or model.chat_template, None
+    from .arch import ARCHS
+    name = model.meta_string("general.architecture")
+    builtin = ARCHS[name].chat_template if name in ARCHS else None
+    if builtin is None:
+        return None, None
+    return builtin, f"{model.path}: no chat template in the file; using the built-in {name} turn format"
+
+
 def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True, template: str | None = None,
                 **limits) -> str:
     """`messages` rendered by the file's chat template (or `template`) with the model's special tokens."""

@@ -408,6 +408,13 @@ class Model:
             ids.add(e)
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
+        # the architecture's end-of-turn token ends a reply as EOS does (as llama.cpp's end-of-generation
+        # set): a chat model closes its turn with it and only then, if ever, writes EOS
+        from .arch import ARCHS
+        a = ARCHS.get(self.meta_string("general.architecture") or "")
+        eot = a.end_of_turn if a else None
+        if eot is not None and (i := self.tokenizer.backend_tokenizer.token_to_id(eot)) is not None:
+            ids.add(int(i))
         return ids
 
     def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:

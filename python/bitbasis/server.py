@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .chat_template import ChatTemplateError, check_messages, render_chat
+from .chat_template import ChatTemplateError, check_messages, render_chat, template_for
 from .engine import EngineError, Generation, Model, Sampling, common_prefix
 
 PAGE = Path(__file__).with_name("server_page.html")
@@ -586,9 +586,12 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, parallel: 
     import uvicorn
     model = Model(model_path, threads=threads, n_ctx=8)   # the default context is not used: slots are
     model.tokenizer                                       # loaded before the port opens: /health = ready
-    if chat_template is None and not model.chat_template:
+    chat_template, notice = template_for(model, chat_template)
+    if chat_template is None:
         print(f"bitbasis serve: warning: {model_path} has no chat template; /v1/chat/completions will fail",
               file=sys.stderr)
+    elif notice:
+        print(f"bitbasis serve: {notice}", file=sys.stderr)
     model_id = Path(model_path).stem
     server = Server(model, model_id, parallel, n_ctx, queue_size, api_key, defaults, chat_template, default_stop)
     print(f"bitbasis serve: {model_path} as '{model_id}' on http://{host}:{port} ({parallel} slots of "

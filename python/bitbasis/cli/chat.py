@@ -55,7 +55,7 @@ def read_message(prompt: str = "> ") -> str:
 
 def run(a) -> int:
     import signal
-    from ..chat_template import ChatTemplateError, render_chat
+    from ..chat_template import ChatTemplateError, render_chat, template_for
     from ..engine import Model
     # Ctrl-C must stop a reply even when the parent started us with SIGINT ignored or blocked (both
     # are inherited through exec; Python then never raises KeyboardInterrupt)
@@ -69,9 +69,12 @@ def run(a) -> int:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--chat-template-file {a.chat_template_file}: {e.strerror or e}") from None
     m = Model(a.model, threads=a.threads, n_ctx=a.ctx)
-    if not (template or m.chat_template):   # (llama.cpp's GGUFs of base models often carry none)
+    template, notice = template_for(m, template)   # (llama.cpp's GGUFs of base models often carry none)
+    if template is None:
         raise ValueError(f"{a.model}: no chat template in the file (tokenizer.chat_template); "
                          f"give one with --chat-template-file")
+    if notice:
+        print(f"bitbasis chat: {notice}", file=sys.stderr)
     n = n_predict(a.n_predict)
     budget = min(n if n is not None else m.n_ctx, m.n_ctx // 2)
     system = [{"role": "system", "content": a.system}] if a.system else []
@@ -137,7 +140,8 @@ def add_parser(sub) -> None:
                    help="most tokens per reply (default 512; -1 = up to half the context)")
     c.add_argument("--system", default=None, help="system message")
     c.add_argument("--chat-template-file", metavar="FILE",
-                   help="Jinja chat template to use instead of the file's (needed when the file has none)")
+                   help="Jinja chat template to use instead of the file's (needed when the file has none "
+                        "and its architecture has no built-in turn format)")
     c.add_argument("--ignore-eos", action="store_true",
                    help="replies run to -n tokens past the end-of-text token (testing Ctrl-C, benchmarks)")
     add_sampling(c, 0.7)

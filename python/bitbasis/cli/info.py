@@ -28,9 +28,12 @@ def _llamacpp_file(a, tensors) -> int:
     print(f"file bpw    {8.0 * size / max(params, 1):.3f} (everything: embeddings, norms, head, metadata)")
     foreign = sorted({lt.type_name(t) for _, t, _ in tensors if t not in lt.ENGINE_TYPES})
     if foreign:
+        from ..arch import ARCHS
+        how = (f"`bitbasis convert {a.model} -o OUT.gguf` makes one from this file (dequantized once)"
+               if md.get("general.architecture") in ARCHS else "`bitbasis convert` makes one from the model's "
+               "Hugging Face checkpoint, if its architecture is supported")
         print(f"engine      cannot run {', '.join(foreign)} tensors (it runs F32, F16, Q8_0, Q1_0, Q2_0, TQ1_0, "
-              f"TQ2_0 and binary basis): make a bitbasis file with `bitbasis convert` from the model's "
-              f"Hugging Face checkpoint")
+              f"TQ2_0 and binary basis): {how}")
     else:
         print("engine      runs it: the low-bit tensors map losslessly onto binary-basis tensors at load")
     if a.tensors:
