@@ -35,6 +35,7 @@ class ConvertOptions:
     head_bases: tuple[int, int] | None = None   # quantize the output head too: (N, G)
     embed_bases: tuple[int, int] | None = None  # quantize the token embedding too: (N, G)
     check: bool = False            # after writing: warn when the model has collapsed (collapse_check)
+    distill: dict | None = None    # then distil the quantized linears' scales: DistillConfig fields (bitbasis.distill)
 
 
 # The best CPU recipe measured (docs/results.md §27, §33): the CLI's and the demo's defaults. A rotation, then
@@ -44,7 +45,7 @@ class ConvertOptions:
 # 128 pads a fifth group to 4.72 bpw). The head stays Q8_0 (4-bit embedding + head cost +2.1%, §27).
 # bases/group: the uniform setting when --bases/--group replace the plan.
 DEFAULT_RECIPE = dict(method="gptq", target_bpw=3.4, opts={"act_order": True}, bases=3, group=192, rotate=True,
-                      calib_samples=64, calib_seqlen=512, embed_bases=(4, 64), head_bases=None)
+                      calib_samples=64, calib_seqlen=512, embed_bases=(4, 64), head_bases=None, distill=None)
 COLLAPSE_RATIO = 4.0               # perplexity of the file / of the f32 model above which it has collapsed
 
 
@@ -92,11 +93,23 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
     elif quantizer is not None and quantizer.needs_hessian:
         from .calibrate import quantize_model
         quantized = quantize_model(model_dir, quantizer, opts.calib or {}, progress=progress, errors=errors)
-    settings = None
+    settings = dict(quantizer.settings()) if quantizer else {}
     if opts.rotate:
-        settings = dict(quantizer.settings() if quantizer else {},
-                        rotation={"kind": "randomized Hadamard x random orthogonal, residual + per-head V/O",
-                                  "seed": int((opts.calib or {}).get("seed") or 0)})
+        settings["rotation"] = {"kind": "randomized Hadamard x random orthogonal, residual + per-head V/O",
+                                "seed": int((opts.calib or {}).get("seed") or 0)}
+    if opts.distill and quantized:
+        # EfficientQAT's end-to-end stage on the CPU: only the scales of the quantized linears train (KL to
+        # the f32 model's logits); the signs, the plan and the bits stay. The teacher is model_dir, i.e.
+        # the rotated checkpoint when rotating (the same function); the embedding, quantized below, is f32
+        # while training
+        from .distill import DistillConfig, DistillError, close_distributed, distill, init_distributed
+        dcfg = DistillConfig(**dict(opts.distill, device=(opts.calib or {}).get("device") or ""))
+        try:
+            quantized = distill(model_dir, quantized, dcfg, progress=progress)
+        except DistillError as e:
+            raise ConvertError(str(e)) from None
+        close_distributed(init_distributed(dcfg.torch_device()))
+        settings["distilled"] = dcfg.settings()
     s = write_converted(model_dir, out, opts, quantizer, quantized, progress=progress, settings=settings)
     s["seconds"] = time.time() - t0
     if errors:

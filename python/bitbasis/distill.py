@@ -109,6 +109,7 @@ class DistillConfig:
     fsdp: bool = False        # under torchrun: shard teacher and student with FSDP2 instead of replicating them
     embed_bases: str = ""     # "N:G": the token embedding as N bases of group G, trained like the linears
     head_bases: str = ""      # "N:G": the output head likewise (a tied model: one tensor, see outer_bases)
+    keep_pow2: bool = False   # a POW2 tensor (GPTQ's α_i = α_0·2^i) trains one correction per group: the file keeps its bits
 
     # settings that do not change the trajectory: a checkpoint of a run that differs only in these resumes
     NOT_IN_KEY = ("device", "ckpt", "ckpt_every", "eval_every", "eval_windows", "eval_log", "stop_at", "time_limit",
@@ -156,7 +157,7 @@ class BasisLinear(torch.nn.Module):
     the file's weights); grid: (α, μ) to start from instead of the file's."""
 
     def __init__(self, bb: BinaryBasis, train_signs: bool = False, latent: torch.Tensor | None = None,
-                 grid: tuple | None = None):
+                 grid: tuple | None = None, keep_pow2: bool = False):
         super().__init__()
         try:
             signs, alpha0, mu0 = unpack(bb)
@@ -168,7 +169,9 @@ class BasisLinear(torch.nn.Module):
         self.embed_scale = None                 # a scaled embedding's factor (Gemma's √hidden), set by the caller
         self.register_buffer("signs", signs.to(torch.int8))                  # ±1, 0 in the padding
         self.register_buffer("alpha0", alpha0)
-        self.a = torch.nn.Parameter(torch.zeros_like(alpha0))
+        # keep_pow2: α_i = α_0·2^i·(1 + a) with one a per group stays POW2, stored as one scale (GPTQ's bits)
+        self.pow2 = bool(keep_pow2 and bb.pow2 and grid is None)
+        self.a = torch.nn.Parameter(torch.zeros_like(alpha0[..., :1] if self.pow2 else alpha0))
         self.has_mu = mu0 is not None
         if self.has_mu:
             self.register_buffer("mu0", mu0)
@@ -230,6 +233,8 @@ class BasisLinear(torch.nn.Module):
     def export(self, bb: BinaryBasis) -> BinaryBasis:
         alpha, mu = self.scales()
         out = pack(self.current_signs(), alpha, mu, bb.group, self.cols)
+        if self.pow2:
+            out.scales, out.pow2 = out.scales[..., :1], True
         if not self.train_signs and not hasattr(self, "combos"):
             out.signs = bb.signs                # untouched planes stay the caller's array
         return out
@@ -660,7 +665,7 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
             raise DistillError(f"{name}: the file's shape {list(bb.shape)} is not the teacher's {list(w_fp.shape)}")
         grid = paretoq_grid(w_fp.cpu(), bb.n_planes, bb.group, bb.offsets is not None) if cfg.grid == "paretoq" else None
         latent = w_fp if cfg.latent == "teacher" else None
-        modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid).to(home)
+        modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid, keep_pow2=cfg.keep_pow2).to(home)
         if isinstance(old, torch.nn.Embedding) and getattr(old, "embed_scale", None) is not None:
             modules[name].embed_scale = float(old.embed_scale)
         setattr(parent, attr, modules[name])

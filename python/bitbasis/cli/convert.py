@@ -43,11 +43,17 @@ def options_from_args(a):
     head, embed = (_bases_arg(flag, val, a.group or R["group"], R[key] if recipe else None)
                    for flag, val, key in (("--head-bases", a.head_bases, "head_bases"),
                                           ("--embed-bases", a.embed_bases, "embed_bases")))
+    if a.distill_steps is not None and (not recipe or a.distill_steps < 0):
+        raise ConvertError(f"--distill-steps {a.distill_steps}: " + ("must be >= 0" if recipe else
+                           f"--method {a.method} does not use it (`bitbasis distill` runs on its file)"))
+    dist = R["distill"] if recipe else None
+    if a.distill_steps is not None:
+        dist = dict(R["distill"] or {}, steps=a.distill_steps) if a.distill_steps else None
     return ConvertOptions(method=a.method, bases=a.bases or R["bases"], group=a.group or R["group"],
                           embed_type=a.embed_type, calib=calib, extra=extra, force=a.force,
                           rotate=(not dense) if a.rotate is None else a.rotate, target_bpw=target,
                           tensor_types=a.tensor_type, head_bases=head, embed_bases=embed,
-                          check=not a.no_check)
+                          check=not a.no_check, distill=dist)
 
 
 def recipe_options(**given):
@@ -138,6 +144,10 @@ def add_parser(sub) -> None:
                         "again with the same settings resumes from them (default: under the cache, "
                         "keyed by model, method and calibration settings; removed when the run completes)")
     c.add_argument("--no-checkpoint", action="store_true", help="keep no per-block checkpoints")
+    c.add_argument("--distill-steps", type=int, metavar="STEPS",
+                   help="then distil the scales for STEPS steps on calibration windows, the f32 model the teacher "
+                        f"(the recipe's other distill settings; gptq only; 0: none; default "
+                        f"{(R['distill'] or {}).get('steps', 0)}; `bitbasis distill` runs other settings on a file)")
     c.add_argument("--opt", action="append", metavar="KEY=VALUE", help="method option, e.g. salient=0.1")
     c.add_argument("--no-check", action="store_true",
                    help="skip the check after writing (perplexity of the file against f32 on 512 "
