@@ -143,7 +143,8 @@ def test_default_convert_quantizes_the_embedding(untied_dir, tmp_path):
     from bitbasis.gguf_io import read_model, summarize
     out = tmp_path / "d.gguf"
     assert main(["convert", str(untied_dir), "-o", str(out), "-q", "--bases", "2", "--group", "64", "--no-rotate",
-                 "--calib-samples", "2", "--calib-seqlen", "32", "--no-checkpoint", "--no-check"]) == 0
+                 "--calib-samples", "2", "--calib-seqlen", "32", "--no-checkpoint", "--no-check",
+                 "--distill-steps", "0"]) == 0
     edge = summarize(read_model(out))["edge"]
     assert edge["token_embd.weight"][0] == "binary basis N={} G={}".format(*R["embed_bases"])
     assert edge["output.weight"][0] == "Q8_0"

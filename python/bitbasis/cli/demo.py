@@ -48,9 +48,10 @@ def add_parser(sub) -> None:
                        description="The main job on the embedded SmolLM2-135M-Instruct with convert's default, "
                        f"the best CPU recipe measured: a rotation folded into the weights, a bit plan at "
                        f"{R['target_bpw']} block bpw over GPTQ (act_order) on {R['calib_samples']}x"
-                       f"{R['calib_seqlen']} calibration tokens and a 4-bit token embedding (the blocks' calibration "
-                       "alone is about 12 minutes of CPU time on a 2-core machine); other settings and their costs "
-                       "are in docs/results.md.")
+                       f"{R['calib_seqlen']} calibration tokens and a 4-bit token embedding, then {R['distill']['steps']} steps "
+                       "of distillation of the scales against the f32 model (the blocks' calibration alone is about "
+                       "12 minutes of CPU time on a 2-core machine); other settings and their costs are in "
+                       "docs/results.md.")
     m.add_argument("--method", default=R["method"])
     m.add_argument("--bases", type=int, help="a uniform model of N bases instead of the recipe's plan")
     m.add_argument("--group", type=int, help="with --bases: columns per scale group")
