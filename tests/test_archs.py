@@ -245,6 +245,7 @@ def test_chat_on_gemma3_through_a_pty(tmp_path):
         assert template == GEMMA_CHAT_TEMPLATE and "built-in gemma3" in notice
         assert template_for(m, "{{ 'x' }}") == ("{{ 'x' }}", None)
         ids = m.tokenize(render_chat(m, [{"role": "user", "content": "Hi"}], template=template))
+        assert m.tokenize(m.chat_prompt([{"role": "user", "content": "Hi"}])) == ids   # the Python API too
         assert m.bos_first is not None and ids[0] == m.bos_first and ids.count(m.bos_first) == 1
         text_ids = m._ctx.prompt_tokens("Hi")           # a plain prompt gets BOS put first
         assert text_ids[0] == m.bos_first and text_ids.count(m.bos_first) == 1

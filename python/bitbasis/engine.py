@@ -514,10 +514,10 @@ class Model:
         return self._ctx.generate(prompt, max_tokens, **kw)
 
     def chat_prompt(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered by the file's chat template (sandboxed, with limits on size
-        and time: bitbasis.chat_template)."""
-        from .chat_template import render_chat
-        return render_chat(self, messages, add_generation_prompt=add_generation_prompt)
+        """The conversation rendered by the file's chat template, else its architecture's turn format
+        (sandboxed, with limits on size and time: bitbasis.chat_template)."""
+        from .chat_template import render_chat, template_for
+        return render_chat(self, messages, add_generation_prompt=add_generation_prompt, template=template_for(self)[0])
 
     def chat(self, messages: Sequence[dict], max_tokens: int | None = 512, **kw) -> Iterator[str]:
         """Stream the assistant's reply to `messages` ([{"role": ..., "content": ...}, ...])."""
