@@ -109,24 +109,20 @@ const std::vector<Kernel> &all_kernels() {
         if (add_kernels_neon) add_kernels_neon(v);
         v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, dot_q8q8_scalar, nullptr});
         add_kernels_scalar_lut(v);   // after "scalar", which stays the scalar ISA's default
-        // AVX-512 default, by measurement (docs/results.md §15, a Xeon with VPOPCNTDQ, one thread):
-        // the AVX2 lookup GEMV beat both AVX-512 GEMVs at every N and shape, the AVX-512 VNNI
-        // tokens-in-lanes GEMM beat the lookup GEMM on 128-token prompts. One entry of both, plus the
-        // AVX-512 dense dots; it needs the union of their features (AVX512_VPOPCNT ⊇ AVX2).
+        // AVX-512 default: the AVX2 lookup kernels whole (their GEMV beat both AVX-512 GEMVs at every N and
+        // shape on a Xeon with VPOPCNTDQ, docs/results.md §15), listed under the avx512 ISA. Not mixed with
+        // the AVX-512 tokens-in-lanes GEMM or dense dots: a token's result must not depend on how many
+        // tokens share its matmul (a GEMV step, a prompt batch, a server batch), and int8 activations
+        // turn two summation orders into visibly different logits (0.23 on SmolLM2 N = 4), so a seeded
+        // server reply differed from the same request streamed (results.md §39).
         const Kernel *lut = nullptr, *tok = nullptr;
         for (const auto &k : v) {
             if (std::string(k.name) == "avx2-lut") lut = &k;
             if (std::string(k.name) == "avx512-vpopcnt") tok = &k;
         }
         if (lut && tok) {
-            Kernel both{"avx512-lut", "avx512", tok->features, lut->gemv, tok->gemm, tok->dot_f32, tok->dot_q8,
-                              tok->dot_q8q8, lut->repack, lut->prepare_acts};
-            // AVX2's dense tiles, attention rows and SwiGLU (the features include AVX2's): without them this
-            // entry ran the portable ones, 10% slower decode than avx2-lut on a Zen 4 (results.md §35)
-            both.gemm_dense = lut->gemm_dense;
-            both.dots_f32 = lut->dots_f32, both.wsum_f32 = lut->wsum_f32, both.swiglu_f32 = lut->swiglu_f32;
-            both.softmax_f32 = lut->softmax_f32;
-            both.dots_f16 = lut->dots_f16, both.wsum_f16 = lut->wsum_f16, both.to_f16 = lut->to_f16;
+            Kernel both = *lut;
+            both.name = "avx512-lut", both.isa = "avx512", both.features = tok->features;
             v.insert(v.begin(), both);
         }
         return v;
