@@ -135,9 +135,9 @@ def test_recipe_defaults_and_overrides():
 
 
 def test_default_convert_quantizes_the_embedding(untied_dir, tmp_path):
-    """`bitbasis convert` writes the recipe's embedding form (4 bases, G = 64) without being asked, also for
-    a uniform --bases model, and keeps the head Q8_0 (uniform, unrotated, 2 x 32 calibration tokens: the
-    embedding's 49152 rows are most of the time)."""
+    """`bitbasis convert` writes the recipe's embedding and head forms (4 bases, G = 64) without being asked,
+    also for a uniform --bases model (uniform, unrotated, 2 x 32 calibration tokens: the embedding's 49152
+    rows are most of the time)."""
     from bitbasis.cli import main
     from bitbasis.convert import DEFAULT_RECIPE as R
     from bitbasis.gguf_io import read_model, summarize
@@ -147,4 +147,4 @@ def test_default_convert_quantizes_the_embedding(untied_dir, tmp_path):
                  "--distill-steps", "0"]) == 0
     edge = summarize(read_model(out))["edge"]
     assert edge["token_embd.weight"][0] == "binary basis N={} G={}".format(*R["embed_bases"])
-    assert edge["output.weight"][0] == "Q8_0"
+    assert edge["output.weight"][0] == "binary basis N={} G={}".format(*R["head_bases"])

@@ -42,12 +42,13 @@ class ConvertOptions:
 # a bit plan at 3.4 block bpw (N, G per tensor from the Fisher sensitivity) over GPTQ with act_order, on 64 x
 # 512 calibration tokens (32 x 512: 45.60, 64 x 512: 45.35, one run on 40 windows), and the token embedding as 4
 # bases in groups of 64 (4.5 bpw: -13.5 MiB for +0.5% perplexity; 576 columns are 9 whole groups, where
-# 128 pads a fifth group to 4.72 bpw). The head stays Q8_0 (4-bit embedding + head cost +2.1%, §27). Then a
+# 128 pads a fifth group to 4.72 bpw), and the output head likewise, by GPTQ on its own Hessian (43.20 -> 43.59 for
+# -13.5 MiB, 88.8 -> 75.3 MiB, §39; the head is 21% of decode bytes in Q8_0). Then a
 # short distillation of the scales (EfficientQAT's E2E-QP: KL to the f32 logits on 4 x 1024 calibration
 # tokens, one correction per group so GPTQ's POW2 scales and bits stay): 45.43 -> 43.25 at 3.400 bpw, 40 windows (§38).
 # bases/group: the uniform setting when --bases/--group replace the plan.
 DEFAULT_RECIPE = dict(method="gptq", target_bpw=3.4, opts={"act_order": True}, bases=3, group=192, rotate=True,
-                      calib_samples=64, calib_seqlen=512, embed_bases=(4, 64), head_bases=None,
+                      calib_samples=64, calib_seqlen=512, embed_bases=(4, 64), head_bases=(4, 64),
                       distill=dict(steps=4, seqs=16, length=256, batch=4, lr=2e-3, loss="kl", swap=0.0,
                                    calib_frac=1.0, keep_pow2=True))
 COLLAPSE_RATIO = 4.0               # perplexity of the file / of the f32 model above which it has collapsed
