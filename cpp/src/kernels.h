@@ -4,12 +4,14 @@
 // build an ISA-specific repacked copy of the planes. Every kernel computes exactly what
 // `gemv_scalar` computes: the integer part (Σ over ±1 signs of int8 activations) is exact, the
 // float part is summed in a fixed order per (row, group), so SIMD results equal the scalar
-// reference up to float reassociation across groups (tests allow 1e-5 relative).
+// reference up to float reassociation across groups (tests allow 1e-5 relative). Within one kernel set
+// the GEMM computes each token's floats exactly as the GEMV does (bit for bit, test_kernels), so a
+// token's result does not depend on how many tokens share its matmul.
 //
 // Files: kernels_scalar.cpp (reference, quantize_acts, bb_prepare, portable dense dots), kernels_avx512.cpp (bit-serial
-// vpopcntq and masked-select vpdpbusd gemv; tokens-in-lanes vpdpbusd gemm), kernels_avx2.cpp
-// (byte-mask gemv, tokens-in-lanes vpmaddubsw gemm), kernels_neon.cpp (byte-mask gemv with sdot or
-// pairwise adds, tokens-in-lanes sdot gemm), kernels_dispatch.cpp (registry, CPU detection),
+// vpopcntq and masked-select vpdpbusd gemv; the lookup GEMV's tokens-in-lanes vpdpbusd gemm), kernels_avx2.cpp
+// (lookup and byte-mask gemv, tokens-in-lanes vpmaddubsw gemm), kernels_lut.cpp (the lookup layout and
+// driver), kernels_neon.cpp (lookup and byte-mask gemv with sdot or pairwise adds), kernels_dispatch.cpp (registry, CPU detection),
 // kernels_capi.cpp (bbk_* test/benchmark entry points used by bitbasis.bench). SIMD kernels handle
 // one class (no COLMASK/ELEMCLASS) with any N, G, OFFSET, POW2, COLSCALE, SPARSE and hand other
 // tensors to the scalar reference.
@@ -176,9 +178,7 @@ void dots_f32_scalar(const float *q, const float *K, int64_t stride, int64_t n, 
 void wsum_f32_scalar(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out);
 
 struct Kernel {
-    const char *name;      // "avx512-vpopcnt", "avx512-vnni", "avx2-bytemask", "neon-dotprod", "neon-bytemask",
-                           // "scalar"; "<name>-rows": same gemv, gemm = gemv's row loop per token (measured
-                           // alternative to the tokens-in-lanes gemm)
+    const char *name;      // "avx512-lut", "avx512-vpopcnt", "avx2-lut", "avx2-bytemask", "neon-dotprod", "scalar", ...
     const char *isa;       // "scalar" | "avx2" | "avx512" | "neon"
     const char *features;  // cpu_features() names the code needs, comma separated ("" = baseline). On x86
                            // the same string is the BB_ISA_BEGIN target of the code, so what is

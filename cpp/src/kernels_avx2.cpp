@@ -114,62 +114,6 @@ void softmax_f32(float *s, int64_t n, float scale) {
     for (int64_t j = n8; j < n; j++) s[j] *= inv;
 }
 
-// The f16 KV cache rows (kernels.h DotsF16Fn): dots_f32 / wsum_f32 with each row widened by vcvtph2ps.
-inline __m256 load_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
-
-void dots_f16(const float *q, const uint16_t *K, int64_t stride, int64_t n, int64_t hd, float *out) {
-    const int64_t h8 = hd / 8 * 8;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const uint16_t *k0 = K + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        for (int64_t i = 0; i < h8; i += 8) {
-            const __m256 x = _mm256_loadu_ps(q + i);
-            s0 = _mm256_fmadd_ps(x, load_f16(k0 + i), s0);
-            s1 = _mm256_fmadd_ps(x, load_f16(k1 + i), s1);
-            s2 = _mm256_fmadd_ps(x, load_f16(k2 + i), s2);
-            s3 = _mm256_fmadd_ps(x, load_f16(k3 + i), s3);
-        }
-        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-        alignas(16) float v[4];
-        _mm_store_ps(v, r);
-        for (int64_t i = h8; i < hd; i++) {
-            v[0] += q[i] * f16_to_f32(k0[i]);
-            v[1] += q[i] * f16_to_f32(k1[i]);
-            v[2] += q[i] * f16_to_f32(k2[i]);
-            v[3] += q[i] * f16_to_f32(k3[i]);
-        }
-        std::memcpy(out + j, v, sizeof v);
-    }
-    for (; j < n; j++) dots_f16_scalar(q, K + j * stride, stride, 1, hd, out + j);
-}
-
-void wsum_f16(const float *w, const uint16_t *V, int64_t stride, int64_t n, int64_t hd, float *out) {
-    int64_t i = 0;
-    for (; i + 32 <= hd; i += 32) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < n; j++) {
-            const __m256 x = _mm256_set1_ps(w[j]);
-            const uint16_t *v = V + j * stride + i;
-            a0 = _mm256_fmadd_ps(x, load_f16(v), a0);
-            a1 = _mm256_fmadd_ps(x, load_f16(v + 8), a1);
-            a2 = _mm256_fmadd_ps(x, load_f16(v + 16), a2);
-            a3 = _mm256_fmadd_ps(x, load_f16(v + 24), a3);
-        }
-        _mm256_storeu_ps(out + i, a0);
-        _mm256_storeu_ps(out + i + 8, a1);
-        _mm256_storeu_ps(out + i + 16, a2);
-        _mm256_storeu_ps(out + i + 24, a3);
-    }
-    for (; i + 8 <= hd; i += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), load_f16(V + j * stride + i), a);
-        _mm256_storeu_ps(out + i, a);
-    }
-    if (i < hd) wsum_f16_scalar(w, V + i, stride, n, hd - i, out + i);
-}
-
 void to_f16(const float *x, uint16_t *y, int64_t n) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -177,47 +121,63 @@ void to_f16(const float *x, uint16_t *y, int64_t n) {
     for (; i < n; i++) y[i] = f32_to_f16(x[i]);
 }
 
+// Attention rows of the f32 and the f16 KV cache (kernels.h DotsF32Fn, DotsF16Fn): one code over a
+// loader of 8 elements (f16 rows widened exactly by vcvtph2ps) and of one.
+inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
+inline float load1(const float *p) { return *p; }
+inline float load1(const uint16_t *p) { return _cvtsh_ss(*p); }
+
 // Four scores at a time: one pass over q for rows j..j+3, their sums reduced together by vhaddps.
-void dots_f32(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out) {
+template <class T>
+void dots_rows(const float *q, const T *K, int64_t stride, int64_t n, int64_t hd, float *out) {
     const int64_t h8 = hd / 8 * 8;
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-        const float *k0 = K + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
+        const T *k0 = K + j * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
         __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
         for (int64_t i = 0; i < h8; i += 8) {
             const __m256 x = _mm256_loadu_ps(q + i);
-            s0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + i), s0);
-            s1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + i), s1);
-            s2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + i), s2);
-            s3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + i), s3);
+            s0 = _mm256_fmadd_ps(x, load8(k0 + i), s0);
+            s1 = _mm256_fmadd_ps(x, load8(k1 + i), s1);
+            s2 = _mm256_fmadd_ps(x, load8(k2 + i), s2);
+            s3 = _mm256_fmadd_ps(x, load8(k3 + i), s3);
         }
         const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
         __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         alignas(16) float v[4];
         _mm_store_ps(v, r);
         for (int64_t i = h8; i < hd; i++) {
-            v[0] += q[i] * k0[i];
-            v[1] += q[i] * k1[i];
-            v[2] += q[i] * k2[i];
-            v[3] += q[i] * k3[i];
+            v[0] += q[i] * load1(k0 + i);
+            v[1] += q[i] * load1(k1 + i);
+            v[2] += q[i] * load1(k2 + i);
+            v[3] += q[i] * load1(k3 + i);
         }
         std::memcpy(out + j, v, sizeof v);
     }
-    for (; j < n; j++) out[j] = dot_f32(q, K + j * stride, hd);
+    for (; j < n; j++) {
+        const T *k = K + j * stride;
+        __m256 s = _mm256_setzero_ps();
+        for (int64_t i = 0; i < h8; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), s);
+        float v = hsum256(s);
+        for (int64_t i = h8; i < hd; i++) v += q[i] * load1(k + i);
+        out[j] = v;
+    }
 }
 
 // 32 outputs at a time held in registers while the rows pass.
-void wsum_f32(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out) {
+template <class T>
+void wsum_rows(const float *w, const T *V, int64_t stride, int64_t n, int64_t hd, float *out) {
     int64_t i = 0;
     for (; i + 32 <= hd; i += 32) {
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t j = 0; j < n; j++) {
             const __m256 x = _mm256_set1_ps(w[j]);
-            const float *v = V + j * stride + i;
-            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v), a0);
-            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 8), a1);
-            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 16), a2);
-            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(v + 24), a3);
+            const T *v = V + j * stride + i;
+            a0 = _mm256_fmadd_ps(x, load8(v), a0);
+            a1 = _mm256_fmadd_ps(x, load8(v + 8), a1);
+            a2 = _mm256_fmadd_ps(x, load8(v + 16), a2);
+            a3 = _mm256_fmadd_ps(x, load8(v + 24), a3);
         }
         _mm256_storeu_ps(out + i, a0);
         _mm256_storeu_ps(out + i + 8, a1);
@@ -226,15 +186,20 @@ void wsum_f32(const float *w, const float *V, int64_t stride, int64_t n, int64_t
     }
     for (; i + 8 <= hd; i += 8) {
         __m256 a = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(V + j * stride + i), a);
+        for (int64_t j = 0; j < n; j++) a = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), load8(V + j * stride + i), a);
         _mm256_storeu_ps(out + i, a);
     }
     for (; i < hd; i++) {
         float a = 0;
-        for (int64_t j = 0; j < n; j++) a += w[j] * V[j * stride + i];
+        for (int64_t j = 0; j < n; j++) a += w[j] * load1(V + j * stride + i);
         out[i] = a;
     }
 }
+
+void dots_f32(const float *q, const float *K, int64_t stride, int64_t n, int64_t hd, float *out) { dots_rows(q, K, stride, n, hd, out); }
+void wsum_f32(const float *w, const float *V, int64_t stride, int64_t n, int64_t hd, float *out) { wsum_rows(w, V, stride, n, hd, out); }
+void dots_f16(const float *q, const uint16_t *K, int64_t stride, int64_t n, int64_t hd, float *out) { dots_rows(q, K, stride, n, hd, out); }
+void wsum_f16(const float *w, const uint16_t *V, int64_t stride, int64_t n, int64_t hd, float *out) { wsum_rows(w, V, stride, n, hd, out); }
 
 // Σ_b d_b · Σ_j q_bj x_bj over the Q8_0 blocks (34 bytes: f16 d, 32 int8) of one row.
 float dot_q8(const uint8_t *row, const float *x, int64_t n) {
@@ -463,8 +428,8 @@ static void gemm_bytemask(const BBTensor &t, const QActs *acts, int n_tok, float
 
 struct TokTiles8 {
     int ntiles = 0;
-    std::vector<int8_t> x;    // [tile][cols_pad/4][8 tokens][4]
-    std::vector<float> d, dS; // [tile][nblocks][8], [tile][ng][8]
+    avec<int8_t> x;           // [tile][cols_pad/4][8 tokens][4]
+    avec<float> d, dS;        // [tile][nblocks][8], [tile][ng][8]
 };
 
 static void build_tiles8(const BBTensor &t, const QActs *acts, int n_tok, TokTiles8 &tt) {
@@ -506,93 +471,6 @@ static void unpack_bits8(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
                 }
             }
     }
-}
-
-template <int N, int R>
-static void tok_block8(const BBTensor &t, const TokTiles8 &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][8] */) {
-    const int G = t.group;
-    const int64_t ng = t.ngroups, nb = ng * G / QK, cp = sign_stride8(t);
-    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 8;
-    const __m256i ones16 = _mm256_set1_epi16(1);
-    __m256 fv[R];
-    for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        for (int64_t b = g * G / QK; b < (g + 1) * G / QK; b++) {
-            __m256i acc[R][N];
-            for (int rr = 0; rr < R; rr++)
-                for (int i = 0; i < N; i++) acc[rr][i] = _mm256_setzero_si256();
-            for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
-                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(X + c4 * 32));
-                for (int rr = 0; rr < R; rr++)
-                    for (int i = 0; i < N; i++) {
-                        int32_t w;
-                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                        acc[rr][i] = _mm256_add_epi16(acc[rr][i], _mm256_maddubs_epi16(_mm256_set1_epi32(w), xv));
-                    }
-            }
-            const __m256 dv = _mm256_loadu_ps(tt.d.data() + (tile * nb + b) * 8);
-            for (int rr = 0; rr < R; rr++) {   // P_i exact in int32, then 2 α_i, then d_b per token
-                const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
-                __m256 gs = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[rr][0], ones16)), _mm256_set1_ps(2.0f * al[0]));
-                for (int i = 1; i < N; i++)
-                    gs = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[rr][i], ones16)), _mm256_set1_ps(2.0f * al[i]), gs);
-                fv[rr] = _mm256_fmadd_ps(gs, dv, fv[rr]);
-            }
-        }
-        const __m256 dS = _mm256_loadu_ps(tt.dS.data() + (tile * ng + g) * 8);
-        for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_fmadd_ps(_mm256_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
-    }
-    for (int rr = 0; rr < R; rr++) _mm256_storeu_ps(out + rr * 8, fv[rr]);
-}
-
-using TokFn8 = void (*)(const BBTensor &, const TokTiles8 &, int, const uint8_t *, int64_t, float *);
-
-// Rows per block so that R·N int16 accumulators + R sums fit the 16 ymm registers.
-template <int N>
-static constexpr int rows_for8() { return N == 1 ? 4 : N == 2 ? 2 : 1; }
-
-template <int N>
-static void tok_pick8(TokFn8 &full, TokFn8 &one, int &R) {
-    full = tok_block8<N, rows_for8<N>()>;
-    one = tok_block8<N, 1>;
-    R = rows_for8<N>();
-}
-
-static void gemm_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (t.n_classes != 1 || t.bias.empty() || n_tok < 2) return gemm_bytemask(t, acts, n_tok, Y, ldy, r0, r1);
-    TokFn8 full = nullptr, one = nullptr;
-    int R = 1;
-    switch (t.n_planes) {
-        case 1: tok_pick8<1>(full, one, R); break;
-        case 2: tok_pick8<2>(full, one, R); break;
-        case 3: tok_pick8<3>(full, one, R); break;
-        case 4: tok_pick8<4>(full, one, R); break;
-        case 5: tok_pick8<5>(full, one, R); break;
-        case 6: tok_pick8<6>(full, one, R); break;
-        case 7: tok_pick8<7>(full, one, R); break;
-        default: tok_pick8<8>(full, one, R); break;
-    }
-    thread_local TokTiles8 tt;
-    thread_local std::vector<uint8_t> B;
-    build_tiles8(t, acts, n_tok, tt);
-    const int64_t cp = sign_stride8(t);
-    B.resize((size_t)R * t.n_planes * cp);
-    alignas(32) float out[4 * 8];
-    for (int64_t rb = r0; rb < r1; rb += R) {
-        const int nr = (int)std::min<int64_t>(R, r1 - rb);
-        unpack_bits8(t, rb, nr, B.data());
-        for (int tile = 0; tile < tt.ntiles; tile++) {
-            if (nr == R) {
-                full(t, tt, tile, B.data(), rb, out);
-            } else {
-                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 8);
-            }
-            const int nt = std::min(8, n_tok - tile * 8);
-            for (int rr = 0; rr < nr; rr++)
-                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 8 + lane) * ldy + (rb + rr - r0)] = out[rr * 8 + lane];
-        }
-    }
-    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 // ---- avx2-lut: table lookup (T-MAC; layout and algebra in kernels_lut.cpp) -----------------------
@@ -715,8 +593,77 @@ void gemv_lut(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r
 }
 
 void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (t.repacked_for != REPACK_LUT) return gemm_tokens8(t, acts, n_tok, Y, ldy, r0, r1);
+    if (t.repacked_for != REPACK_LUT) return gemm_bytemask(t, acts, n_tok, Y, ldy, r0, r1);
     lut_rows(t, acts, n_tok, Y, ldy, r0, r1, lut_fn(t.n_planes), build_lut);
+    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+}
+
+template <int R>
+static void tok_block8(const BBTensor &t, const TokTiles8 &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][8] */) {
+    const int N = t.n_planes, G = t.group, nbg = G / QK;
+    const int64_t ng = t.ngroups, nb = ng * nbg, cp = sign_stride8(t);
+    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 8;
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    __m256 fv[R];
+    for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        for (int i = 0; i < N; i++) {   // lut_tile's float sequence (see gemm_lut_tokens8)
+            __m256 F[R];
+            for (int rr = 0; rr < R; rr++) F[rr] = _mm256_setzero_ps();
+            for (int64_t b = g * nbg; b < (g + 1) * nbg; b++) {
+                __m256i acc[R];
+                for (int rr = 0; rr < R; rr++) acc[rr] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
+                    const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i *>(X + c4 * 32));
+                    for (int rr = 0; rr < R; rr++) {
+                        int32_t w;
+                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
+                        acc[rr] = _mm256_add_epi16(acc[rr], _mm256_maddubs_epi16(_mm256_set1_epi32(w), xv));
+                    }
+                }
+                const __m256 dv = _mm256_load_ps(tt.d.data() + (tile * nb + b) * 8);
+                for (int rr = 0; rr < R; rr++)
+                    F[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[rr], ones16)), dv, F[rr]);
+            }
+            for (int rr = 0; rr < R; rr++)
+                fv[rr] = _mm256_fmadd_ps(F[rr], _mm256_set1_ps(2.0f * t.scales[((r + rr) * ng + g) * N + i]), fv[rr]);
+        }
+        const __m256 dS = _mm256_load_ps(tt.dS.data() + (tile * ng + g) * 8);
+        for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_fmadd_ps(_mm256_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
+    }
+    for (int rr = 0; rr < R; rr++) _mm256_store_ps(out + rr * 8, fv[rr]);
+}
+
+constexpr int TOK_ROWS8 = 4;   // 3·4 ymm of sums + activations, scales, ones: within the 16 registers
+
+// Tokens in the lanes with lut_tile's float sequence per (row, token): per group g and plane i,
+// F = fma(P_ib, d_b, F) over the blocks in order, fv = fma(F, 2α_i, fv) over the planes, then
+// fv = fma(μ − Σα, dS_g, fv), all explicit FMA intrinsics: bit for bit the lookup GEMV's result
+// (test_kernels: gemm == gemv for every kernel). Tensors the lookup layout does not hold go to the
+// GEMV's own fallback per token, and so do too few tokens to fill the lanes.
+void gemm_lut_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    if (t.repacked_for != REPACK_LUT || n_tok < 4) return gemm_lut(t, acts, n_tok, Y, ldy, r0, r1);
+    thread_local TokTiles8 tt;
+    thread_local avec<uint8_t> B;
+    build_tiles8(t, acts, n_tok, tt);
+    const int64_t cp = sign_stride8(t);
+    B.resize((size_t)TOK_ROWS8 * t.n_planes * cp);
+    alignas(32) float out[TOK_ROWS8 * 8];
+    for (int64_t rb = r0; rb < r1; rb += TOK_ROWS8) {
+        const int nr = (int)std::min<int64_t>(TOK_ROWS8, r1 - rb);
+        unpack_bits8(t, rb, nr, B.data());
+        for (int tile = 0; tile < tt.ntiles; tile++) {
+            if (nr == TOK_ROWS8) {
+                tok_block8<TOK_ROWS8>(t, tt, tile, B.data(), rb, out);
+            } else {
+                for (int rr = 0; rr < nr; rr++) tok_block8<1>(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 8);
+            }
+            const int nt = std::min(8, n_tok - tile * 8);
+            for (int rr = 0; rr < nr; rr++)
+                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 8 + lane) * ldy + (rb + rr - r0)] = out[rr * 8 + lane];
+        }
+    }
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
@@ -728,14 +675,13 @@ namespace bb {
 
 void add_kernels_avx2(std::vector<Kernel> &v) {
     using namespace avx2;
-    // gemm: tokens in the lanes; "-rows" keeps the row loop per token (the alternative, for bench)
+    // Each GEMM computes its GEMV's floats (a token's result does not depend on its batch).
+    // "avx2-lut-tokens": the lookup GEMV with the tokens-in-lanes GEMM (the measured alternative, bench kernels)
     v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
                        dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
-    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
+    v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_lut_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
                        dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
-    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_tokens8, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
-                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
-    v.push_back(Kernel{"avx2-bytemask-rows", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
+    v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
                        dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
 }
 

@@ -285,14 +285,21 @@ static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-// ---- GEMM: tokens in the lanes (vpdpbusd) ---------------------------------------------------------
+// ---- GEMM: tokens in the lanes (vpdpbusd), the lookup GEMV's float sequence ------------------------
 //
 // For 4 columns j..j+3 one zmm holds 16 tokens × 4 int8 activations (s8), and a row's plane bits of
 // those columns are one dword of 0/1 bytes (u8) broadcast from memory: one vpdpbusd adds
-// Σ_{bit_j=1} q_j for 16 tokens, i.e. P_i of each token exactly. Per activation block (QK = 32
-// columns, 8 steps) the block scale is applied: dense = Σ_b d_b Σ_i 2 α_i P_ib + (μ − Σ_i α_i)·dS_g.
+// Σ_{bit_j=1} q_j for 16 tokens, so 8 steps give each token's P_ib of one activation block exactly.
 // The bits of a block of rows are unpacked to bytes once and reused by every tile of 16 tokens; a
-// tile's activations are reused by every row and plane of the block.
+// tile's activations are reused by every row of the block.
+//
+// Batch invariance: the integers are exact whatever the instruction, so a token's result depends only
+// on the float steps after them. This GEMM applies, per (row, token) lane, the very sequence of the
+// lookup tile (kernels_avx2.cpp lut_tile, which serves the GEMV): per group g and plane i,
+// F = fma(P_ib, d_b, F) over the blocks b in order from F = 0, then fv = fma(F, 2α_i, fv) over the
+// planes in order, then fv = fma(μ − Σα, dS_g, fv), from fv = 0 — all explicit FMA intrinsics (and
+// -ffp-contract=off for the rest), so a token's logits are bitwise the same alone (GEMV) or in a batch
+// of any size. test_kernels checks gemm == gemv bit for bit for every kernel.
 
 struct TokTiles {
     int ntiles = 0;
@@ -335,83 +342,65 @@ static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
     }
 }
 
-template <int N, int R>
-static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][16] */) {
-    const int G = t.group;
-    const int64_t ng = t.ngroups, nb = ng * G / QK, cp = sign_stride(t);
+// R rows × one tile of 16 tokens: out[R][16]. Planes outer, blocks inner (F of one plane at a time),
+// so R int32 sums, R F and R fv stay in registers for any N.
+template <int R>
+static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const uint8_t *B, int64_t r, float *out) {
+    const int N = t.n_planes, G = t.group, nbg = G / QK;
+    const int64_t ng = t.ngroups, nb = ng * nbg, cp = sign_stride(t);
     const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
     __m512 fv[R];
     for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        for (int64_t b = g * G / QK; b < (g + 1) * G / QK; b++) {
-            __m512i acc[R][N];
-            for (int rr = 0; rr < R; rr++)
-                for (int i = 0; i < N; i++) acc[rr][i] = _mm512_setzero_si512();
-            for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
-                const __m512i xv = _mm512_loadu_si512(X + c4 * 64);
-                for (int rr = 0; rr < R; rr++)
-                    for (int i = 0; i < N; i++) {
+        for (int i = 0; i < N; i++) {
+            __m512 F[R];
+            for (int rr = 0; rr < R; rr++) F[rr] = _mm512_setzero_ps();
+            for (int64_t b = g * nbg; b < (g + 1) * nbg; b++) {
+                __m512i acc[R];
+                for (int rr = 0; rr < R; rr++) acc[rr] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
+                    const __m512i xv = _mm512_load_si512(X + c4 * 64);
+                    for (int rr = 0; rr < R; rr++) {
                         int32_t w;
                         std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                        acc[rr][i] = _mm512_dpbusd_epi32(acc[rr][i], _mm512_set1_epi32(w), xv);
+                        acc[rr] = _mm512_dpbusd_epi32(acc[rr], _mm512_set1_epi32(w), xv);
                     }
+                }
+                const __m512 dv = _mm512_load_ps(tt.d.data() + (tile * nb + b) * 16);
+                for (int rr = 0; rr < R; rr++) F[rr] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rr]), dv, F[rr]);
             }
-            const __m512 dv = _mm512_loadu_ps(tt.d.data() + (tile * nb + b) * 16);
-            for (int rr = 0; rr < R; rr++) {
-                const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
-                __m512 gs = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[rr][0]), _mm512_set1_ps(2.0f * al[0]));
-                for (int i = 1; i < N; i++) gs = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rr][i]), _mm512_set1_ps(2.0f * al[i]), gs);
-                fv[rr] = _mm512_fmadd_ps(gs, dv, fv[rr]);
-            }
+            for (int rr = 0; rr < R; rr++)
+                fv[rr] = _mm512_fmadd_ps(F[rr], _mm512_set1_ps(2.0f * t.scales[((r + rr) * ng + g) * N + i]), fv[rr]);
         }
-        const __m512 dS = _mm512_loadu_ps(tt.dS.data() + (tile * ng + g) * 16);
+        const __m512 dS = _mm512_load_ps(tt.dS.data() + (tile * ng + g) * 16);
         for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_fmadd_ps(_mm512_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
     }
-    for (int rr = 0; rr < R; rr++) _mm512_storeu_ps(out + rr * 16, fv[rr]);
+    for (int rr = 0; rr < R; rr++) _mm512_store_ps(out + rr * 16, fv[rr]);
 }
 
-using TokFn = void (*)(const BBTensor &, const TokTiles &, int, const uint8_t *, int64_t, float *);
+constexpr int TOK_ROWS = 8;   // 3·8 zmm of sums + the activations and scales: within the 32 registers
 
-// Rows per block: R·N accumulators + R sums stay in the 32 zmm registers.
-template <int N>
-static constexpr int rows_for() { return N == 1 ? 8 : N <= 4 ? 4 : 2; }
-
-template <int N>
-static void tok_pick(TokFn &full, TokFn &one, int &R) {
-    full = tok_block<N, rows_for<N>()>;
-    one = tok_block<N, 1>;
-    R = rows_for<N>();
-}
-
-static void gemm_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
-    if (n_tok < 2) return gemv_vnni(t, acts[0], Y, r0, r1);
-    TokFn full = nullptr, one = nullptr;
-    int R = 1;
-    switch (t.n_planes) {
-        case 1: tok_pick<1>(full, one, R); break;
-        case 2: tok_pick<2>(full, one, R); break;
-        case 3: tok_pick<3>(full, one, R); break;
-        case 4: tok_pick<4>(full, one, R); break;
-        case 5: tok_pick<5>(full, one, R); break;
-        case 6: tok_pick<6>(full, one, R); break;
-        case 7: tok_pick<7>(full, one, R); break;
-        default: tok_pick<8>(full, one, R); break;
-    }
+// avx512-lut's GEMM (the rest of that kernel set is avx2-lut's, kernels_dispatch.cpp). Tensors the
+// lookup layout does not hold, and too few tokens to fill the lanes, go to avx2-lut's own GEMM, which
+// computes the same floats (it runs the lookup tile per token).
+static void gemm_lut_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
+    static const Kernel *const lut = find_kernel("avx2-lut");
+    if (t.repacked_for != "avx2-lut" || n_tok < 4) return lut->gemm(t, acts, n_tok, Y, ldy, r0, r1);
     thread_local TokTiles tt;
     thread_local avec<uint8_t> B;
     build_tiles(t, acts, n_tok, tt);
     const int64_t cp = sign_stride(t);
-    B.resize((size_t)R * t.n_planes * cp);
-    alignas(64) float out[8 * 16];
-    for (int64_t rb = r0; rb < r1; rb += R) {
-        const int nr = (int)std::min<int64_t>(R, r1 - rb);
+    B.resize((size_t)TOK_ROWS * t.n_planes * cp);
+    alignas(64) float out[TOK_ROWS * 16];
+    for (int64_t rb = r0; rb < r1; rb += TOK_ROWS) {
+        const int nr = (int)std::min<int64_t>(TOK_ROWS, r1 - rb);
         unpack_bits(t, rb, nr, B.data());
         for (int tile = 0; tile < tt.ntiles; tile++) {
-            if (nr == R) {
-                full(t, tt, tile, B.data(), rb, out);
+            if (nr == TOK_ROWS) {
+                tok_block<TOK_ROWS>(t, tt, tile, B.data(), rb, out);
             } else {   // last rows: one at a time (B rows are laid out for nr rows)
-                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 16);
+                for (int rr = 0; rr < nr; rr++) tok_block<1>(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 16);
             }
             const int nt = std::min(16, n_tok - tile * 16);
             for (int rr = 0; rr < nr; rr++)
@@ -591,14 +580,27 @@ static void gemv_vpopcnt(const BBTensor &t, const QActs &a, float *y, int64_t r0
     if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
 }
 
+// Prompt processing: the GEMV per token over a block of rows at a time (the block stays in L1 while the
+// tokens pass), with the activations of each token in the GEMV's own layout, so a token's result is
+// the GEMV's bit for bit.
 static void gemm_vpopcnt(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     if (!common_case(t)) return gemm_classes(t, acts, n_tok, Y, ldy, r0, r1);
+    const bool pairs = t.repacked_for == REPACK_PAIRS;
     thread_local std::vector<BitActs> bs;
-    if ((int)bs.size() < n_tok) bs.resize(n_tok);
-    for (int k = 0; k < n_tok; k++) bit_acts(t, acts[k], bs[k]);
+    thread_local std::vector<PairActs> ps;
+    if (pairs && (int)ps.size() < n_tok) ps.resize(n_tok);
+    if (!pairs && (int)bs.size() < n_tok) bs.resize(n_tok);
+    for (int k = 0; k < n_tok; k++) {
+        if (pairs) pair_acts(t, acts[k], ps[k]);
+        else bit_acts(t, acts[k], bs[k]);
+    }
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         const int64_t re = std::min(r1, rb + ROW_BLOCK);
-        for (int k = 0; k < n_tok; k++) vpopcnt_rows(t, bs[k], acts[k], Y + k * ldy + (rb - r0), rb, re);
+        for (int k = 0; k < n_tok; k++) {
+            float *y = Y + k * ldy + (rb - r0);
+            if (pairs) vpopcnt_pairs_rows(t, ps[k], acts[k], y, rb, re);
+            else vpopcnt_rows(t, bs[k], acts[k], y, rb, re);
+        }
     }
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
@@ -611,14 +613,13 @@ namespace bb {
 
 void add_kernels_avx512(std::vector<Kernel> &v) {
     // fastest first (bitbasis bench kernels): the bit-serial kernel stays near memory bandwidth at
-    // G = 64..128 where the masked-select one pays a float reduction per (group, plane)
-    // gemm: tokens-in-lanes vpdpbusd; the "-rows" variants keep each kernel's own row loop per token
-    // (the alternative GEMM strategy, measured by bench kernels)
+    // G = 64..128 where the masked-select one pays a float reduction per (group, plane). Each GEMM
+    // computes its GEMV's floats (a token's result does not depend on its batch).
     using namespace avx512;
-    v.push_back(Kernel{"avx512-vpopcnt", "avx512", AVX512_VPOPCNT, gemv_vpopcnt, gemm_tokens, dot_f32, dot_q8, dot_q8q8, repack_pairs});
-    v.push_back(Kernel{"avx512-vnni", "avx512", AVX512_VNNI, gemv_vnni, gemm_tokens, dot_f32, dot_q8, dot_q8q8, nullptr});
-    v.push_back(Kernel{"avx512-vpopcnt-rows", "avx512", AVX512_VPOPCNT, gemv_vpopcnt, gemm_vpopcnt, dot_f32, dot_q8, dot_q8q8, repack_pairs});
-    v.push_back(Kernel{"avx512-vnni-rows", "avx512", AVX512_VNNI, gemv_vnni, gemm_vnni, dot_f32, dot_q8, dot_q8q8, nullptr});
+    // avx512-lut: only its GEMM is AVX-512; kernels_dispatch.cpp completes the set with avx2-lut's
+    v.push_back(Kernel{"avx512-lut", "avx512", AVX512_VNNI, nullptr, gemm_lut_tokens, nullptr, nullptr, nullptr});
+    v.push_back(Kernel{"avx512-vpopcnt", "avx512", AVX512_VPOPCNT, gemv_vpopcnt, gemm_vpopcnt, dot_f32, dot_q8, dot_q8q8, repack_pairs});
+    v.push_back(Kernel{"avx512-vnni", "avx512", AVX512_VNNI, gemv_vnni, gemm_vnni, dot_f32, dot_q8, dot_q8q8, nullptr});
 }
 
 }  // namespace bb

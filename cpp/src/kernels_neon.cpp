@@ -108,148 +108,6 @@ static void gemm_neon(const BBTensor &t, const QActs *acts, int n_tok, float *Y,
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-// ---- GEMM with the dot product extension: tokens in the lanes -------------------------------------
-//
-// For 4 columns one 16-byte vector holds 4 tokens × 4 int8 activations; a row's ±1 signs of 16
-// columns are one vector, and sdot by element (vdotq_laneq_s32) multiplies the 4 tokens' columns
-// j..j+3 by the signs' lane j/4: D_i = Σ_j s_j q_j for 4 tokens per instruction, exact in int32 (no
-// bias: both operands are signed). Per activation block (QK = 32 columns, two steps):
-// d_b · (Σ_i α_i D_i + μ S_b). The signs of a block of rows are unpacked once and reused by every
-// tile of 4 tokens; a tile's activations are reused by every row and plane of the block.
-
-struct TokTiles4 {
-    int ntiles = 0;
-    std::vector<int8_t> x;    // [tile][cols_pad/4][4 tokens][4]
-    std::vector<float> d, S;  // [tile][nblocks][4]
-};
-
-static void build_tiles4(const BBTensor &t, const QActs *acts, int n_tok, TokTiles4 &tt) {
-    const int64_t cp = t.ngroups * t.group, c4n = cp / 4, nb = cp / QK;
-    tt.ntiles = (n_tok + 3) / 4;
-    tt.x.assign((size_t)tt.ntiles * cp * 4, 0);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * nb * 4, 0.0f);
-    tt.S.assign((size_t)tt.ntiles * nb * 4, 0.0f);
-    for (int k = 0; k < n_tok; k++) {
-        const int tile = k / 4, lane = k % 4;
-        const int8_t *q = acts[k].q.data();
-        int8_t *x = tt.x.data() + (size_t)tile * cp * 4 + lane * 4;
-        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 16, q + c4 * 4, 4);
-        for (int64_t b = 0; b < nb; b++) {
-            tt.d[(tile * nb + b) * 4 + lane] = acts[k].d[b];
-            tt.S[(tile * nb + b) * 4 + lane] = (float)acts[k].qsum[b];
-        }
-    }
-}
-
-static inline int64_t sign_stride4(const BBTensor &t) { return t.ngroups * t.group + 64; }
-
-// Signs of rows [r, r + nr) as ±1 bytes [nr][N][stride].
-static void unpack_signs4(const BBTensor &t, int64_t r, int nr, int8_t *B) {
-    const int N = t.n_planes, G = t.group;
-    const int64_t ng = t.ngroups, cp = sign_stride4(t);
-    const int8x16_t two = vdupq_n_s8(2), one = vdupq_n_s8(1);
-    for (int rr = 0; rr < nr; rr++) {
-        const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
-        for (int64_t g = 0; g < ng; g++)
-            for (int i = 0; i < N; i++) {
-                const uint8_t *bits = pl + (g * N + i) * (G / 8);
-                for (int c = 0; c < G / 16; c++)   // set: +1, clear: −1
-                    vst1q_s8(B + (rr * N + i) * cp + g * G + c * 16,
-                             vsubq_s8(vandq_s8(bitmask16(load_u16(bits + 2 * c)), two), one));
-            }
-    }
-}
-
-template <int N, int R>
-__attribute__((target("arch=armv8.2-a+dotprod"))) static void tok_block4(const BBTensor &t, const TokTiles4 &tt, int tile,
-                                                                          const int8_t *B, int64_t r, float *out /* [R][4] */) {
-    const int G = t.group;
-    const int64_t ng = t.ngroups, cp = sign_stride4(t);
-    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 4;
-    const bool off = !t.offsets.empty();
-    float32x4_t fv[R];
-    for (int rr = 0; rr < R; rr++) fv[rr] = vdupq_n_f32(0.0f);
-    const int64_t nb = ng * G / QK;
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t g = b * QK / G;
-        int32x4_t acc[R][N];
-        for (int rr = 0; rr < R; rr++)
-            for (int i = 0; i < N; i++) acc[rr][i] = vdupq_n_s32(0);
-        for (int64_t c16 = b * QK / 16; c16 < (b + 1) * QK / 16; c16++) {
-            const int8_t *xp = X + c16 * 64;
-            const int8x16_t x0 = vld1q_s8(xp), x1 = vld1q_s8(xp + 16), x2 = vld1q_s8(xp + 32), x3 = vld1q_s8(xp + 48);
-            for (int rr = 0; rr < R; rr++)
-                for (int i = 0; i < N; i++) {
-                    const int8x16_t w = vld1q_s8(B + (rr * N + i) * cp + c16 * 16);
-                    int32x4_t a = acc[rr][i];
-                    a = vdotq_laneq_s32(a, x0, w, 0);
-                    a = vdotq_laneq_s32(a, x1, w, 1);
-                    a = vdotq_laneq_s32(a, x2, w, 2);
-                    a = vdotq_laneq_s32(a, x3, w, 3);
-                    acc[rr][i] = a;
-                }
-        }
-        const float32x4_t dv = vld1q_f32(tt.d.data() + (tile * nb + b) * 4);
-        const float32x4_t Sv = vld1q_f32(tt.S.data() + (tile * nb + b) * 4);
-        for (int rr = 0; rr < R; rr++) {
-            const float *al = t.scales.data() + ((r + rr) * ng + g) * N;
-            float32x4_t gs = off ? vmulq_n_f32(Sv, t.offsets[(r + rr) * ng + g]) : vdupq_n_f32(0.0f);
-            for (int i = 0; i < N; i++) gs = vfmaq_n_f32(gs, vcvtq_f32_s32(acc[rr][i]), al[i]);
-            fv[rr] = vfmaq_f32(fv[rr], gs, dv);
-        }
-    }
-    for (int rr = 0; rr < R; rr++) vst1q_f32(out + rr * 4, fv[rr]);
-}
-
-using TokFn4 = void (*)(const BBTensor &, const TokTiles4 &, int, const int8_t *, int64_t, float *);
-
-template <int N>
-static constexpr int rows_for4() { return N == 1 ? 8 : N == 2 ? 4 : N <= 4 ? 2 : 1; }
-
-template <int N>
-static void tok_pick4(TokFn4 &full, TokFn4 &one, int &R) {
-    full = tok_block4<N, rows_for4<N>()>;
-    one = tok_block4<N, 1>;
-    R = rows_for4<N>();
-}
-
-static void gemm_tokens_dot(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    if (t.n_classes != 1 || t.bias.empty() || n_tok < 2) return gemm_neon<rows_dot>(t, acts, n_tok, Y, ldy, r0, r1);
-    TokFn4 full = nullptr, one = nullptr;
-    int R = 1;
-    switch (t.n_planes) {
-        case 1: tok_pick4<1>(full, one, R); break;
-        case 2: tok_pick4<2>(full, one, R); break;
-        case 3: tok_pick4<3>(full, one, R); break;
-        case 4: tok_pick4<4>(full, one, R); break;
-        case 5: tok_pick4<5>(full, one, R); break;
-        case 6: tok_pick4<6>(full, one, R); break;
-        case 7: tok_pick4<7>(full, one, R); break;
-        default: tok_pick4<8>(full, one, R); break;
-    }
-    thread_local TokTiles4 tt;
-    thread_local std::vector<int8_t> B;
-    build_tiles4(t, acts, n_tok, tt);
-    const int64_t cp = sign_stride4(t);
-    B.resize((size_t)R * t.n_planes * cp);
-    float out[8 * 4];
-    for (int64_t rb = r0; rb < r1; rb += R) {
-        const int nr = (int)std::min<int64_t>(R, r1 - rb);
-        unpack_signs4(t, rb, nr, B.data());
-        for (int tile = 0; tile < tt.ntiles; tile++) {
-            if (nr == R) {
-                full(t, tt, tile, B.data(), rb, out);
-            } else {
-                for (int rr = 0; rr < nr; rr++) one(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 4);
-            }
-            const int nt = std::min(4, n_tok - tile * 4);
-            for (int rr = 0; rr < nr; rr++)
-                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 4 + lane) * ldy + (rb + rr - r0)] = out[rr * 4 + lane];
-        }
-    }
-    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
-}
-
 // ---- neon-lut: table lookup (T-MAC; layout and algebra in kernels_lut.cpp) -----------------------
 //
 // One 16-byte load holds the nibbles of 32 rows × 4 columns of one plane (rows j and j + 16 in the low
@@ -378,11 +236,11 @@ namespace bb {
 
 void add_kernels_neon(std::vector<Kernel> &v) {
     using namespace neon;
-    // gemm: tokens in the lanes (sdot by element); "-rows" keeps the row loop per token. Dense Q8_0
-    // dots: the portable loop, which the compiler vectorizes with the baseline ASIMD.
-    v.push_back(Kernel{"neon-dotprod", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_tokens_dot, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
+    // gemm: the GEMV's row loop per token (its floats, whatever the batch: a tokens-in-lanes sdot GEMM
+    // summed in another order, results.md §40). Dense Q8_0 dots: the portable loop, which the compiler
+    // vectorizes with the baseline ASIMD.
+    v.push_back(Kernel{"neon-dotprod", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_neon<rows_dot>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
     v.push_back(Kernel{"neon-bytemask", "neon", "neon", gemv_neon<rows_padal>, gemm_neon<rows_padal>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
-    v.push_back(Kernel{"neon-dotprod-rows", "neon", "neon,dotprod", gemv_neon<rows_dot>, gemm_neon<rows_dot>, dot_f32, dot_q8_scalar, dot_q8q8_scalar, nullptr});
     // table lookup: equal to the others, not the default — its speed against neon-dotprod has not
     // been measured on an ARM CPU (CI runs it under qemu, whose timings mean nothing)
     v.push_back(Kernel{"neon-lut", "neon", "neon", gemv_lut, gemm_lut, dot_f32, dot_q8_scalar, dot_q8q8_scalar, repack_lut, prepare_lut});

@@ -170,7 +170,8 @@ static void run_case(int64_t rows, int64_t cols, int N, int G, uint32_t flags, b
     Owned o;
     make(o, rows, cols, N, G, flags, exact, rng);
     bb_prepare(o.t, "");
-    const int ntok = 3;
+    // 19 tokens: a whole 16- or 8-token lane tile of the tokens-in-lanes GEMMs and a partial one
+    const int ntok = 19;
     std::vector<QActs> acts(ntok);
     for (int k = 0; k < ntok; k++) {
         const auto x = rand_x(cols, G, exact, rng);
@@ -213,6 +214,10 @@ static void run_case(int64_t rows, int64_t cols, int N, int G, uint32_t flags, b
             std::vector<float> Y(rows * ntok, NAN);
             kern.gemm(o.t, acts.data(), ntok, Y.data(), rows, 0, mid);
             kern.gemm(o.t, acts.data(), ntok, Y.data() + mid, rows, mid, rows);
+            // batch invariance: a token's result is the same alone (gemv) or in a batch (gemm), bit for bit
+            // (the server re-runs a cached prompt's last token alone: results.md §39)
+            CHECK(std::memcmp(y.data(), Y.data(), y.size() * sizeof(float)) == 0, "%s gemm != gemv bit for bit%s %s", kern.name,
+                  rp ? " repacked" : "", what);
             for (int which = 0; which < 2; which++) {
                 const std::vector<float> &got = which ? Y : y;
                 double worst = 0;
@@ -368,6 +373,11 @@ static void test_dense_gemm(std::mt19937_64 &rng) {
                     const int64_t ldy = r1 - r0 + 3;   // a wider output row than the range, as a caller's
                     std::vector<float> Y((size_t)n_tok * ldy, NAN);
                     run_gemm_dense(k, w, X.data(), q8.data(), n_tok, Y.data(), ldy, r0, r1);
+                    std::vector<float> Y1((size_t)n_tok * ldy, NAN);   // one token at a time: the same bits
+                    for (int t = 0; t < n_tok; t++)
+                        run_gemm_dense(k, w, X.data() + t * cols, q8.data() + t, 1, Y1.data() + t * ldy, ldy, r0, r1);
+                    CHECK(std::memcmp(Y.data(), Y1.data(), Y.size() * sizeof(float)) == 0,
+                          "%s gemm_dense type %u cols=%lld n=%d != one token at a time, bit for bit", k.name, w.type, (long long)cols, n_tok);
                     for (int t = 0; t < n_tok; t++)
                         for (int64_t r = r0; r < r1; r++) {
                             const double y = Y[t * ldy + r - r0], yr = ref[t * (r1 - r0) + r - r0];
@@ -402,6 +412,37 @@ static void test_pool() {
     }
 }
 
+// Every kernel set's attention rows over a cache of T (float or f16) against the scalar ones (dots_ref,
+// wsum_ref), within 1e-5 of the same sums over magnitudes (Kf: the cache's values as floats).
+template <class T>
+using RowsFn = void (*)(const float *, const T *, int64_t, int64_t, int64_t, float *);
+
+template <class T>
+static void check_attention_rows(const char *type, const std::vector<float> &q, const std::vector<T> &K, const std::vector<float> &Kf,
+                                 const std::vector<float> &w, int64_t stride, int64_t n, int64_t hd, RowsFn<T> dots_ref,
+                                 RowsFn<T> wsum_ref, RowsFn<T> Kernel::*dots, RowsFn<T> Kernel::*wsum) {
+    std::vector<float> s_ref(n), o_ref(hd), s_abs(n, 0.0f), o_abs(hd, 0.0f);
+    dots_ref(q.data(), K.data(), stride, n, hd, s_ref.data());
+    wsum_ref(w.data(), K.data(), stride, n, hd, o_ref.data());
+    for (int64_t j = 0; j < n; j++)   // the error scale: the same sums over magnitudes
+        for (int64_t i = 0; i < hd; i++) {
+            s_abs[j] += std::fabs(q[i] * Kf[j * stride + i]);
+            o_abs[i] += std::fabs(w[j] * Kf[j * stride + i]);
+        }
+    for (const Kernel &k : all_kernels()) {
+        if (!k.supported() || !(k.*dots)) continue;
+        std::vector<float> s(n, NAN), o(hd, NAN);
+        (k.*dots)(q.data(), K.data(), stride, n, hd, s.data());
+        (k.*wsum)(w.data(), K.data(), stride, n, hd, o.data());
+        bool ok = true;
+        for (int64_t j = 0; j < n; j++) ok &= std::fabs(s[j] - s_ref[j]) <= 1e-5 * (1 + s_abs[j]);
+        CHECK(ok, "%s dots_%s hd=%lld n=%lld differs from scalar", k.name, type, (long long)hd, (long long)n);
+        ok = true;
+        for (int64_t i = 0; i < hd; i++) ok &= std::fabs(o[i] - o_ref[i]) <= 1e-5 * (1 + o_abs[i]);
+        CHECK(ok, "%s wsum_%s hd=%lld n=%lld differs from scalar", k.name, type, (long long)hd, (long long)n);
+    }
+}
+
 // Every kernel set's attention rows (scores q·K[j], weighted sums of V rows) equal the scalar ones,
 // on strided rows as a KV cache holds them, head dims with and without a tail of 8.
 static void test_attention_rows(std::mt19937_64 &rng) {
@@ -413,26 +454,8 @@ static void test_attention_rows(std::mt19937_64 &rng) {
             for (auto &v : q) v = u(rng);
             for (auto &v : K) v = u(rng);
             for (auto &v : w) v = 0.5f * (u(rng) + 1.0f);   // softmax weights are ≥ 0
-            std::vector<float> s_ref(n), o_ref(hd), s_abs(n, 0.0f), o_abs(hd, 0.0f);
-            dots_f32_scalar(q.data(), K.data(), stride, n, hd, s_ref.data());
-            wsum_f32_scalar(w.data(), K.data(), stride, n, hd, o_ref.data());
-            for (int64_t j = 0; j < n; j++)   // the error scale: the same sums over magnitudes
-                for (int64_t i = 0; i < hd; i++) {
-                    s_abs[j] += std::fabs(q[i] * K[j * stride + i]);
-                    o_abs[i] += std::fabs(w[j] * K[j * stride + i]);
-                }
-            for (const Kernel &k : all_kernels()) {
-                if (!k.supported()) continue;
-                std::vector<float> s(n, NAN), o(hd, NAN);
-                k.dots_f32(q.data(), K.data(), stride, n, hd, s.data());
-                k.wsum_f32(w.data(), K.data(), stride, n, hd, o.data());
-                bool ok = true;
-                for (int64_t j = 0; j < n; j++) ok &= std::fabs(s[j] - s_ref[j]) <= 1e-5 * (1 + s_abs[j]);
-                CHECK(ok, "%s dots_f32 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
-                ok = true;
-                for (int64_t i = 0; i < hd; i++) ok &= std::fabs(o[i] - o_ref[i]) <= 1e-5 * (1 + o_abs[i]);
-                CHECK(ok, "%s wsum_f32 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
-            }
+            check_attention_rows<float>("f32", q, K, K, w, stride, n, hd, dots_f32_scalar, wsum_f32_scalar, &Kernel::dots_f32,
+                                        &Kernel::wsum_f32);
         }
     }
 }
@@ -491,26 +514,8 @@ static void test_kv_f16(std::mt19937_64 &rng) {
             for (auto &v : w) v = 0.5f * (u(rng) + 1.0f);
             std::vector<uint16_t> K(Kf.size());
             to_f16_scalar(Kf.data(), K.data(), (int64_t)K.size());
-            std::vector<float> s_ref(n), o_ref(hd), s_abs(n, 0.0f), o_abs(hd, 0.0f);
-            dots_f16_scalar(q.data(), K.data(), stride, n, hd, s_ref.data());
-            wsum_f16_scalar(w.data(), K.data(), stride, n, hd, o_ref.data());
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t i = 0; i < hd; i++) {
-                    s_abs[j] += std::fabs(q[i] * Kf[j * stride + i]);
-                    o_abs[i] += std::fabs(w[j] * Kf[j * stride + i]);
-                }
-            for (const Kernel &k : all_kernels()) {
-                if (!k.supported() || !k.dots_f16) continue;
-                std::vector<float> s(n, NAN), o(hd, NAN);
-                k.dots_f16(q.data(), K.data(), stride, n, hd, s.data());
-                k.wsum_f16(w.data(), K.data(), stride, n, hd, o.data());
-                bool ok = true;
-                for (int64_t j = 0; j < n; j++) ok &= std::fabs(s[j] - s_ref[j]) <= 1e-5 * (1 + s_abs[j]);
-                CHECK(ok, "%s dots_f16 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
-                ok = true;
-                for (int64_t i = 0; i < hd; i++) ok &= std::fabs(o[i] - o_ref[i]) <= 1e-5 * (1 + o_abs[i]);
-                CHECK(ok, "%s wsum_f16 hd=%lld n=%lld differs from scalar", k.name, (long long)hd, (long long)n);
-            }
+            check_attention_rows<uint16_t>("f16", q, K, Kf, w, stride, n, hd, dots_f16_scalar, wsum_f16_scalar, &Kernel::dots_f16,
+                                           &Kernel::wsum_f16);
         }
     }
     for (const Kernel &k : all_kernels()) {
