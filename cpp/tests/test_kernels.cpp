@@ -218,6 +218,10 @@ static void run_case(int64_t rows, int64_t cols, int N, int G, uint32_t flags, b
             // (the server re-runs a cached prompt's last token alone: results.md §39)
             CHECK(std::memcmp(y.data(), Y.data(), y.size() * sizeof(float)) == 0, "%s gemm != gemv bit for bit%s %s", kern.name,
                   rp ? " repacked" : "", what);
+            std::vector<float> Y2(rows * 2, NAN);   // and a batch too small for the lanes (a GEMM's own fallback)
+            kern.gemm(o.t, acts.data(), 2, Y2.data(), rows, 0, rows);
+            CHECK(std::memcmp(y.data(), Y2.data(), Y2.size() * sizeof(float)) == 0, "%s gemm of 2 tokens != gemv bit for bit%s %s",
+                  kern.name, rp ? " repacked" : "", what);
             for (int which = 0; which < 2; which++) {
                 const std::vector<float> &got = which ? Y : y;
                 double worst = 0;
