@@ -127,6 +127,9 @@ inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
 inline float load1(const float *p) { return *p; }
 inline float load1(const uint16_t *p) { return _cvtsh_ss(*p); }
+// the last n % 4 scores, one row at a time
+inline void dot_row(const float *q, const float *k, int64_t hd, float *out) { *out = dot_f32(q, k, hd); }
+inline void dot_row(const float *q, const uint16_t *k, int64_t hd, float *out) { dots_f16_scalar(q, k, 0, 1, hd, out); }
 
 // Four scores at a time: one pass over q for rows j..j+3, their sums reduced together by vhaddps.
 template <class T>
@@ -155,14 +158,7 @@ void dots_rows(const float *q, const T *K, int64_t stride, int64_t n, int64_t hd
         }
         std::memcpy(out + j, v, sizeof v);
     }
-    for (; j < n; j++) {
-        const T *k = K + j * stride;
-        __m256 s = _mm256_setzero_ps();
-        for (int64_t i = 0; i < h8; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), s);
-        float v = hsum256(s);
-        for (int64_t i = h8; i < hd; i++) v += q[i] * load1(k + i);
-        out[j] = v;
-    }
+    for (; j < n; j++) dot_row(q, K + j * stride, hd, out + j);
 }
 
 // 32 outputs at a time held in registers while the rows pass.
