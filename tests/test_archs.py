@@ -263,3 +263,26 @@ def test_chat_on_gemma3_through_a_pty(tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+def test_online_rotation_leaves_f32_logits_unchanged(arch_case, tmp_path):
+    """convert --online-rotation down folds Hᵀ into every W_down and stores {block, seed}; the engine and the
+    PyTorch reference apply H to down's input: the f32 model computes what it did (≤ 1e-4), on every
+    architecture (the FFN width 192 is 3 blocks of 64), while its W_down did change."""
+    from bitbasis.convert import ConvertOptions, convert
+    from bitbasis.reference import torch_model_from_gguf
+    name, d, m, ref_model, ids = arch_case
+    ids = ids[:48]
+    path = tmp_path / f"{name}-online.gguf"
+    convert(d, path, ConvertOptions(method="f32", online=("ffn_down",)), progress=False)
+    rot = Model(path, threads=2)
+    try:
+        a, b = m.logits(ids), rot.logits(ids)
+    finally:
+        rot.close()
+    assert a.std() > 0.3 and float(np.abs(a - b).max()) <= 1e-4, (name, float(np.abs(a - b).max()))
+    ref_rot, mf = torch_model_from_gguf(path)
+    diff = float(np.abs(_torch_logits(ref_rot, ids) - _torch_logits(ref_model, ids)).max())
+    assert diff <= 1e-4, f"{name}: reference with the online rotation moved the logits by {diff}"
+    w0 = dict(ref_model.named_parameters())["model.layers.0.mlp.down_proj.weight"].detach().numpy()
+    assert np.abs(mf.weight("blk.0.ffn_down.weight") - w0).max() > 1e-2     # the fold did change W_down

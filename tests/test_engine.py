@@ -266,3 +266,58 @@ def test_threads_agree(model_files, prompt_ids):
     a = Model(path, threads=1).logits(prompt_ids[:8])
     b = Model(path, threads=3).logits(prompt_ids[:8])
     assert np.abs(a - b).max() < 1e-4 * max(1.0, float(np.abs(a).max()))
+
+
+def test_online_rotation_matches_reference(tiny_dir, tmp_path, monkeypatch):
+    """A quantized tiny file with the online rotation before ffn_down (H folded into W_down, then binarized; H·x
+    at run time): the engine equals the PyTorch reference over the same file, int8 activations quantized after
+    the rotation as the engine does, to the tolerance of test_binary_basis_matches_reference_exactly; and the
+    rotation is really applied (without it in the reference the logits move far more)."""
+    monkeypatch.setenv("BITBASIS_KV", "f32")
+    from bitbasis.convert import ConvertOptions, convert
+    from bitbasis.reference import torch_model_from_gguf
+    path = tmp_path / "tiny-online.gguf"
+    convert(tiny_dir, path, ConvertOptions(method="residual", bases=2, group=128, online=("ffn_down",)), progress=False)
+    m = Model(path, threads=2)
+    ids = list(range(300, 340))
+    lg = m.logits(ids)
+    ref_model, _ = torch_model_from_gguf(path)
+    _int8_act_hooks(ref_model)
+    ref = _torch_logits(ref_model, ids)
+    d, scale = np.abs(lg - ref), float(np.abs(ref).max())
+    assert d.mean() <= 1e-4 * scale and d.max() <= 1e-2 * scale, (d.mean(), d.max(), scale)
+    for layer in ref_model.model.layers:        # the online hook first, the int8 one second: drop the first
+        hooks = layer.mlp.down_proj._forward_pre_hooks
+        hooks.pop(next(iter(hooks)))
+    assert np.abs(_torch_logits(ref_model, ids) - ref).mean() > 100 * d.mean()
+
+
+@pytest.mark.parametrize("old,new,match", [
+    (b"ffn_down.block", b"ffn_gate.block", "unknown metadata key bitbasis.online_rotation.ffn_gate.block"),
+    (b"ffn_down.seed", b"ffn_down.sxxd", "unknown metadata key bitbasis.online_rotation.ffn_down.sxxd"),
+    ("block", 3, "block = 3 is not a power of two"),
+    ("block", 1024, "block = 1024 is not a power of two"),
+])
+def test_online_rotation_bad_metadata_is_named(tiny_dir, tmp_path, old, new, match):
+    """A file whose online-rotation keys are unknown or invalid is refused with one line naming the key, by the
+    engine and by the Python reader (the reference)."""
+    from bitbasis.convert import ConvertOptions, convert
+    from bitbasis.gguf_io import GGUFFileError
+    from bitbasis.reference import torch_model_from_gguf
+    good = tmp_path / "good.gguf"
+    convert(tiny_dir, good, ConvertOptions(method="f16", online=("ffn_down",)), progress=False)
+    raw = bytearray(good.read_bytes())
+    key = b"bitbasis.online_rotation.ffn_down.block"
+    if isinstance(old, bytes):                               # rename a key (same length: offsets stay)
+        at = raw.index(b"bitbasis.online_rotation." + old)
+        raw[at + 25:at + 25 + len(new)] = new
+    else:                                                    # the key, its u32 type tag, then the value
+        at = raw.index(key) + len(key)
+        assert int.from_bytes(raw[at:at + 4], "little") == 4 and int.from_bytes(raw[at + 4:at + 8], "little") == 64
+        raw[at + 4:at + 8] = new.to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(EngineError, match=match.replace(".", r"\.")):
+        Model(bad, threads=1)
+    with pytest.raises(GGUFFileError, match="online rotation|unknown metadata key"):
+        torch_model_from_gguf(bad)

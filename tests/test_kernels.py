@@ -191,3 +191,25 @@ def test_outlier_channel_leaves_other_blocks_alone(klib):
         y_parts = bench.matmul(p, parts, kernel=kern, path=klib).sum(0)
         err, ok = _close(y, y_parts, 1e-5)
         assert ok, f"{kern}: the outlier changed other blocks' quantization (rel err {err:.3g})"
+
+
+@pytest.mark.parametrize("n", [576, 1536, 640])
+def test_hadamard_matches_numpy(klib, n):
+    """Every kernel set's online rotation (fast Walsh–Hadamard transform, kernels.h hadamard_f32, signs from the
+    seed by the engine's splitmix64) equals rotate.online_transform's H·x in float64, to f32 rounding, on the
+    widths that are not powers of two (SmolLM2's 576 and 1536, Gemma 3's 640); test_kernels.cpp pins the
+    variants to the scalar one."""
+    from bitbasis import bench, rotate
+    x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
+    b = rotate.online_block(n)
+    assert (n // b) * b == n and b == {576: 64, 1536: 512, 640: 128}[n]
+    want = rotate.online_transform(x.astype(np.float64), b, 12345)
+    ran = 0
+    for k in bench.kernels(klib):
+        if k["supported"]:
+            got = bench.hadamard(x, b, 12345, kernel=k["name"], path=klib)
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), k["name"]
+            ran += 1
+    assert ran >= 2
+    with pytest.raises(bench.KernelError, match="not a power of two"):
+        bench.hadamard(x, 48, 0, path=klib)

@@ -45,7 +45,7 @@ def test_rotation_is_orthogonal_for_any_width(n):
 def test_rotation_leaves_f32_logits_unchanged(tiny192, tmp_path):
     import torch
     from bitbasis import hf
-    from bitbasis.rotate import rotated_checkpoint
+    from bitbasis.hf import rotated_checkpoint
     rot = rotated_checkpoint(tiny192, seed=3, root=tmp_path, progress=None)
     assert rotated_checkpoint(tiny192, seed=3, root=tmp_path, progress=None) == rot      # made once
     ids = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -138,3 +138,42 @@ def test_options_a_method_ignores_are_refused(tiny192, tmp_path, capsys, args, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n,b", [(576, 64), (1536, 512), (640, 128), (2048, 512), (192, 64)])
+def test_online_rotation_is_an_orthogonal_block_hadamard(n, b):
+    """rotate.online_transform is H = blockdiag(H_b/√b)·diag(s): orthogonal, b the largest power of two dividing
+    n up to 512, ±1/√b entries inside the diagonal blocks and zeros outside, signs that depend on the seed."""
+    from bitbasis.rotate import online_block, online_signs, online_transform
+    assert online_block(n) == b
+    H = online_transform(np.eye(n), b, 9).T                              # column j = H·e_j
+    assert np.abs(H @ H.T - np.eye(n)).max() < 1e-12
+    blocks = np.kron(np.eye(n // b), np.ones((b, b))) > 0
+    assert np.allclose(np.abs(H[blocks]), 1 / np.sqrt(b)) and not H[~blocks].any()
+    s = online_signs(n, 9)
+    assert set(np.unique(s)) == {-1.0, 1.0} and not np.array_equal(s, online_signs(n, 10))
+
+
+def test_online_rotation_option_and_errors(tiny192, tmp_path, capsys):
+    """convert --online-rotation down stores {block, seed} (with the residual rotation too: they act on
+    different widths), info prints it; a checkpoint with an invalid online rotation is refused in one line."""
+    import json
+    import shutil
+    from bitbasis import hf
+    from bitbasis.cli import main
+    out = tmp_path / "o.gguf"
+    assert main(["convert", str(tiny192), "-o", str(out), "--method", "f32", "--rotate", "--online-rotation", "down",
+                 "--seed", "4", "-q", "--no-check"]) == 0
+    from bitbasis.gguf_io import read_model
+    kv = read_model(out).kv
+    assert (kv["bitbasis.online_rotation.ffn_down.block"], kv["bitbasis.online_rotation.ffn_down.seed"]) == (64, 4)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "online rot. ffn_down.block 64, ffn_down.seed 4" in capsys.readouterr().out
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny192, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(dict(cfg, bitbasis_online_rotation={"ffn_down": {"block": 96,
+                                                                                                   "seed": 0}})))
+    with pytest.raises(hf.CheckpointError, match="block 96 is not a power of two"):
+        hf.load_torch_model(bad)

@@ -12,7 +12,7 @@ import json
 import torch
 
 from bitbasis import data, distill as D, format as bbf, hf
-from bitbasis.rotate import rotated_checkpoint
+from bitbasis.hf import rotated_checkpoint
 
 
 def main() -> None:

@@ -23,9 +23,9 @@ for tool in "$CXX" "$QEMU"; do
 done
 mkdir -p "$OUT"
 SRC="$ROOT/cpp/src"
-# The engine's kernels only: the x86 files compile to nothing on aarch64 (guarded), so every
+# The engine's kernels (and ops.cpp: the online rotation's signs) only: the x86 files compile to nothing on aarch64 (guarded), so every
 # kernel file can be passed; the baseline is armv8-a, dotprod is enabled per function.
-set -- "$SRC"/kernels_scalar.cpp "$SRC"/kernels_dispatch.cpp "$SRC"/kernels_lut.cpp "$SRC"/kernels_neon.cpp "$SRC"/kernels_avx2.cpp \
+set -- "$SRC"/ops.cpp "$SRC"/kernels_scalar.cpp "$SRC"/kernels_dispatch.cpp "$SRC"/kernels_lut.cpp "$SRC"/kernels_neon.cpp "$SRC"/kernels_avx2.cpp \
     "$SRC"/kernels_avx512.cpp
 if [ "$MODE" = "--bench" ]; then
     # the benchmark entry points (kernels_capi.cpp, its thread pool) behind a line-protocol driver

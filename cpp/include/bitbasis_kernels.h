@@ -15,6 +15,10 @@ const char *bbk_default_kernel(void);
 const char *bbk_cpu_features(void);
 const char *bbk_compiler(void);
 
+/* x[t] <- H x[t] for n_tok rows of n floats, H = blockdiag(H_b / sqrt(b)) diag(s) with the signs s of seed: the online
+ * rotation through a kernel's hadamard_f32 (kernels.h). Returns 0, or -1 with bbk_error() set. */
+int bbk_hadamard(const char *kernel, float *x, int64_t n_tok, int64_t n, int block, uint32_t seed);
+
 /* Y[t][r] = sum_j W[r,j] x[t][j] for a tensor given as its on-disk component arrays (absent ones NULL);
  * repack: also run the kernel's load-time repack. */
 int bbk_matmul(const char *kernel, int repack, int64_t rows, int64_t cols, int n_planes, int group, uint32_t flags,

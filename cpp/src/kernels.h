@@ -150,6 +150,12 @@ void wsum_f16_scalar(const float *w, const uint16_t *V, int64_t stride, int64_t 
 // m = max_k c·s[k], c = scale.
 using SoftmaxFn = void (*)(float *s, int64_t n, float scale);
 void softmax_f32_scalar(float *s, int64_t n, float scale);
+// The online rotation (bitbasis.rotate, QuaRot's R4): x ← blockdiag(H_b/√b)·diag(s)·x over one row of n = (n/b)·b
+// floats, H_b Sylvester's Hadamard matrix of order b (a power of two), s = ±1 signs: the fast Walsh–Hadamard
+// transform, butterflies of stride 1, 2, …, b/2 in that order (x_i, x_{i+h} ← x_i + x_{i+h}, x_i − x_{i+h}), then
+// the scale 1/√b. Every variant does the same additions in the same order, so they agree bit for bit.
+using HadamardFn = void (*)(float *x, const float *s, int64_t n, int b);
+void hadamard_f32_scalar(float *x, const float *s, int64_t n, int b);
 
 // Dense weights (ggml's F32, F16 and Q8_0 row layouts: the token embedding / head, unquantized files) times
 // n_tok tokens: Y[t·ldy + r − r0] = W[r] · x_t for r in [r0, r1). F32 and F16 multiply the float activations
@@ -204,6 +210,7 @@ struct Kernel {
     DotsF16Fn dots_f16 = nullptr;
     WsumF16Fn wsum_f16 = nullptr;
     ToF16Fn to_f16 = nullptr;
+    HadamardFn hadamard_f32 = hadamard_f32_scalar;
 
     bool supported() const;                 // this CPU has every feature
 };

@@ -76,6 +76,35 @@ void swiglu_f32(float *g, const float *u, int64_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// hadamard_f32_scalar with 8 lanes: the strides 1, 2, 4 inside a register (the partner lane by a permute, the
+// sum kept in the lower lane of each pair and the difference, partner − self, in the upper), the longer
+// strides between registers. Blocks below 8 go to the scalar one.
+void hadamard_f32(float *x, const float *s, int64_t n, int b) {
+    if (b < 8) return hadamard_f32_scalar(x, s, n, b);
+    const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt((float)b));
+    for (int64_t o = 0; o < n; o += b) {
+        float *y = x + o;
+        for (int j = 0; j < b; j += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(y + j), _mm256_loadu_ps(s + o + j));
+            __m256 w = _mm256_permute_ps(v, 0xB1);   // lanes 1 0 3 2
+            v = _mm256_blend_ps(_mm256_add_ps(v, w), _mm256_sub_ps(w, v), 0xAA);
+            w = _mm256_permute_ps(v, 0x4E);          // lanes 2 3 0 1
+            v = _mm256_blend_ps(_mm256_add_ps(v, w), _mm256_sub_ps(w, v), 0xCC);
+            w = _mm256_permute2f128_ps(v, v, 0x01);  // the other half
+            v = _mm256_blend_ps(_mm256_add_ps(v, w), _mm256_sub_ps(w, v), 0xF0);
+            _mm256_storeu_ps(y + j, v);
+        }
+        for (int h = 8; h < b; h *= 2)
+            for (int j = 0; j < b; j += 2 * h)
+                for (int i = j; i < j + h; i += 8) {
+                    const __m256 a = _mm256_loadu_ps(y + i), c = _mm256_loadu_ps(y + i + h);
+                    _mm256_storeu_ps(y + i, _mm256_add_ps(a, c));
+                    _mm256_storeu_ps(y + i + h, _mm256_sub_ps(a, c));
+                }
+        for (int j = 0; j < b; j += 8) _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_loadu_ps(y + j), scale));
+    }
+}
+
 // softmax_f32_scalar with 8 lanes: the max and the sum in 8 partial lanes (then across them), e^x by exp8.
 void softmax_f32(float *s, int64_t n, float scale) {
     const int64_t n8 = n / 8 * 8;
@@ -674,11 +703,14 @@ void add_kernels_avx2(std::vector<Kernel> &v) {
     // Each GEMM computes its GEMV's floats (a token's result does not depend on its batch).
     // "avx2-lut-tokens": the lookup GEMV with the tokens-in-lanes GEMM (the measured alternative, bench kernels)
     v.push_back(Kernel{"avx2-lut", "avx2", AVX2, gemv_lut, gemm_lut, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
-                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16,
+                       hadamard_f32});
     v.push_back(Kernel{"avx2-lut-tokens", "avx2", AVX2, gemv_lut, gemm_lut_tokens8, dot_f32, dot_q8, dot_q8q8, repack_lut, prepare_lut,
-                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16,
+                       hadamard_f32});
     v.push_back(Kernel{"avx2-bytemask", "avx2", AVX2, gemv_bytemask, gemm_bytemask, dot_f32, dot_q8, dot_q8q8, nullptr, nullptr,
-                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16});
+                       dots_f32, wsum_f32, swiglu_f32, gemm_dense, softmax_f32, dots_f16, wsum_f16, to_f16,
+                       hadamard_f32});
 }
 
 }  // namespace bb

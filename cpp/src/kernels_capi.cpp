@@ -2,6 +2,7 @@
 // Not part of the model API in bitbasis.h.
 #include "bitbasis_kernels.h"
 #include "kernels.h"
+#include "ops.h"
 #include "threadpool.h"
 
 #include <unistd.h>
@@ -62,6 +63,20 @@ static const Kernel &kernel_by_name(const char *name) {
     if (!k->supported())
         throw std::runtime_error(std::string("kernel ") + name + ": this CPU lacks " + missing_features(*k));
     return *k;
+}
+
+extern "C" int bbk_hadamard(const char *kernel, float *x, int64_t n_tok, int64_t n, int block, uint32_t seed) {
+    try {
+        const Kernel &k = kernel_by_name(kernel);
+        if (block < 1 || (block & (block - 1)) || n < 1 || n % block || n_tok < 0)
+            throw std::runtime_error("hadamard: block " + std::to_string(block) + " is not a power of two dividing " +
+                                     std::to_string(n));
+        ops::hadamard(x, ops::online_signs(n, seed).data(), n_tok, n, block, k);
+        return 0;
+    } catch (const std::exception &e) {
+        g_err = e.what();
+        return -1;
+    }
 }
 
 // Y[t][r] = Σ_j W[r,j] x[t][j] for a tensor given as its component arrays (numpy buffers, the

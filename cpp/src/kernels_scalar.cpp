@@ -95,6 +95,20 @@ float dot_f32_scalar(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+void hadamard_f32_scalar(float *x, const float *s, int64_t n, int b) {
+    for (int64_t i = 0; i < n; i++) x[i] *= s[i];
+    for (int64_t o = 0; o < n; o += b)
+        for (int h = 1; h < b; h *= 2)
+            for (int64_t j = o; j < o + b; j += 2 * h)
+                for (int64_t i = j; i < j + h; i++) {
+                    const float a = x[i], c = x[i + h];
+                    x[i] = a + c;
+                    x[i + h] = a - c;
+                }
+    const float scale = 1.0f / std::sqrt((float)b);
+    for (int64_t i = 0; i < n; i++) x[i] *= scale;
+}
+
 void swiglu_f32_scalar(float *g, const float *u, int64_t n) {
     for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }

@@ -221,6 +221,23 @@ void Model::load() {
             *kv.second = (float)v;
         }
 
+    // the online rotation before ffn_down (bitbasis.rotate): the file's W_down holds W·Hᵀ, so down's input gets H
+    const std::string online = "bitbasis.online_rotation.", rot = online + "ffn_down.";
+    for (const auto &kv : f.kv())
+        if (kv.first.compare(0, online.size(), online) == 0 && kv.first != rot + "block" && kv.first != rot + "seed")
+            fail("unknown metadata key " + kv.first + " (an online rotation is " + rot + "block and " + rot + "seed)");
+    int64_t rblock = 0, rseed = 0;
+    const bool has_block = f.get_int(rot + "block", rblock), has_seed = f.get_int(rot + "seed", rseed);
+    if (has_block != has_seed) fail("online rotation: " + rot + (has_block ? "seed" : "block") + " is missing");
+    if (has_block) {
+        if (rblock < 1 || rblock > 512 || (rblock & (rblock - 1)) || h.n_ff % rblock)
+            fail(rot + "block = " + std::to_string(rblock) + " is not a power of two <= 512 dividing the FFN width " +
+                 std::to_string(h.n_ff));
+        if (rseed < 0 || rseed > 0xffffffffLL) fail(rot + "seed = " + std::to_string(rseed) + " is out of range [0, 2^32)");
+        down_rot_block_ = (int)rblock;
+        down_rot_signs_ = ops::online_signs(h.n_ff, (uint64_t)rseed);
+    }
+
     kernel_ = &select_kernel();
     if (const char *e = std::getenv("BITBASIS_PRECISE_ACTS")) {
         const std::string v = e;
@@ -385,6 +402,14 @@ void Model::embed(const int32_t *tokens, int64_t n, float *x) {
 }
 
 void Model::set_input(int slot, const float *x, int64_t n, int64_t cols) { ac_[slot].reset(x, (int)n, cols); }
+
+void Model::rotate_ffn_down_input(float *x, int64_t n) {
+    if (!down_rot_block_) return;
+    const int64_t F = hp_.n_ff;
+    pool_.parallel_for(n, 1, [&](int64_t a, int64_t b, int) {
+        ops::hadamard(x + a * F, down_rot_signs_.data(), b - a, F, down_rot_block_, *kernel_);
+    });
+}
 
 void Model::matmul(const Linear &w, int slot, float *y) {
     ActsCache &ac = ac_[slot];

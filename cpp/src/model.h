@@ -180,6 +180,9 @@ public:
     // The input x [n][cols] of the next matmuls on `slot` (0..2): linears that read the same input
     // (q, k, v; gate, up) share one slot, so its activations are quantized once for all of them.
     void set_input(int slot, const float *x, int64_t n, int64_t cols);
+    // ffn_down's input x [n][n_ff] ← H·x when the file has an online rotation there (bitbasis.online_rotation.
+    // ffn_down.*: W_down holds W·Hᵀ), else nothing: every architecture calls it before its down matmul.
+    void rotate_ffn_down_input(float *x, int64_t n);
     // y[t][rows] = W x[t] (+ bias) for the slot's n tokens.
     void matmul(const Linear &w, int slot, float *y);
     // The same for several linears of one input (q, k, v; gate, up) in one hand-off to the threads:
@@ -232,6 +235,8 @@ private:
     std::vector<std::string> precise_names_;
     std::vector<float> resid_y_;
     std::vector<QActs> q8_acts_;   // int8 activations of the Q8_0 (head) matmul, per token
+    int down_rot_block_ = 0;              // the online rotation before ffn_down: its Hadamard block (0: none)
+    std::vector<float> down_rot_signs_;   // and its signs [n_ff]
 };
 
 }  // namespace bb

@@ -81,6 +81,22 @@ void attend_head(const float *q, const uint16_t *kc, const uint16_t *vc, int64_t
 
 void swiglu(float *g, const float *u, int64_t n, const Kernel &k) { k.swiglu_f32(g, u, n); }
 
+void hadamard(float *x, const float *s, int64_t n_tok, int64_t n, int block, const Kernel &k) {
+    for (int64_t t = 0; t < n_tok; t++) k.hadamard_f32(x + t * n, s, n, block);
+}
+
+std::vector<float> online_signs(int64_t n, uint64_t seed) {
+    std::vector<float> s(n);
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t z = seed + (uint64_t)(i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        s[i] = (z >> 63) ? -1.0f : 1.0f;
+    }
+    return s;
+}
+
 void geglu_tanh(float *g, const float *u, int64_t n) {
     const float k = 0.7978845608028654f;   // sqrt(2/pi): gelu's tanh approximation (gelu_pytorch_tanh)
     for (int64_t i = 0; i < n; i++) {

@@ -45,5 +45,11 @@ void geglu_tanh(float *g, const float *u, int64_t n);   // g = gelu_tanh(g) * u 
 void softcap(float *x, int64_t n, float cap);           // x = cap * tanh(x / cap)
 void add(float *x, const float *y, int64_t n);          // x += y (the residual stream)
 
+// The online rotation before ffn_down (bitbasis.rotate; the file's W_down holds W·Hᵀ): each of n_tok rows of
+// n floats ← H·x, H = blockdiag(H_b/√b)·diag(s), by the kernel's fast Walsh–Hadamard transform (k.hadamard_f32).
+void hadamard(float *x, const float *s, int64_t n_tok, int64_t n, int block, const Kernel &k);
+// Its signs s_i = ±1, i < n: the top bit of splitmix64's i-th output from seed (bitbasis.rotate.online_signs).
+std::vector<float> online_signs(int64_t n, uint64_t seed);
+
 }  // namespace ops
 }  // namespace bb

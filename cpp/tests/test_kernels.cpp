@@ -3,6 +3,7 @@
 //   test_kernels            all cases, exit code 0 when every check passed
 //   test_kernels --quick    fewer random shapes
 #include "kernels.h"
+#include "ops.h"
 #include "threadpool.h"
 
 #include <atomic>
@@ -492,6 +493,29 @@ static void test_swiglu(std::mt19937_64 &rng) {
 // The f16 KV cache: f32_to_f16 rounds to nearest even (ties, the largest finite, overflow, subnormals,
 // a round trip of every finite f16), every kernel set's to_f16 equals it bit for bit, and its rows
 // (dots_f16, wsum_f16) equal the scalar ones on strided rows as the cache holds them.
+// Every kernel set's online rotation (the fast Walsh–Hadamard transform) equals the scalar one, on the
+// widths of SmolLM2 (576 = 9·64, 1536 = 3·512), Gemma 3 (640 = 5·128) and blocks below a register.
+static void test_hadamard(std::mt19937_64 &rng) {
+    std::uniform_real_distribution<float> u(-4.0f, 4.0f);
+    for (auto nb : {std::make_pair(576, 64), std::make_pair(1536, 512), std::make_pair(640, 128), std::make_pair(24, 8),
+                    std::make_pair(12, 4), std::make_pair(6, 2), std::make_pair(5, 1), std::make_pair(2048, 512)}) {
+        const int64_t n = nb.first;
+        const int b = nb.second;
+        std::vector<float> x(n), ref, s = ops::online_signs(n, 7);
+        for (auto &v : x) v = u(rng);
+        ref = x;
+        hadamard_f32_scalar(ref.data(), s.data(), n, b);
+        for (const Kernel &k : all_kernels()) {
+            if (!k.supported()) continue;
+            std::vector<float> got = x;
+            k.hadamard_f32(got.data(), s.data(), n, b);
+            double worst = 0;
+            for (int64_t i = 0; i < n; i++) worst = std::max(worst, (double)std::fabs(got[i] - ref[i]));
+            CHECK(worst <= 1e-5, "%s hadamard_f32 n=%lld b=%d vs scalar: max err %.3g", k.name, (long long)n, b, worst);
+        }
+    }
+}
+
 static void test_kv_f16(std::mt19937_64 &rng) {
     CHECK(f32_to_f16(1.0f) == 0x3c00 && f32_to_f16(-2.0f) == 0xc000 && f32_to_f16(65504.0f) == 0x7bff, "f32_to_f16 basics");
     CHECK(f32_to_f16(65519.0f) == 0x7bff && f32_to_f16(65520.0f) == 0x7c00 && f32_to_f16(1e9f) == 0x7c00, "f32_to_f16 overflow");
@@ -579,6 +603,7 @@ int main(int argc, char **argv) {
     test_pool();
     test_attention_rows(rng);
     test_swiglu(rng);
+    test_hadamard(rng);
     test_softmax(rng);
     test_kv_f16(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G

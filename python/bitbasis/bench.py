@@ -71,6 +71,16 @@ def kernels(path: str | None = None) -> list[dict]:
     return out
 
 
+def hadamard(x: np.ndarray, block: int, seed: int, kernel: str = "", path: str | None = None) -> np.ndarray:
+    """H·x for each row of x (float32) through a C++ kernel's online rotation (kernels.h hadamard_f32), the engine's
+    counterpart of rotate.online_transform."""
+    ffi, lib = kernel_lib(path)
+    y = np.array(np.atleast_2d(x), np.float32, order="C")
+    if lib.bbk_hadamard(kernel.encode(), ffi.cast("float *", y.ctypes.data), y.shape[0], y.shape[1], block, seed) != 0:
+        raise KernelError(_err(ffi, lib))
+    return y.reshape(np.shape(x))
+
+
 def matmul(p: fmt.Packed, x: np.ndarray, kernel: str = "", repack: bool = False, path: str | None = None) -> np.ndarray:
     """Y = W x through a C++ kernel ("" = the default one), for a packed tensor and x [cols] or
     [tokens, cols]. Activations are int8-quantized per group inside, exactly as the engine does."""

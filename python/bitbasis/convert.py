@@ -12,6 +12,7 @@ from . import format as bbf
 from . import hf
 from .arch import is_block_linear
 from .gguf_io import ModelTensors, read_model, summarize, write_model
+from .rotate import RotationError, online_block, online_kv
 
 DENSE_METHODS = ("f32", "f16")
 
@@ -30,6 +31,7 @@ class ConvertOptions:
     extra: dict | None = None      # method-specific options (salient fraction, ...)
     force: bool = False            # never overwrite an existing output unless asked
     rotate: bool = False           # fold a random orthogonal rotation into the weights first (bitbasis.rotate)
+    online: tuple = ()             # sites of an online rotation applied at run time: ("ffn_down",) (bitbasis.rotate)
     target_bpw: float | None = None          # a bit plan for this block bpw (bitbasis.plan)
     tensor_types: list | None = None         # plan rules: ["REGEX=N[:G]", ...]
     head_bases: tuple[int, int] | None = None   # quantize the output head too: (N, G)
@@ -76,10 +78,15 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
                            f"for dense or whole-model methods")
     t0 = time.time()
     source_dir = model_dir
-    if opts.rotate:
-        from .rotate import rotated_checkpoint
-        model_dir = rotated_checkpoint(model_dir, int((opts.calib or {}).get("seed") or 0),
-                                       progress=print if progress else None)
+    if opts.rotate or opts.online:
+        seed = int((opts.calib or {}).get("seed") or 0)
+        try:
+            online = {site: {"block": online_block(int(cfg.get("intermediate_size") or 0)), "seed": seed}
+                      for site in opts.online}
+            model_dir = hf.rotated_checkpoint(model_dir, seed, progress=print if progress else None,
+                                              residual=opts.rotate, online=online)
+        except RotationError as e:
+            raise ConvertError(str(e)) from None
     if planned:
         from . import plan as bbplan
         try:
@@ -102,6 +109,8 @@ def convert(model_dir: str | Path, out: str | Path, opts: ConvertOptions, progre
     if opts.rotate:
         settings["rotation"] = {"kind": "randomized Hadamard x random orthogonal, residual + per-head V/O",
                                 "seed": int((opts.calib or {}).get("seed") or 0)}
+    if opts.online:
+        settings["online_rotation"] = hf.online_spec(hf.load_config(model_dir), model_dir)
     if opts.distill and quantized:
         # EfficientQAT's end-to-end stage on the CPU: only the scales of the quantized linears train (KL to
         # the f32 model's logits); the signs, the plan and the bits stay. The teacher is model_dir, i.e.
@@ -167,6 +176,7 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
     n_layers, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
     n_kv = int(cfg.get("num_key_value_heads") or n_head)
     kv = hf.arch_kv(cfg, Path(model_dir).name) + hf.tokenizer_kv(model_dir, cfg)
+    kv += [(k, v, _uint32()) for k, v in online_kv(hf.online_spec(cfg, Path(model_dir)))]   # the engine applies it
 
     covers = (lambda k: k in quantized or quantizer is not None and quantizer.covers(k))
     emb_k, head_k = "model.embed_tokens.weight", "lm_head.weight"
@@ -214,6 +224,11 @@ def write_converted(model_dir: Path, out, opts: ConvertOptions, quantizer, quant
     mt = ModelTensors(arch=arch.name, kv=kv, dense=dense, packed=packed, method=opts.method, settings=settings)
     write_model(out, mt, force=opts.force)
     return summarize(read_model(out))
+
+
+def _uint32():
+    import gguf
+    return gguf.GGUFValueType.UINT32
 
 
 def _quantize_uncalibrated(quantizer, hf_name: str, w: np.ndarray) -> bbf.BinaryBasis:

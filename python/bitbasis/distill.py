@@ -668,6 +668,8 @@ def distill(model_dir, quantized: dict[str, BinaryBasis], cfg: DistillConfig, pr
         modules[name] = BasisLinear(bb, train_signs=signs, latent=latent, grid=grid, keep_pow2=cfg.keep_pow2).to(home)
         if isinstance(old, torch.nn.Embedding) and getattr(old, "embed_scale", None) is not None:
             modules[name].embed_scale = float(old.embed_scale)
+        for hook in old._forward_pre_hooks.values():    # e.g. the online rotation of down_proj's input (rotate.py)
+            modules[name].register_forward_pre_hook(hook)
         setattr(parent, attr, modules[name])
     if tied and EMBED in modules:                       # one tensor: the head is the quantized embedding too
         student.lm_head = modules[EMBED]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arch as A
+from . import rotate
 from .gguf_io import GGUFFileError, read_metadata
 
 DEFAULT_MODEL = "smollm2"
@@ -185,8 +186,19 @@ def load_torch_model(d: Path):
     """The HF model in float32 (the calibration and reference path)."""
     import torch
     from transformers import AutoModelForCausalLM
-    load_config(d)
-    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    cfg = load_config(d)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    rotate.install_online(model, online_spec(cfg, d))
+    return model
+
+
+def online_spec(cfg: dict, d: Path) -> dict:
+    """The online rotation a checkpoint's weights assume (config key bitbasis_online_rotation), checked."""
+    try:
+        return rotate.online_spec(cfg.get("bitbasis_online_rotation") or {}, int(cfg.get("intermediate_size") or 0),
+                                  f"{d}: ")
+    except rotate.RotationError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_tokenizer(d: Path):
@@ -290,3 +302,50 @@ def _gguf_tokenizer_kv(src: Path, d: Path) -> list[tuple[str, object, object]]:
         raise CheckpointError(f"{src}: no tokenizer.ggml.tokens (no tokenizer to carry)")
     return [(k, v.tolist(), gguf.GGUFValueType.ARRAY) if isinstance(v, np.ndarray) else
             (k, v, gguf.GGUFValueType.ARRAY) if isinstance(v, list) else (k, v, None) for k, v in md.items()]
+
+
+# --- rotated checkpoints ------------------------------------------------------------------------
+
+ROTATED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "generation_config.json", "tokenizer.model")
+
+
+def rotated_checkpoint(model_dir: Path, seed: int = 0, root: Path | None = None, progress=print,
+                       residual: bool = True, online: dict | None = None) -> Path:
+    """An HF checkpoint directory holding the rotated model (bitbasis.rotate): the residual rotation of
+    `seed` when `residual`, and/or the online rotation `online` ({site: {block, seed}}) folded into W_down,
+    made once and cached (keyed by the source weights and the rotations). Every later step (calibration,
+    planning, writing) reads it as any checkpoint; load_torch_model adds the online transform's hooks."""
+    from safetensors.numpy import save_file
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    online = rotate.online_spec(online or {}, int(cfg.get("intermediate_size") or 0))
+    h = hashlib.sha256()
+    src = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json"))
+    h.update(json.dumps([str(model_dir.resolve()), seed, [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                                          for p in src]]
+                        + ([residual, online] if online or not residual else [])).encode())
+    tag = (f"-rot{seed}" if residual else "") + "".join(f"-{k}{v['block']}s{v['seed']}" for k, v in online.items())
+    out = (root or cache_dir() / "rotated") / f"{model_dir.name}{tag}-{h.hexdigest()[:12]}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    if progress:
+        progress(f"rotating {model_dir.name} ({tag[1:]}) into {out}")
+    sd = load_state_dict(model_dir)
+    if residual:
+        sd = rotate.rotate_state_dict(sd, cfg, seed)
+        cfg = dict(cfg, tie_word_embeddings=False, bitbasis_rotation={"seed": seed, "source": model_dir.name})
+    if online:
+        sd = rotate.fold_online(sd, cfg, online)
+        cfg = dict(cfg, bitbasis_online_rotation=online)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in ROTATED_FILES:
+        if (model_dir / f).is_file():
+            (tmp / f).write_bytes((model_dir / f).read_bytes())
+    if out.exists():                                             # a half-made one from an interrupted run
+        shutil.rmtree(out)
+    tmp.rename(out)                                              # the directory appears complete or not at all
+    return out

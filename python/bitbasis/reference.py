@@ -10,6 +10,7 @@ import numpy as np
 from . import arch as A
 from . import hf
 from .gguf_io import GGUFFileError, ModelFile, read_model
+from .rotate import RotationError, install_online, online_spec_from_kv
 
 
 def config_from_gguf(mf: ModelFile):
@@ -60,6 +61,10 @@ def torch_model_from_gguf(path: str | Path):
             raise GGUFFileError(f"{path}: tensor {g} has shape {tuple(w.shape)}, expected {expect}")
         sd[hf_name] = torch.from_numpy(np.array(w, np.float32, copy=True))
     model.load_state_dict(sd, strict=True)
+    try:                                   # the file's W_down holds W·Hᵀ: its input is rotated at run time
+        install_online(model, online_spec_from_kv(mf.kv, cfg.intermediate_size, f"{path}: "))
+    except RotationError as e:
+        raise GGUFFileError(str(e)) from None
     if "rope_freqs.weight" in mf.dense:
         rot = model.model.rotary_emb
         f = torch.from_numpy(mf.dense["rope_freqs.weight"])

@@ -18,20 +18,21 @@ as QuaRot's hadamard_utils does with its stored odd Hadamard matrices.
 A tied embedding stops being tied: the head holds (E·diag(γ_final))·Q, the embedding E·Q, so the
 rotated checkpoint stores lm_head on its own (the plan can quantize it: convert --head-bases).
 Nothing changes at run time: the rotated checkpoint is an ordinary Llama checkpoint.
+
+The online rotation (QuaRot's R4, sec. 4 "1½ Hadamards per layer") acts on ffn_down's input, the SwiGLU output
+silu(gate)·up, which no weight can absorb (the nonlinearity sits between): W_down ← W_down·Hᵀ at convert time
+and x ← H·x at run time, so W_down·x is unchanged in exact arithmetic while both the int8 activations the engine
+quantizes per block of 32 and the columns GPTQ quantizes lose their outliers. H = blockdiag(H_b/√b)·diag(s):
+Sylvester blocks of b, the largest power of two dividing the width up to 512 (1536 = 3·512, 576 = 9·64,
+640 = 5·128), so the engine runs it as a fast Walsh–Hadamard transform in O(n log b); s are random signs
+from a seed by splitmix64, which the engine reproduces bit for bit (ops.cpp). It acts on the FFN's inner
+width, so it is independent of the residual rotation above (either, both or none).
 """
 from __future__ import annotations
-
-import hashlib
-import json
-from pathlib import Path
 
 import numpy as np
 
 from . import arch as A
-from . import hf
-
-ROTATED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "generation_config.json", "tokenizer.model")
 
 
 class RotationError(ValueError):
@@ -122,32 +123,106 @@ def rotate_state_dict(sd: dict[str, np.ndarray], cfg: dict, seed: int = 0) -> di
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def rotated_checkpoint(model_dir: Path, seed: int = 0, root: Path | None = None, progress=print) -> Path:
-    """An HF checkpoint directory holding the rotated model, made once and cached (keyed by the source
-    weights and the seed). Every later step (calibration, planning, writing) reads it as any checkpoint."""
-    from safetensors.numpy import save_file
-    model_dir = Path(model_dir)
-    cfg = hf.load_config(model_dir)
-    h = hashlib.sha256()
-    src = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json"))
-    h.update(json.dumps([str(model_dir.resolve()), seed, [(p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                                          for p in src]]).encode())
-    out = (root or hf.cache_dir() / "rotated") / f"{model_dir.name}-rot{seed}-{h.hexdigest()[:12]}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    if progress:
-        progress(f"rotating {model_dir.name} (seed {seed}) into {out}")
-    sd = rotate_state_dict(hf.load_state_dict(model_dir), cfg, seed)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    cfg = dict(cfg, tie_word_embeddings=False, bitbasis_rotation={"seed": seed, "source": model_dir.name})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    for f in ROTATED_FILES:
-        if (model_dir / f).is_file():
-            (tmp / f).write_bytes((model_dir / f).read_bytes())
-    if out.exists():                                             # a half-made one from an interrupted run
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)                                              # the directory appears complete or not at all
+ONLINE_SITES = ("ffn_down",)       # where an online rotation may sit (GGUF bitbasis.online_rotation.<site>.*)
+ONLINE_MAX_BLOCK = 512             # covers SmolLM2's 1536 = 3·512; bounds the transform at log2(b) = 9 passes
+
+
+def online_block(n: int) -> int:
+    """The Hadamard block for width n: the largest power of two dividing n, at most ONLINE_MAX_BLOCK."""
+    if n < 1:
+        raise RotationError(f"online rotation of width {n}")
+    return min(n & -n, ONLINE_MAX_BLOCK)
+
+
+def online_signs(n: int, seed: int) -> np.ndarray:
+    """s_i = ±1 (float64), i < n: the top bit of splitmix64's i-th output from `seed` (Steele et al. 2014),
+    a generator the engine reproduces exactly (ops::online_signs)."""
+    if not 0 <= seed < 2 ** 32:
+        raise RotationError(f"online rotation seed {seed} is not in [0, 2^32)")
+    z = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)   # wraps mod 2^64
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.where(z >> np.uint64(63), -1.0, 1.0)
+
+
+def online_transform(x, block: int, seed: int):
+    """H·x along the last axis of x (numpy array or torch tensor), H = blockdiag(H_b/√b)·diag(s) (module
+    docstring). Applied to the rows of W it gives W·Hᵀ (row i of W·Hᵀ is H·w_i): the fold of the inverse."""
+    n = x.shape[-1]
+    if block < 1 or block & (block - 1) or n % block:
+        raise RotationError(f"online rotation block {block} is not a power of two dividing the width {n}")
+    s, hb = online_signs(n, seed), hadamard(block) / np.sqrt(block)      # H_b is symmetric
+    if not isinstance(x, np.ndarray):                                    # a torch tensor: its dtype and device
+        import torch
+        s, hb = (torch.as_tensor(a, dtype=x.dtype, device=x.device) for a in (s, hb))
+    y = (x * s).reshape(*x.shape[:-1], n // block, block) @ hb
+    return y.reshape(x.shape)
+
+
+def online_spec(spec: dict, n_ff: int, where: str = "") -> dict:
+    """{site: {"block": b, "seed": s}} checked against the FFN width (one line naming the problem)."""
+    if not isinstance(spec, dict):
+        raise RotationError(f"{where}online rotation: expected {{site: {{block, seed}}}}, got {spec!r}")
+    out = {}
+    for site, v in spec.items():
+        if site not in ONLINE_SITES:
+            raise RotationError(f"{where}online rotation at {site!r} is not supported (supported: "
+                                f"{', '.join(ONLINE_SITES)})")
+        if not isinstance(v, dict) or set(v) != {"block", "seed"} or not all(
+                isinstance(v[k], (int, np.integer)) and not isinstance(v[k], bool) for k in v):
+            raise RotationError(f"{where}online rotation {site}: expected integers block and seed, got {v!r}")
+        b, sd = int(v["block"]), int(v["seed"])
+        if b < 1 or b & (b - 1) or n_ff % b or b > ONLINE_MAX_BLOCK:
+            raise RotationError(f"{where}online rotation {site}: block {b} is not a power of two <= "
+                                f"{ONLINE_MAX_BLOCK} dividing the FFN width {n_ff}")
+        if not 0 <= sd < 2 ** 32:
+            raise RotationError(f"{where}online rotation {site}: seed {sd} is not in [0, 2^32)")
+        out[site] = {"block": b, "seed": sd}
+    return out
+
+
+ONLINE_KV = "bitbasis.online_rotation."
+
+
+def online_kv(spec: dict) -> list[tuple[str, int]]:
+    """The GGUF keys of a checked spec: bitbasis.online_rotation.<site>.block / .seed (uint32)."""
+    return [(f"{ONLINE_KV}{site}.{k}", int(v[k])) for site, v in sorted(spec.items()) for k in ("block", "seed")]
+
+
+def online_spec_from_kv(kv: dict, n_ff: int, where: str = "") -> dict:
+    """The spec a file's metadata holds ({} when none): the inverse of online_kv, unknown keys refused."""
+    spec: dict = {}
+    for key, v in kv.items():
+        if not key.startswith(ONLINE_KV):
+            continue
+        site, _, field = key[len(ONLINE_KV):].rpartition(".")
+        if field not in ("block", "seed") or not site:
+            raise RotationError(f"{where}unknown metadata key {key} (expected {ONLINE_KV}<site>.block / .seed)")
+        spec.setdefault(site, {})[field] = v
+    return online_spec(spec, n_ff, where)
+
+
+def install_online(model, spec: dict) -> None:
+    """Forward pre-hooks that rotate each mlp.down_proj's input (x ← H·x) of a transformers model whose
+    down_proj weights hold W·Hᵀ: what the engine computes, for calibration, planning and the reference."""
+    if not spec:
+        return
+    site = spec["ffn_down"]
+    b, seed = site["block"], site["seed"]
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args: (online_transform(args[0], b, seed), *args[1:]))
+
+
+def fold_online(sd: dict[str, np.ndarray], cfg: dict, spec: dict) -> dict[str, np.ndarray]:
+    """The weights with W_down ← W_down·Hᵀ in every layer (the input is not modified)."""
+    out = dict(sd)
+    site = spec["ffn_down"]
+    for i in range(int(cfg["num_hidden_layers"])):
+        k = f"model.layers.{i}.mlp.down_proj.weight"
+        if k not in sd:
+            raise RotationError(f"online rotation: the checkpoint has no {k}")
+        w = online_transform(sd[k].astype(np.float64), site["block"], site["seed"])
+        out[k] = np.ascontiguousarray(w, np.float32)
     return out

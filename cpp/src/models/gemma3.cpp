@@ -55,6 +55,7 @@ void gemma3_block(Model &m, Layer &L, int64_t il, Step &s) {
     m.set_input(0, s.hb.data(), n, E);
     m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
     ops::geglu_tanh(s.g.data(), s.u.data(), n * F);
+    m.rotate_ffn_down_input(s.g.data(), n);
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::rms_norm(s.o.data(), L.post_ffn_norm.data(), s.o.data(), n, E, h.eps);

@@ -45,6 +45,7 @@ void swiglu_ffn_residual(Model &m, Layer &L, Step &s) {
     m.set_input(0, s.hb.data(), n, E);
     m.matmul({{L.wgate, s.g.data()}, {L.wup, s.u.data()}}, 0);
     ops::swiglu(s.g.data(), s.u.data(), n * F, m.kernel());
+    m.rotate_ffn_down_input(s.g.data(), n);
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::add(s.x, s.o.data(), n * E);

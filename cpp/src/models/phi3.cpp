@@ -45,6 +45,7 @@ void phi3_block(Model &m, Layer &L, int64_t il, Step &s) {
     take_rows(s.fused.data(), n, 2 * F, 0, F, s.g.data());
     take_rows(s.fused.data(), n, 2 * F, F, F, s.u.data());
     ops::swiglu(s.g.data(), s.u.data(), n * F, m.kernel());
+    m.rotate_ffn_down_input(s.g.data(), n);
     m.set_input(2, s.g.data(), n, F);
     m.matmul(L.wdown, 2, s.o.data());
     ops::add(s.x, s.o.data(), n * E);

@@ -53,7 +53,8 @@ def options_from_args(a):
                           embed_type=a.embed_type, calib=calib, extra=extra, force=a.force,
                           rotate=(not dense) if a.rotate is None else a.rotate, target_bpw=target,
                           tensor_types=a.tensor_type, head_bases=head, embed_bases=embed,
-                          check=not a.no_check, distill=dist)
+                          check=not a.no_check, distill=dist,
+                          online=("ffn_down",) if a.online_rotation == "down" else ())
 
 
 def recipe_options(**given):
@@ -121,6 +122,10 @@ def add_parser(sub) -> None:
     c.add_argument("--rotate", dest="rotate", action="store_true", default=None,
                    help="fold a random orthogonal rotation into the weights (default for quantized methods)")
     c.add_argument("--no-rotate", dest="rotate", action="store_false", help="no rotation")
+    c.add_argument("--online-rotation", choices=["down", "none"], default="none",
+                   help="down: a randomized block Hadamard H on ffn_down's input, folded into W_down (W·Hᵀ) and "
+                        "applied by the engine at run time (x ← H·x, a fast Walsh-Hadamard transform per token): "
+                        "flattens the SwiGLU output's outliers before int8 activations and GPTQ (default none)")
     c.add_argument("--target-bpw", type=float, metavar="BPW",
                    help="bit plan: choose N and G per block linear from a measured (Fisher) sensitivity so the "
                         f"block bpw meets BPW (gptq, residual; default {R['target_bpw']} for gptq without "

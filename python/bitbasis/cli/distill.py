@@ -46,17 +46,18 @@ def distill_file(path, out, model_dir: Path, cfg, force: bool = False, progress:
 def teacher_dir(path, model_dir: Path) -> Path:
     """The checkpoint the file's linears belong to: a file converted with a rotation (convert --rotate,
     the default) holds rotated weights, so its teacher is the same rotation of model_dir (exact: the
-    rotated model computes the same function), made once and cached by rotate.rotated_checkpoint."""
+    rotated model computes the same function), made once and cached by hf.rotated_checkpoint; likewise an online rotation's fold."""
     from ..gguf_io import read_model
-    from ..rotate import rotated_checkpoint
+    from ..hf import rotated_checkpoint
     try:
         settings = json.loads(str(read_model(path).kv.get("bitbasis.settings", "{}")))
     except json.JSONDecodeError:
         settings = {}
-    rot = settings.get("rotation") if isinstance(settings, dict) else None
-    if not rot:
+    rot, online = (settings.get(k) if isinstance(settings, dict) else None for k in ("rotation", "online_rotation"))
+    if not rot and not online:
         return Path(model_dir)
-    return rotated_checkpoint(Path(model_dir), int(rot.get("seed", 0)), progress=None)
+    return rotated_checkpoint(Path(model_dir), int((rot or {}).get("seed", 0)), progress=None, residual=bool(rot),
+                              online=online)
 
 
 def config_of(a):

@@ -60,6 +60,11 @@ def run(a) -> int:
     settings = _settings(mf.kv)
     if "rotation" in settings:
         print(f"rotation    {settings['rotation'].get('kind')}, seed {settings['rotation'].get('seed')}")
+    from ..rotate import ONLINE_KV
+    online = {k[len(ONLINE_KV):]: v for k, v in mf.kv.items() if k.startswith(ONLINE_KV)}
+    if online:
+        print("online rot. " + ", ".join(f"{k} {v}" for k, v in sorted(online.items()))
+              + " (randomized block Hadamard on the input, applied at run time)")
     if "plan" in settings:
         from ..plan import describe
         for line in describe(settings["plan"]):
