@@ -62,7 +62,7 @@ def test_convert_makes_a_missing_file_and_the_row_keeps_its_cost(tmp_path, monke
     measured = []
     monkeypatch.setattr(Q, "bitbasis_row", lambda name, path, windows, threads:
                         measured.append(name) or _row(f"bitbasis {name}", path, windows))
-    argv = ["quality_table.py", "-o", out, "--bitbasis", f"m={f}",
+    argv = ["quality_table.py", "-o", out, "--bitbasis", f"m N=2={f}",
             "--convert", f"{f}={tiny_dir} --method f16 --no-check -q"]
     monkeypatch.setattr(sys, "argv", argv)
     assert Q.main() == 0
@@ -73,7 +73,7 @@ def test_convert_makes_a_missing_file_and_the_row_keeps_its_cost(tmp_path, monke
     assert c["wall_seconds"] > 0 and c["user_seconds"] > 0
     Path(out).unlink()                                   # measure again: the file is there, no convert
     mtime = Path(f).stat().st_mtime_ns
-    assert Q.main() == 0 and measured == ["m", "m"]
+    assert Q.main() == 0 and measured == ["m N=2", "m N=2"]
     assert Path(f).stat().st_mtime_ns == mtime and Q.load_rows(out)[0]["convert"] == c
 
 

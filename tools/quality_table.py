@@ -209,12 +209,12 @@ def main() -> int:
         if not args:
             ap.error(f"--convert {spec!r}: expected FILE=ARGS")
         recipes[path] = args
-    files = {spec.partition("=")[2] for spec in a.bitbasis}
+    files = {spec.rpartition("=")[2] for spec in a.bitbasis}
     for path in recipes:
         if path not in files:
             ap.error(f"--convert {path}: not a --bitbasis file")
     for spec in a.bitbasis:
-        name, _, path = spec.partition("=")
+        name, _, path = spec.rpartition("=")   # a name may hold "=" (N=2), a path does not
         if not path:
             ap.error(f"--bitbasis {spec!r}: expected NAME=FILE")
         if not Path(path).is_file() and path not in recipes:
