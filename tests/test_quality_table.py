@@ -52,3 +52,40 @@ def test_bad_spec_is_one_line_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         Q.main()
     assert "no such file" in capsys.readouterr().err
+
+
+def test_convert_makes_a_missing_file_and_the_row_keeps_its_cost(tmp_path, monkeypatch, tiny_dir):
+    """--convert runs `bitbasis convert` for a missing file before its row (a real convert of the tiny
+    model, dense f16 so it takes seconds) and the row carries the convert's command and measured times; a
+    resumed run reports the same convert from FILE.convert.json without converting again."""
+    out, f = str(tmp_path / "t.jsonl"), str(tmp_path / "m.gguf")
+    measured = []
+    monkeypatch.setattr(Q, "bitbasis_row", lambda name, path, windows, threads:
+                        measured.append(name) or _row(f"bitbasis {name}", path, windows))
+    argv = ["quality_table.py", "-o", out, "--bitbasis", f"m N=2={f}",
+            "--convert", f"{f}={tiny_dir} --method f16 --no-check -q"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert Q.main() == 0
+    assert Path(f).is_file() and "wrote" in Path(f + ".log").read_text()
+    (row,) = Q.load_rows(out)
+    c = row["convert"]
+    assert c["command"] == f"bitbasis convert {tiny_dir} --method f16 --no-check -q -o {f}"
+    assert c["wall_seconds"] > 0 and c["user_seconds"] > 0
+    Path(out).unlink()                                   # measure again: the file is there, no convert
+    mtime = Path(f).stat().st_mtime_ns
+    assert Q.main() == 0 and measured == ["m N=2", "m N=2"]
+    assert Path(f).stat().st_mtime_ns == mtime and Q.load_rows(out)[0]["convert"] == c
+
+
+def test_convert_errors_are_one_line(tmp_path, monkeypatch, capsys, tiny_dir):
+    f = str(tmp_path / "m.gguf")
+    monkeypatch.setattr(sys, "argv", ["quality_table.py", "-o", str(tmp_path / "t.jsonl"),
+                                      "--convert", f"{f}=smollm2"])
+    with pytest.raises(SystemExit):
+        Q.main()
+    assert "not a --bitbasis file" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["quality_table.py", "-o", str(tmp_path / "t.jsonl"), "--bitbasis", f"m={f}",
+                                      "--convert", f"{f}={tiny_dir} --method nosuch"])
+    with pytest.raises(SystemExit) as e:
+        Q.main()
+    assert "exited 1: bitbasis: error: unknown method 'nosuch'" in str(e.value) and not Path(f).exists()

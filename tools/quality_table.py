@@ -12,10 +12,17 @@ The run resumes: each finished row is appended to the output as one JSON line (f
 a row whose (method, file, windows) is already there is skipped, so a stopped run started again only
 measures what is missing. A half-written last line (the run killed mid-write) is ignored.
 
+A bitbasis file can be made by the run itself: `--convert FILE=ARGS` runs `bitbasis convert ARGS -o FILE`
+(as a user runs it, its output in FILE.log) just before FILE's row when FILE is missing, and the row records
+that convert's wall time, user and system CPU and the load average before and after (kept beside the file
+in FILE.convert.json, so a resumed run still reports a convert an earlier run made). So one invocation
+makes and measures every row of the table.
+
     python tools/quality_table.py -o docs/quality_table.jsonl \\
         --llamacpp-src smol-f32.gguf --imatrix smol-imatrix.gguf --keep DIR \\
         --types F32 Q8_0 Q4_K_M+imatrix Q4_0+imatrix Q2_K+imatrix IQ2_XXS IQ1_S \\
-        --bitbasis "recipe=smol.gguf" "recipe, 4-bit embed/head=smol-e4.gguf"
+        --bitbasis "recipe=smol.gguf" "recipe, 4-bit embed/head=smol-e4.gguf" "plan 2.5=p25.gguf" \\
+        --convert "p25.gguf=smollm2 --target-bpw 2.5"
     python tools/quality_table.py -o docs/quality_table.jsonl --png docs/quality_vs_mib.png --md   # redraw, print
 """
 from __future__ import annotations
@@ -23,6 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +67,27 @@ def load_avg() -> str:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "?"
+
+
+def run_convert(path: str, args: str) -> dict:
+    """`bitbasis convert ARGS -o PATH` in a child process (this checkout's package), its output in PATH.log;
+    returns (and keeps in PATH.convert.json) its command, wall time, CPU time and the load around it."""
+    cmd = ["bitbasis", "convert", *shlex.split(args), "-o", path]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "python"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    before, ru0, t0 = load_avg(), resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    with open(path + ".log", "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "bitbasis", *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
+                             env=env)
+    wall, ru1 = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if rc != 0:
+        tail = Path(path + ".log").read_text().strip().splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"error: {shlex.join(cmd)} exited {rc}: {tail[0]} (log: {path}.log)")
+    info = {"command": shlex.join(cmd), "wall_seconds": round(wall, 1),
+            "user_seconds": round(ru1.ru_utime - ru0.ru_utime, 1),
+            "sys_seconds": round(ru1.ru_stime - ru0.ru_stime, 1), "load_before": before, "load_after": load_avg()}
+    Path(path + ".convert.json").write_text(json.dumps(info) + "\n")
+    return info
 
 
 def bitbasis_row(name: str, path: str, windows: int, threads: int) -> dict:
@@ -101,7 +132,8 @@ def llamacpp_row(spec: str, src: str, imatrix: str | None, keep: str, windows: i
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| file | whole file MiB | block bpw | embedding / head | ppl | windows |", "|---|---|---|---|---|---|"]
+    lines = ["| file | whole file MiB | block bpw | embedding / head | ppl | windows | convert wall / user CPU |",
+             "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["bytes"]):
         edge = r.get("edge") or {}
         if edge:
@@ -109,8 +141,10 @@ def markdown(rows: list[dict]) -> str:
         else:
             e = f"token_embd {r.get('token_embd_type')} (tied)"
         bpw = f"{r['block_bpw']:.3f}" if r.get("block_bpw") else "-"
+        c = r.get("convert")
+        made = f"{c['wall_seconds']:.0f} s / {c['user_seconds']:.0f} s" if c else "-"
         lines.append(f"| {r['method']} | {r['bytes'] / MIB:.1f} | {bpw} | {e} | "
-                     f"{r['ppl_llamacpp']:.2f} ± {r['se_llamacpp']:.2f} | {r['windows_llamacpp']} |")
+                     f"{r['ppl_llamacpp']:.2f} ± {r['se_llamacpp']:.2f} | {r['windows_llamacpp']} | {made} |")
     return "\n".join(lines)
 
 
@@ -150,6 +184,8 @@ def main() -> int:
     ap.add_argument("--png", help="the plot")
     ap.add_argument("--md", action="store_true", help="print the markdown table")
     ap.add_argument("--bitbasis", nargs="*", default=[], metavar="NAME=FILE")
+    ap.add_argument("--convert", nargs="*", default=[], metavar="FILE=ARGS",
+                    help="make a missing --bitbasis FILE first with `bitbasis convert ARGS -o FILE`")
     ap.add_argument("--llamacpp-src", help="f32 GGUF to quantize with llama.cpp")
     ap.add_argument("--imatrix", help="llama.cpp importance matrix (tools/llamacpp_ppl.py --make-imatrix)")
     ap.add_argument("--types", nargs="*", default=["F32", "Q8_0", "Q4_K_M+imatrix", "Q4_0+imatrix", "Q2_K+imatrix",
@@ -167,13 +203,30 @@ def main() -> int:
             path = a.llamacpp_src if qtype == "F32" else str(Path(a.keep) / f"smol-{qtype}{'-imat' if use_im else ''}.gguf")
             jobs.append((f"llama.cpp {qtype}" + (" imatrix" if use_im else ""), path,
                          lambda spec=spec: llamacpp_row(spec, a.llamacpp_src, a.imatrix, a.keep, a.windows, a.threads)))
+    recipes = {}
+    for spec in a.convert:
+        path, _, args = spec.partition("=")
+        if not args:
+            ap.error(f"--convert {spec!r}: expected FILE=ARGS")
+        recipes[path] = args
+    files = {spec.rpartition("=")[2] for spec in a.bitbasis}
+    for path in recipes:
+        if path not in files:
+            ap.error(f"--convert {path}: not a --bitbasis file")
     for spec in a.bitbasis:
-        name, _, path = spec.partition("=")
+        name, _, path = spec.rpartition("=")   # a name may hold "=" (N=2), a path does not
         if not path:
             ap.error(f"--bitbasis {spec!r}: expected NAME=FILE")
-        if not Path(path).is_file():
-            ap.error(f"--bitbasis {spec!r}: {path}: no such file")
-        jobs.append((f"bitbasis {name}", path, lambda name=name, path=path: bitbasis_row(name, path, a.windows, a.threads)))
+        if not Path(path).is_file() and path not in recipes:
+            ap.error(f"--bitbasis {spec!r}: {path}: no such file (nor a --convert for it)")
+
+        def run(name=name, path=path):
+            if not Path(path).is_file():
+                run_convert(path, recipes[path])
+            row = bitbasis_row(name, path, a.windows, a.threads)
+            made = Path(path + ".convert.json")     # this run's convert, or an earlier (stopped) run's
+            return {**row, "convert": json.loads(made.read_text())} if made.is_file() else row
+        jobs.append((f"bitbasis {name}", path, run))
     done = {(r["method"], r["file"], r["windows_llamacpp"]) for r in load_rows(a.out)}
     for method, path, run in jobs:
         if (method, path, a.windows) in done:
