@@ -95,6 +95,20 @@ def _int8_act_hooks(model, block: int = ACT_BLOCK) -> None:
             mod.register_forward_pre_hook(hook)
 
 
+def _engine_and_reference(tiny_dir, path, opts):
+    """Convert the tiny model with opts; the engine's batched logits over 40 ids and the PyTorch reference's
+    over the same file with the kernels' int8 activation hooks (model and engine returned for further checks)."""
+    from bitbasis.convert import convert
+    from bitbasis.reference import torch_model_from_gguf
+    convert(tiny_dir, path, opts, progress=False)
+    m = Model(path, threads=2)
+    ids = list(range(300, 340))
+    lg = m.logits(ids)
+    ref_model, _ = torch_model_from_gguf(path)
+    _int8_act_hooks(ref_model)
+    return m, ids, lg, ref_model, _torch_logits(ref_model, ids)
+
+
 @pytest.mark.parametrize("bases,group", [(1, 64), (2, 128), (3, 192)])
 def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group, monkeypatch):
     """On the tiny 2-layer model, the engine equals the PyTorch reference run with the kernels'
@@ -103,16 +117,9 @@ def test_binary_basis_matches_reference_exactly(tiny_dir, tmp_path, bases, group
     KV cache, as the reference holds it (the f16 cache's rounding: test_kv_cache_f16)."""
     import torch
     monkeypatch.setenv("BITBASIS_KV", "f32")
-    from bitbasis.convert import ConvertOptions, convert
-    from bitbasis.reference import torch_model_from_gguf
-    path = tmp_path / "tiny.gguf"
-    convert(tiny_dir, path, ConvertOptions(method="residual", bases=bases, group=group), progress=False)
-    m = Model(path, threads=2)
-    ids = list(range(300, 340))
-    lg = m.logits(ids)
-    ref_model, _ = torch_model_from_gguf(path)
-    _int8_act_hooks(ref_model)
-    ref = _torch_logits(ref_model, ids)
+    from bitbasis.convert import ConvertOptions
+    m, ids, lg, ref_model, ref = _engine_and_reference(
+        tiny_dir, tmp_path / "tiny.gguf", ConvertOptions(method="residual", bases=bases, group=group))
     m.reset()
     steps = np.stack([m.eval([t]) for t in ids])          # the gemv path
     scale = float(np.abs(ref).max())
@@ -274,16 +281,10 @@ def test_online_rotation_matches_reference(tiny_dir, tmp_path, monkeypatch):
     the rotation as the engine does, to the tolerance of test_binary_basis_matches_reference_exactly; and the
     rotation is really applied (without it in the reference the logits move far more)."""
     monkeypatch.setenv("BITBASIS_KV", "f32")
-    from bitbasis.convert import ConvertOptions, convert
-    from bitbasis.reference import torch_model_from_gguf
-    path = tmp_path / "tiny-online.gguf"
-    convert(tiny_dir, path, ConvertOptions(method="residual", bases=2, group=128, online=("ffn_down",)), progress=False)
-    m = Model(path, threads=2)
-    ids = list(range(300, 340))
-    lg = m.logits(ids)
-    ref_model, _ = torch_model_from_gguf(path)
-    _int8_act_hooks(ref_model)
-    ref = _torch_logits(ref_model, ids)
+    from bitbasis.convert import ConvertOptions
+    m, ids, lg, ref_model, ref = _engine_and_reference(
+        tiny_dir, tmp_path / "tiny-online.gguf",
+        ConvertOptions(method="residual", bases=2, group=128, online=("ffn_down",)))
     d, scale = np.abs(lg - ref), float(np.abs(ref).max())
     assert d.mean() <= 1e-4 * scale and d.max() <= 1e-2 * scale, (d.mean(), d.max(), scale)
     for layer in ref_model.model.layers:        # the online hook first, the int8 one second: drop the first
