@@ -3,7 +3,8 @@
 # checkpoints, `--time-limit`) as long as the machine stays warm. Runs three legs at once:
 #   q1: N = 1, q2: N = 2, q3: N = 3 (lower lr), rotated GPTQ starts made there (convert --device cuda).
 # usage (from the repository root on the device; tools/device/session9_request.md has the exact calls):
-#   bash .dev/p1/legs.sh part1            carry [.dev/p1]: teacher part 1, gguf wheel, texts, scripts, code
+#   bash .dev/p1/legs.sh part1 [build]    carry [.dev/p1]: teacher part 1, gguf wheel, texts, scripts, code
+#                                         (build: and the engine for `eval`, from the call's repository root)
 #   bash .dev/p2/legs.sh go [LIMIT]       carry [.dev/p2]: teacher part 2; setup, starts, training
 #   bash /tmp/bb/legs.sh go [LIMIT]       no carry: continue training (stop LIMIT s after the call began)
 #   bash /tmp/bb/legs.sh fetch TAG...     no carry: finished files' planes (start_pt.py pack) in 15 MB parts
@@ -25,9 +26,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 # N = 1 from the teacher's weights on ParetoQ's 1-bit grid (mean |W| per group). Session 10's were
 # q3 / q2 (800 steps, --calib-frac 0.5) and q3c (--calib-frac 1); session 9's q1 1 500 / q2 2 700 /
 # q3 3 600 with --seqs 4096 --gen-batch 1024 and no calibration text)
-LEGS=${LEGS:-"q2e 2 1400 0.002 0.01 --embed-bases 4:64 --head-bases 4:64
-q3c 3 1400 0.001 0.005
-q1t 1 600 0.002 0.01 --latent teacher --grid paretoq"}
+# Session 13's: q2o and q1t start from files with the online rotation before ffn_down (§42: GPTQ N = 2
+# 113.73 -> 87.02 before training); q3c is §31's best N = 3 leg, longer. The N field names the start:
+# "2o" = N = 2 with --online-rotation down. Session 11's plan (never run): q2e 2 1400 ... --embed-bases
+# 4:64 --head-bases 4:64, q3c 3 1400, q1t 1 600 --latent teacher --grid paretoq.
+LEGS=${LEGS:-"q2o 2o 1800 0.002 0.01
+q3c 3 1600 0.001 0.005
+q1t 1o 600 0.002 0.01 --latent teacher --grid paretoq"}
 COMMON=${COMMON:-"--batch 32 --length 256 --seqs 32768 --calib-frac 1 --gen-batch 2048 --eval-every 100 --eval-windows 8 --train signs --loss cakld --swap 0 --ckpt-every 400 -q"}
 # the teacher's generation grows its KV cache a step at a time: without expandable segments the
 # allocator's cache of outgrown blocks reached 88 GB in the session-10 sweep and starved the other legs
@@ -51,6 +56,7 @@ case $1 in
 part1)
     cp -r "$here"/. $B/                                   # smol.part.aa, wheel, texts, bbpy, scripts
     ls -la $B; df -h /tmp | tail -1
+    [ "${2:-}" = build ] && BUILD_JOBS=${BUILD_JOBS:-16} build_engine    # the engine now, while nothing trains
     ;;
 go)
     [ -d "$here" ] && [ "$here" != "$B" ] && cp -r "$here"/. $B/
@@ -68,11 +74,17 @@ go)
         touch $B/setup.done
     fi
     # the rotated teacher once (the converts below would race to make it), then its digest
-    python3 -c "from bitbasis import hf; from bitbasis.rotate import rotated_checkpoint; print(rotated_checkpoint(hf.resolve_model_dir('$MODEL'), 0, progress=None))" > $B/rotdir
+    python3 -c "from bitbasis import hf; print(hf.rotated_checkpoint(hf.resolve_model_dir('$MODEL'), 0, progress=None))" > $B/rotdir
     python3 $B/digest.py $(cat $B/rotdir)                                  # rotated: see tools/device/session9_request.md
+    if grep -q '^[^ ]* [0-9]o ' <<< "$LEGS"; then                          # and with the online rotation (convert's spec)
+        python3 -c "from bitbasis import hf; from bitbasis.rotate import online_block; d = hf.resolve_model_dir('$MODEL'); \
+print(hf.rotated_checkpoint(d, 0, progress=None, online={'ffn_down': {'block': online_block(int(hf.load_config(d)['intermediate_size'])), 'seed': 0}}))" > $B/rotdir_online
+        python3 $B/digest.py $(cat $B/rotdir_online)
+    fi
     # the starts: rotation + GPTQ N-bit as QBB planes (§14's step 1 with the default rotation), in parallel
     for n in $(awk '{print $2}' <<< "$LEGS" | sort -u); do
-        [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert $MODEL -o $B/start$n.gguf --method qbb --bases $n --group ${GROUP:-192} \
+        online=; [ "${n%o}" != "$n" ] && online="--online-rotation down"
+        [ -f $B/start$n.gguf ] || (python3 -m bitbasis convert $MODEL -o $B/start$n.gguf --method qbb --bases ${n%o} --group ${GROUP:-192} $online \
             --opt init=gptq --opt rounds=0 --opt iters=0 --opt compensate=0 --opt refit=false \
             ${CALIB:---calib-samples 32 --calib-seqlen 512} --device $DEV --no-check -q > $B/start$n.log 2>&1; echo "start$n rc=$?") &
     done
@@ -141,5 +153,5 @@ fetch)
     ls -la "$OUT"
     ;;
 *)
-    echo "usage: legs.sh part1 | go [LIMIT] | eval TAG... | file TAG... | fetch TAG..."; exit 2 ;;
+    echo "usage: legs.sh part1 [build] | go [LIMIT] | eval TAG... | file TAG... | fetch TAG..."; exit 2 ;;
 esac
