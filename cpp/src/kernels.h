@@ -251,6 +251,10 @@ float f16_to_f32(uint16_t h);
 // The 64-row variant (LUT_ROWS64, avx512-lut's GEMV) has 32 bytes per c4, placed for one 256-bit
 // lookup of one column group (lut_nibble), and [..][64] scales.
 constexpr int LUT_ROWS = 32, LUT_ROWS64 = 64;
+// How far ahead (bytes of plane nibbles) the x86 lookup tiles prefetch: the hardware prefetchers alone
+// left a 7B-shape GEMV from memory at 2/3 of its cache-hot speed; 2048 gained 21 % (N = 2), more than
+// 512, 1024 or 4096 (results.md §44b).
+constexpr int64_t LUT_PREFETCH = 2048;
 
 struct LutLayout {   // byte offsets inside t.repacked
     int64_t rows, ntiles, plane_bytes, alpha_off, bias_off, total;   // rows: a tile's, LUT_ROWS or LUT_ROWS64

@@ -493,14 +493,10 @@ void prepare_lut(QActs &a) {
     build_lut(a, a.lut.data());
 }
 
-// Software prefetch of the tile's three streams (plane nibbles, 2α, μ − Σα), LUT_PREFETCH bytes ahead in
-// the nibbles and as far ahead in the others: they advance 512 : 128 : 128/N bytes per (group, plane)
-// at G = 128, and the layout puts tile rt + 1 right after tile rt in each. The hardware prefetchers alone
-// left a 7B-shape GEMV from memory at 2/3 of its hot-cache speed; this gained 21 % (N = 2) and 19 %
-// (N = 1) there (results.md §44; 1024 and 4096 bytes gained less than 2048). Harmless past the end
+// Software prefetch of the tile's three streams (plane nibbles, 2α, μ − Σα), kernels.h LUT_PREFETCH bytes
+// ahead in the nibbles and as far ahead in the others: they advance 512 : 128 : 128/N bytes per (group,
+// plane) at G = 128, and the layout puts tile rt + 1 right after tile rt in each. Harmless past the end
 // (a prefetch never faults).
-constexpr int64_t LUT_PREFETCH = 2048;
-
 inline void prefetch2(const void *p) {   // the two cache lines at p
     _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
     _mm_prefetch(static_cast<const char *>(p) + 64, _MM_HINT_T0);
