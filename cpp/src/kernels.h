@@ -9,9 +9,9 @@
 // token's result does not depend on how many tokens share its matmul.
 //
 // Files: kernels_scalar.cpp (reference, quantize_acts, bb_prepare, portable dense dots), kernels_avx512.cpp (bit-serial
-// vpopcntq and masked-select vpdpbusd gemv; the lookup GEMV's tokens-in-lanes vpdpbusd gemm), kernels_avx2.cpp
-// (lookup and byte-mask gemv, tokens-in-lanes vpmaddubsw gemm), kernels_lut.cpp (the lookup layout and
-// driver), kernels_neon.cpp (lookup and byte-mask gemv with sdot or pairwise adds), kernels_dispatch.cpp (registry, CPU detection),
+// vpopcntq and masked-select vpdpbusd gemv; the 64-row lookup gemv and its tokens-in-lanes vpdpbusd gemm),
+// kernels_avx2.cpp (lookup and byte-mask gemv, tokens-in-lanes vpmaddubsw gemm), kernels_tokens.inc (the
+// tokens-in-lanes GEMM driver both include), kernels_lut.cpp (the lookup layouts and driver), kernels_neon.cpp (lookup and byte-mask gemv with sdot or pairwise adds), kernels_dispatch.cpp (registry, CPU detection),
 // kernels_capi.cpp (bbk_* test/benchmark entry points used by bitbasis.bench). SIMD kernels handle
 // one class (no COLMASK/ELEMCLASS) with any N, G, OFFSET, POW2, COLSCALE, SPARSE and hand other
 // tensors to the scalar reference.
@@ -248,23 +248,30 @@ float f16_to_f32(uint16_t h);
 // 4c4..4c4+3 of row j (low nibble) and row j + 16 (high nibble); then 2α as f32 [tile][g][plane][32]
 // and μ − Σα as f32 [tile][g][32]. Activation tables (QActs::lut, 8 bytes per column): per pair of
 // 4-column groups, the 16 entries' low bytes (32: even group, odd group), then their high bytes (32).
-constexpr int LUT_ROWS = 32;
+// The 64-row variant (LUT_ROWS64, avx512-lut's GEMV) has 32 bytes per c4, placed for one 256-bit
+// lookup of one column group (lut_nibble), and [..][64] scales.
+constexpr int LUT_ROWS = 32, LUT_ROWS64 = 64;
+// How far ahead (bytes of plane nibbles) the x86 lookup tiles prefetch: the hardware prefetchers alone
+// left a 7B-shape GEMV from memory at 2/3 of its cache-hot speed; 2048 gained 21 % (N = 2), more than
+// 512, 1024 or 4096 (results.md §44b).
+constexpr int64_t LUT_PREFETCH = 2048;
 
 struct LutLayout {   // byte offsets inside t.repacked
-    int64_t ntiles, plane_bytes, alpha_off, bias_off, total;
-    explicit LutLayout(const BBTensor &t);
+    int64_t rows, ntiles, plane_bytes, alpha_off, bias_off, total;   // rows: a tile's, LUT_ROWS or LUT_ROWS64
+    explicit LutLayout(const BBTensor &t, int64_t tile_rows = LUT_ROWS);
 };
 
 inline int64_t lut_table_bytes(const QActs &a) { return a.ngroups * a.group * 8; }
-void lut_repack(BBTensor &t, const char *kernel);         // sets t.repacked_for = kernel
+// sets t.repacked_for = kernel; tile_rows: LUT_ROWS or LUT_ROWS64
+void lut_repack(BBTensor &t, const char *kernel, int64_t tile_rows = LUT_ROWS);
 void lut_tables_scalar(const QActs &a, uint8_t *T);       // the tables, in plain C++
 
-// y of the 32 rows of tile rt for one token, into out[32] (rows past t.rows: anything).
+// y of the L.rows rows of tile rt for one token, into out[L.rows] (rows past t.rows: anything).
 using LutTileFn = void (*)(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out);
 // The driver every ISA shares: rows [r0, r1) of n_tok tokens, tiles outer and tokens inner (a tile's
 // weights stay in L1 while the tokens pass); tables from acts[k].lut, else built with `tables`.
 void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1,
-              LutTileFn tile, void (*tables)(const QActs &, uint8_t *));
+              LutTileFn tile, void (*tables)(const QActs &, uint8_t *), int64_t tile_rows = LUT_ROWS);
 
 // The portable dense dots (the scalar kernel set's), fixed-width partial sums the compiler vectorizes
 // for the baseline ISA.

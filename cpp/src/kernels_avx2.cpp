@@ -444,60 +444,6 @@ static void gemm_bytemask(const BBTensor &t, const QActs *acts, int n_tok, float
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-// ---- GEMM: tokens in the lanes --------------------------------------------------------------------
-//
-// As the AVX-512 GEMM (kernels_avx512.cpp): for 4 columns one ymm holds 8 tokens × 4 int8
-// activations (s8), a row's plane bits of those columns are one broadcast dword of 0/1 bytes (u8),
-// vpmaddubsw gives b_0 q_0 + b_1 q_1 per token pair (|·| ≤ 254) and the 8 steps of one activation
-// block (QK = 32 columns) add in int16 (≤ 2032) before vpmaddwd widens them: P_i per token exactly.
-
-struct TokTiles8 {
-    int ntiles = 0;
-    avec<int8_t> x;           // [tile][cols_pad/4][8 tokens][4]
-    avec<float> d, dS;        // [tile][nblocks][8], [tile][ng][8]
-};
-
-static void build_tiles8(const BBTensor &t, const QActs *acts, int n_tok, TokTiles8 &tt) {
-    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4, nb = cp / QK;
-    tt.ntiles = (n_tok + 7) / 8;
-    tt.x.assign((size_t)tt.ntiles * cp * 8, 0);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * nb * 8, 0.0f);
-    tt.dS.assign((size_t)tt.ntiles * ng * 8, 0.0f);
-    for (int k = 0; k < n_tok; k++) {
-        const int tile = k / 8, lane = k % 8;
-        const int8_t *q = acts[k].q.data();
-        int8_t *x = tt.x.data() + (size_t)tile * cp * 8 + lane * 4;
-        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 32, q + c4 * 4, 4);
-        for (int64_t b = 0; b < nb; b++) tt.d[(tile * nb + b) * 8 + lane] = acts[k].d[b];
-        for (int64_t g = 0; g < ng; g++) tt.dS[(tile * ng + g) * 8 + lane] = acts[k].dS[g];
-    }
-}
-
-// Row stride of the unpacked bits: cols_pad + 64 (cols_pad is often a multiple of 4 KiB).
-static inline int64_t sign_stride8(const BBTensor &t) { return t.ngroups * t.group + 64; }
-
-// Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
-static void unpack_bits8(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
-    const int N = t.n_planes, G = t.group;
-    const int64_t ng = t.ngroups, cp = sign_stride8(t);
-    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    const __m256i ones8 = _mm256_set1_epi8(1);
-    for (int rr = 0; rr < nr; rr++) {
-        const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
-        for (int64_t g = 0; g < ng; g++)
-            for (int i = 0; i < N; i++) {
-                const uint8_t *bits = pl + (g * N + i) * (G / 8);
-                for (int c = 0; c < G / 32; c++) {
-                    const __m256i vb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)load_u32(bits + c * 4)), spread);
-                    const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(vb, bitsel), bitsel);   // 0xff where set
-                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(B + (rr * N + i) * cp + g * G + c * 32), _mm256_and_si256(m, ones8));
-                }
-            }
-    }
-}
-
 // ---- avx2-lut: table lookup (T-MAC; layout and algebra in kernels_lut.cpp) -----------------------
 //
 // One 32-byte load holds the nibbles of 32 rows × 8 columns of one plane (lane 0: columns 4p..4p+3,
@@ -547,6 +493,15 @@ void prepare_lut(QActs &a) {
     build_lut(a, a.lut.data());
 }
 
+// Software prefetch of the tile's three streams (plane nibbles, 2α, μ − Σα), kernels.h LUT_PREFETCH bytes
+// ahead in the nibbles and as far ahead in the others: they advance 512 : 128 : 128/N bytes per (group,
+// plane) at G = 128, and the layout puts tile rt + 1 right after tile rt in each. Harmless past the end
+// (a prefetch never faults).
+inline void prefetch2(const void *p) {   // the two cache lines at p
+    _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char *>(p) + 64, _MM_HINT_T0);
+}
+
 // y of the 32 rows of tile rt (out[32]) for one token.
 template <int N>
 void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out) {
@@ -562,6 +517,7 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
             const uint8_t *w = W + ((rt * ng + g) * N + i) * gb * 32;
             __m256 F[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int b = 0; b < nb; b++) {
+                prefetch2(w + b * 128 + LUT_PREFETCH);
                 __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
                 // unrolled: 6% faster GEMV on a Zen 4 (results.md §35; gcc kept a loop with register copies)
 #pragma GCC unroll 4
@@ -589,10 +545,12 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
                 F[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s23, 1))), d, F[3]);
             }
             const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
+            prefetch2(al + LUT_PREFETCH / 16);
             for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(F[k], _mm256_load_ps(al + 8 * k), fv[k]);
         }
         const __m256 dS = _mm256_set1_ps(a.dS[g]);
         const float *bs = Bs + (rt * ng + g) * LUT_ROWS;
+        prefetch2(bs + LUT_PREFETCH / 16 / N);
         for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(_mm256_load_ps(bs + 8 * k), dS, fv[k]);
     }
     for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, fv[k]);
@@ -623,73 +581,57 @@ void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-template <int R>
-static void tok_block8(const BBTensor &t, const TokTiles8 &tt, int tile, const uint8_t *B, int64_t r, float *out /* [R][8] */) {
-    const int N = t.n_planes, G = t.group, nbg = G / QK;
-    const int64_t ng = t.ngroups, nb = ng * nbg, cp = sign_stride8(t);
-    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 8;
-    const __m256i ones16 = _mm256_set1_epi16(1);
-    __m256 fv[R];
-    for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        for (int i = 0; i < N; i++) {   // lut_tile's float sequence (see gemm_lut_tokens8)
-            __m256 F[R];
-            for (int rr = 0; rr < R; rr++) F[rr] = _mm256_setzero_ps();
-            for (int64_t b = g * nbg; b < (g + 1) * nbg; b++) {
-                __m256i acc[R];
-                for (int rr = 0; rr < R; rr++) acc[rr] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-                for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
-                    const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i *>(X + c4 * 32));
-                    for (int rr = 0; rr < R; rr++) {
-                        int32_t w;
-                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                        acc[rr] = _mm256_add_epi16(acc[rr], _mm256_maddubs_epi16(_mm256_set1_epi32(w), xv));
-                    }
+// ---- GEMM: tokens in the lanes (kernels_tokens.inc; the measured alternative, bench kernels) --------
+//
+// 8 tokens × 4 int8 activations a ymm; vpmaddubsw gives b_0 q_0 + b_1 q_1 per token pair (|·| ≤ 254)
+// and the 8 steps of one activation block (QK = 32 columns) add in int16 (≤ 2032) before vpmaddwd
+// widens them: P_i per token exactly.
+
+#include "kernels_tokens.inc"
+
+// Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
+static void unpack_bits_tokens(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
+    const int N = t.n_planes, G = t.group;
+    const int64_t ng = t.ngroups, cp = sign_stride(t);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bitsel = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    for (int rr = 0; rr < nr; rr++) {
+        const uint8_t *pl = t.planes + (r + rr) * ng * N * (G / 8);
+        for (int64_t g = 0; g < ng; g++)
+            for (int i = 0; i < N; i++) {
+                const uint8_t *bits = pl + (g * N + i) * (G / 8);
+                for (int c = 0; c < G / 32; c++) {
+                    const __m256i vb = _mm256_shuffle_epi8(_mm256_set1_epi32((int)load_u32(bits + c * 4)), spread);
+                    const __m256i m = _mm256_cmpeq_epi8(_mm256_and_si256(vb, bitsel), bitsel);   // 0xff where set
+                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(B + (rr * N + i) * cp + g * G + c * 32), _mm256_and_si256(m, ones8));
                 }
-                const __m256 dv = _mm256_load_ps(tt.d.data() + (tile * nb + b) * 8);
-                for (int rr = 0; rr < R; rr++)
-                    F[rr] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(acc[rr], ones16)), dv, F[rr]);
             }
-            for (int rr = 0; rr < R; rr++)
-                fv[rr] = _mm256_fmadd_ps(F[rr], _mm256_set1_ps(2.0f * t.scales[((r + rr) * ng + g) * N + i]), fv[rr]);
-        }
-        const __m256 dS = _mm256_load_ps(tt.dS.data() + (tile * ng + g) * 8);
-        for (int rr = 0; rr < R; rr++) fv[rr] = _mm256_fmadd_ps(_mm256_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
     }
-    for (int rr = 0; rr < R; rr++) _mm256_store_ps(out + rr * 8, fv[rr]);
 }
 
-constexpr int TOK_ROWS8 = 4;   // 3·4 ymm of sums + activations, scales, ones: within the 16 registers
+struct TokAvx2 {
+    static constexpr int LANES = 8, ROWS = 4;   // 3·4 ymm of sums + activations, scales, ones: the 16 registers
+    using I = __m256i;
+    using F = __m256;
+    static I zero_i() { return _mm256_setzero_si256(); }
+    static F zero_f() { return _mm256_setzero_ps(); }
+    static I load_x(const int8_t *p) { return _mm256_load_si256(reinterpret_cast<const __m256i *>(p)); }
+    static F load_f(const float *p) { return _mm256_load_ps(p); }
+    static F set1_f(float x) { return _mm256_set1_ps(x); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static void store_f(float *p, F v) { _mm256_store_ps(p, v); }
+    static I dot(I acc, int32_t w, I x) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_set1_epi32(w), x)); }
+    static F to_f(I acc) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, _mm256_set1_epi16(1))); }
+    static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) { unpack_bits_tokens(t, r, nr, B); }
+};
 
-// Tokens in the lanes with lut_tile's float sequence per (row, token): per group g and plane i,
-// F = fma(P_ib, d_b, F) over the blocks in order, fv = fma(F, 2α_i, fv) over the planes, then
-// fv = fma(μ − Σα, dS_g, fv), all explicit FMA intrinsics: bit for bit the lookup GEMV's result
-// (test_kernels: gemm == gemv for every kernel). Tensors the lookup layout does not hold go to the
-// GEMV's own fallback per token, and so do too few tokens to fill the lanes.
+// Tensors the lookup layout does not hold, and too few tokens to fill the lanes, go to the lookup
+// GEMV's own GEMM (the same floats).
 void gemm_lut_tokens8(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     if (t.repacked_for != REPACK_LUT || n_tok < 4) return gemm_lut(t, acts, n_tok, Y, ldy, r0, r1);
-    thread_local TokTiles8 tt;
-    thread_local avec<uint8_t> B;
-    build_tiles8(t, acts, n_tok, tt);
-    const int64_t cp = sign_stride8(t);
-    B.resize((size_t)TOK_ROWS8 * t.n_planes * cp);
-    alignas(32) float out[TOK_ROWS8 * 8];
-    for (int64_t rb = r0; rb < r1; rb += TOK_ROWS8) {
-        const int nr = (int)std::min<int64_t>(TOK_ROWS8, r1 - rb);
-        unpack_bits8(t, rb, nr, B.data());
-        for (int tile = 0; tile < tt.ntiles; tile++) {
-            if (nr == TOK_ROWS8) {
-                tok_block8<TOK_ROWS8>(t, tt, tile, B.data(), rb, out);
-            } else {
-                for (int rr = 0; rr < nr; rr++) tok_block8<1>(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 8);
-            }
-            const int nt = std::min(8, n_tok - tile * 8);
-            for (int rr = 0; rr < nr; rr++)
-                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 8 + lane) * ldy + (rb + rr - r0)] = out[rr * 8 + lane];
-        }
-    }
-    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+    gemm_tokens<TokAvx2>(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 }  // namespace

@@ -285,50 +285,14 @@ static void gemm_classes(const BBTensor &t, const QActs *acts, int n_tok, float 
     if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
-// ---- GEMM: tokens in the lanes (vpdpbusd), the lookup GEMV's float sequence ------------------------
+// ---- GEMM: tokens in the lanes (vpdpbusd; kernels_tokens.inc) ----------------------------------------
 //
-// For 4 columns j..j+3 one zmm holds 16 tokens × 4 int8 activations (s8), and a row's plane bits of
-// those columns are one dword of 0/1 bytes (u8) broadcast from memory: one vpdpbusd adds
-// Σ_{bit_j=1} q_j for 16 tokens, so 8 steps give each token's P_ib of one activation block exactly.
-// The bits of a block of rows are unpacked to bytes once and reused by every tile of 16 tokens; a
-// tile's activations are reused by every row of the block.
-//
-// Batch invariance: the integers are exact whatever the instruction, so a token's result depends only
-// on the float steps after them. This GEMM applies, per (row, token) lane, the very sequence of the
-// lookup tile (kernels_avx2.cpp lut_tile, which serves the GEMV): per group g and plane i,
-// F = fma(P_ib, d_b, F) over the blocks b in order from F = 0, then fv = fma(F, 2α_i, fv) over the
-// planes in order, then fv = fma(μ − Σα, dS_g, fv), from fv = 0 — all explicit FMA intrinsics (and
-// -ffp-contract=off for the rest), so a token's logits are bitwise the same alone (GEMV) or in a batch
-// of any size. test_kernels checks gemm == gemv bit for bit for every kernel.
+// 16 tokens × 4 int8 activations a zmm; one vpdpbusd adds Σ_{bit_j=1} q_j of 4 columns for 16 tokens.
 
-struct TokTiles {
-    int ntiles = 0;
-    avec<int8_t> x;           // [tile][cols_pad/4][16 tokens][4]
-    avec<float> d, dS;        // [tile][nblocks][16], [tile][ng][16]
-};
-
-static void build_tiles(const BBTensor &t, const QActs *acts, int n_tok, TokTiles &tt) {
-    const int64_t ng = t.ngroups, cp = ng * t.group, c4n = cp / 4, nb = cp / QK;
-    tt.ntiles = (n_tok + 15) / 16;
-    tt.x.assign((size_t)tt.ntiles * cp * 16, 0);   // padding tokens: q = 0
-    tt.d.assign((size_t)tt.ntiles * nb * 16, 0.0f);
-    tt.dS.assign((size_t)tt.ntiles * ng * 16, 0.0f);
-    for (int k = 0; k < n_tok; k++) {
-        const int tile = k / 16, lane = k % 16;
-        const int8_t *q = acts[k].q.data();
-        int8_t *x = tt.x.data() + (size_t)tile * cp * 16 + lane * 4;
-        for (int64_t c4 = 0; c4 < c4n; c4++) std::memcpy(x + c4 * 64, q + c4 * 4, 4);
-        for (int64_t b = 0; b < nb; b++) tt.d[(tile * nb + b) * 16 + lane] = acts[k].d[b];
-        for (int64_t g = 0; g < ng; g++) tt.dS[(tile * ng + g) * 16 + lane] = acts[k].dS[g];
-    }
-}
-
-// Row stride of the unpacked bits: cols_pad + 64, so that the R·N bit streams of a block do not
-// all map to the same L1 sets (cols_pad is often a multiple of 4 KiB).
-static inline int64_t sign_stride(const BBTensor &t) { return t.ngroups * t.group + 64; }
+#include "kernels_tokens.inc"
 
 // Plane bits of rows [r, r + nr) as 0/1 bytes [nr][N][stride].
-static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
+static void unpack_bits_tokens(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
     const int N = t.n_planes, G = t.group, s = G / 64;
     const int64_t ng = t.ngroups, cp = sign_stride(t);
     const __m512i one = _mm512_set1_epi8(1);
@@ -342,72 +306,126 @@ static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) {
     }
 }
 
-// R rows × one tile of 16 tokens: out[R][16]. Planes outer, blocks inner (F of one plane at a time),
-// so R int32 sums, R F and R fv stay in registers for any N.
-template <int R>
-static void tok_block(const BBTensor &t, const TokTiles &tt, int tile, const uint8_t *B, int64_t r, float *out) {
-    const int N = t.n_planes, G = t.group, nbg = G / QK;
-    const int64_t ng = t.ngroups, nb = ng * nbg, cp = sign_stride(t);
-    const int8_t *X = tt.x.data() + (size_t)tile * ng * G * 16;
-    __m512 fv[R];
-    for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        for (int i = 0; i < N; i++) {
-            __m512 F[R];
-            for (int rr = 0; rr < R; rr++) F[rr] = _mm512_setzero_ps();
-            for (int64_t b = g * nbg; b < (g + 1) * nbg; b++) {
-                __m512i acc[R];
-                for (int rr = 0; rr < R; rr++) acc[rr] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-                for (int64_t c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
-                    const __m512i xv = _mm512_load_si512(X + c4 * 64);
-                    for (int rr = 0; rr < R; rr++) {
-                        int32_t w;
-                        std::memcpy(&w, B + (rr * N + i) * cp + c4 * 4, 4);
-                        acc[rr] = _mm512_dpbusd_epi32(acc[rr], _mm512_set1_epi32(w), xv);
-                    }
-                }
-                const __m512 dv = _mm512_load_ps(tt.d.data() + (tile * nb + b) * 16);
-                for (int rr = 0; rr < R; rr++) F[rr] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[rr]), dv, F[rr]);
-            }
-            for (int rr = 0; rr < R; rr++)
-                fv[rr] = _mm512_fmadd_ps(F[rr], _mm512_set1_ps(2.0f * t.scales[((r + rr) * ng + g) * N + i]), fv[rr]);
-        }
-        const __m512 dS = _mm512_load_ps(tt.dS.data() + (tile * ng + g) * 16);
-        for (int rr = 0; rr < R; rr++) fv[rr] = _mm512_fmadd_ps(_mm512_set1_ps(t.bias[(r + rr) * ng + g]), dS, fv[rr]);
-    }
-    for (int rr = 0; rr < R; rr++) _mm512_store_ps(out + rr * 16, fv[rr]);
+struct TokAvx512 {
+    static constexpr int LANES = 16, ROWS = 8;   // 3·8 zmm of sums + the activations and scales: the 32 registers
+    using I = __m512i;
+    using F = __m512;
+    static I zero_i() { return _mm512_setzero_si512(); }
+    static F zero_f() { return _mm512_setzero_ps(); }
+    static I load_x(const int8_t *p) { return _mm512_load_si512(p); }
+    static F load_f(const float *p) { return _mm512_load_ps(p); }
+    static F set1_f(float x) { return _mm512_set1_ps(x); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static void store_f(float *p, F v) { _mm512_store_ps(p, v); }
+    static I dot(I acc, int32_t w, I x) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(w), x); }
+    static F to_f(I acc) { return _mm512_cvtepi32_ps(acc); }
+    static void unpack_bits(const BBTensor &t, int64_t r, int nr, uint8_t *B) { unpack_bits_tokens(t, r, nr, B); }
+};
+
+// ---- avx512-lut's GEMV: the lookup with 64-row tiles (layout: kernels_lut.cpp lut_nibble) ----------
+//
+// avx2-lut's tile (kernels_avx2.cpp lut_tile) looks up two column groups per 256-bit vpshufb (one per
+// lane), so each block ends with 4 lane permutes and adds to join the halves, then 4 int16 → int32
+// widenings of 8 rows each, all on the shuffle ports that the lookups saturate (results.md §44a). Here both lanes
+// hold the same column group's table (vbroadcasti128 from memory: a load, no shuffle) and the weight
+// bytes index 64 different rows, so the lookups are the same count per weight and a block ends with 4
+// widenings of 16 rows (vpmovsxwd zmm) and nothing to join. The floats are lut_tile's, per row and in
+// the same order (F = fma(P_ib, d_b, F) over blocks, fv = fma(F, 2α_i, fv) over planes,
+// fv = fma(μ − Σα, dS_g, fv)), so this GEMV equals avx2-lut's bit for bit, and so does the GEMM below.
+// 7B-shape GEMV from memory: −8 % at N = 2, −14 % at N = 1 against avx2-lut's tile (results.md §44c).
+
+constexpr const char *REPACK_LUT64 = "avx512-lut";
+
+static void repack_lut64(BBTensor &t) { lut_repack(t, REPACK_LUT64, LUT_ROWS64); }
+
+// As kernels_avx2.cpp's lut_tile: the three streams (nibbles, 2α, μ − Σα) kernels.h LUT_PREFETCH bytes
+// ahead in the nibbles and as far ahead in the others.
+
+static inline void prefetch2(const void *p) {   // the two cache lines at p
+    _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char *>(p) + 64, _MM_HINT_T0);
 }
 
-constexpr int TOK_ROWS = 8;   // 3·8 zmm of sums + the activations and scales: within the 32 registers
+template <int N>
+static void lut_tile64(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out) {
+    const int G = t.group, g4 = G / 4, nb = G / QK;
+    const int64_t ng = t.ngroups;
+    const uint8_t *W = t.repacked.data();
+    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m512 fv[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *Tg = T + g * g4 * 32;   // the group's tables: 16 low bytes, 16 (other group), 16 high, 16
+        for (int i = 0; i < N; i++) {
+            const uint8_t *w = W + ((rt * ng + g) * N + i) * g4 * 32;
+            __m512 F[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int b = 0; b < nb; b++) {
+                prefetch2(w + b * 256 + LUT_PREFETCH);
+                prefetch2(w + b * 256 + 128 + LUT_PREFETCH);
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+#pragma GCC unroll 8
+                for (int c4 = b * 8; c4 < b * 8 + 8; c4++) {   // 8 column groups: |Σ P| ≤ 8·508 fits int16
+                    const uint8_t *tp = Tg + (c4 / 2) * 64 + (c4 & 1) * 16;
+                    const __m256i tl = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(tp)));
+                    const __m256i th = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i *>(tp + 32)));
+                    const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i *>(w + c4 * 32));
+                    const __m256i il = _mm256_and_si256(wv, low4), ih = _mm256_and_si256(_mm256_srli_epi16(wv, 4), low4);
+                    const __m256i l0 = _mm256_shuffle_epi8(tl, il), h0 = _mm256_shuffle_epi8(th, il);
+                    const __m256i l1 = _mm256_shuffle_epi8(tl, ih), h1 = _mm256_shuffle_epi8(th, ih);
+                    acc[0] = _mm256_add_epi16(acc[0], _mm256_unpacklo_epi8(l0, h0));   // rows 0-15
+                    acc[1] = _mm256_add_epi16(acc[1], _mm256_unpackhi_epi8(l0, h0));   // rows 16-31
+                    acc[2] = _mm256_add_epi16(acc[2], _mm256_unpacklo_epi8(l1, h1));   // rows 32-47
+                    acc[3] = _mm256_add_epi16(acc[3], _mm256_unpackhi_epi8(l1, h1));   // rows 48-63
+                }
+                const __m512 d = _mm512_set1_ps(a.d[g * nb + b]);
+                for (int z = 0; z < 4; z++) F[z] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(acc[z])), d, F[z]);
+            }
+            const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS64;
+            prefetch2(al + LUT_PREFETCH / 16);
+            prefetch2(al + 32 + LUT_PREFETCH / 16);
+            for (int z = 0; z < 4; z++) fv[z] = _mm512_fmadd_ps(F[z], _mm512_loadu_ps(al + 16 * z), fv[z]);
+        }
+        const __m512 dS = _mm512_set1_ps(a.dS[g]);
+        const float *bs = Bs + (rt * ng + g) * LUT_ROWS64;
+        prefetch2(bs + LUT_PREFETCH / 16 / N);
+        prefetch2(bs + 32 + LUT_PREFETCH / 16 / N);
+        for (int z = 0; z < 4; z++) fv[z] = _mm512_fmadd_ps(_mm512_loadu_ps(bs + 16 * z), dS, fv[z]);
+    }
+    for (int z = 0; z < 4; z++) _mm512_storeu_ps(out + 16 * z, fv[z]);
+}
 
-// avx512-lut's GEMM (the rest of that kernel set is avx2-lut's, kernels_dispatch.cpp). Tensors the
-// lookup layout does not hold, and too few tokens to fill the lanes, go to avx2-lut's own GEMM, which
-// computes the same floats (it runs the lookup tile per token).
+static LutTileFn lut64_fn(int n) {
+    switch (n) {
+        case 1: return lut_tile64<1>;
+        case 2: return lut_tile64<2>;
+        case 3: return lut_tile64<3>;
+        case 4: return lut_tile64<4>;
+        case 5: return lut_tile64<5>;
+        case 6: return lut_tile64<6>;
+        case 7: return lut_tile64<7>;
+        default: return lut_tile64<8>;
+    }
+}
+
+// Tensors the 64-row layout does not hold (classes) go to avx2-lut's GEMV, i.e. its own fallback.
+static void gemv_lut64(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
+    static const Kernel *const lut = find_kernel("avx2-lut");
+    if (t.repacked_for != REPACK_LUT64) return lut->gemv(t, a, y, r0, r1);
+    lut_rows(t, &a, 1, y, 0, r0, r1, lut64_fn(t.n_planes), lut_tables_scalar, LUT_ROWS64);
+    if (t.flags & F_SPARSE) add_sparse(t, a, y, r0, r1);
+}
+
+// avx512-lut's GEMM. Too few tokens to fill the lanes go to the GEMV per token (lut_rows); tensors the
+// lookup layout does not hold to avx2-lut's GEMM, which is that GEMV's own fallback per token.
 static void gemm_lut_tokens(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     static const Kernel *const lut = find_kernel("avx2-lut");
-    if (t.repacked_for != "avx2-lut" || n_tok < 4) return lut->gemm(t, acts, n_tok, Y, ldy, r0, r1);
-    thread_local TokTiles tt;
-    thread_local avec<uint8_t> B;
-    build_tiles(t, acts, n_tok, tt);
-    const int64_t cp = sign_stride(t);
-    B.resize((size_t)TOK_ROWS * t.n_planes * cp);
-    alignas(64) float out[TOK_ROWS * 16];
-    for (int64_t rb = r0; rb < r1; rb += TOK_ROWS) {
-        const int nr = (int)std::min<int64_t>(TOK_ROWS, r1 - rb);
-        unpack_bits(t, rb, nr, B.data());
-        for (int tile = 0; tile < tt.ntiles; tile++) {
-            if (nr == TOK_ROWS) {
-                tok_block<TOK_ROWS>(t, tt, tile, B.data(), rb, out);
-            } else {   // last rows: one at a time (B rows are laid out for nr rows)
-                for (int rr = 0; rr < nr; rr++) tok_block<1>(t, tt, tile, B.data() + (size_t)rr * t.n_planes * cp, rb + rr, out + rr * 16);
-            }
-            const int nt = std::min(16, n_tok - tile * 16);
-            for (int rr = 0; rr < nr; rr++)
-                for (int lane = 0; lane < nt; lane++) Y[(int64_t)(tile * 16 + lane) * ldy + (rb + rr - r0)] = out[rr * 16 + lane];
-        }
+    if (t.repacked_for != REPACK_LUT64) return lut->gemm(t, acts, n_tok, Y, ldy, r0, r1);
+    if (n_tok < 4) {
+        lut_rows(t, acts, n_tok, Y, ldy, r0, r1, lut64_fn(t.n_planes), lut_tables_scalar, LUT_ROWS64);
+        if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+        return;
     }
-    if (t.flags & F_SPARSE) add_sparse_gemm(t, acts, n_tok, Y, ldy, r0, r1);
+    gemm_tokens<TokAvx512>(t, acts, n_tok, Y, ldy, r0, r1);
 }
 
 }  // namespace
@@ -616,8 +634,8 @@ void add_kernels_avx512(std::vector<Kernel> &v) {
     // G = 64..128 where the masked-select one pays a float reduction per (group, plane). Each GEMM
     // computes its GEMV's floats (a token's result does not depend on its batch).
     using namespace avx512;
-    // avx512-lut: only its GEMM is AVX-512; kernels_dispatch.cpp completes the set with avx2-lut's
-    v.push_back(Kernel{"avx512-lut", "avx512", AVX512_VNNI, nullptr, gemm_lut_tokens, nullptr, nullptr, nullptr});
+    // avx512-lut: its GEMV (64-row lookup tiles), repack and GEMM; kernels_dispatch.cpp completes the set with avx2-lut's
+    v.push_back(Kernel{"avx512-lut", "avx512", AVX512_VNNI, gemv_lut64, gemm_lut_tokens, nullptr, nullptr, nullptr, repack_lut64});
     v.push_back(Kernel{"avx512-vpopcnt", "avx512", AVX512_VPOPCNT, gemv_vpopcnt, gemm_vpopcnt, dot_f32, dot_q8, dot_q8q8, repack_pairs});
     v.push_back(Kernel{"avx512-vnni", "avx512", AVX512_VNNI, gemv_vnni, gemm_vnni, dot_f32, dot_q8, dot_q8q8, nullptr});
 }

@@ -109,20 +109,22 @@ const std::vector<Kernel> &all_kernels() {
         if (add_kernels_neon) add_kernels_neon(v);
         v.push_back(Kernel{"scalar", "scalar", "", gemv_scalar, gemm_scalar, dot_f32_scalar, dot_q8_scalar, dot_q8q8_scalar, nullptr});
         add_kernels_scalar_lut(v);   // after "scalar", which stays the scalar ISA's default
-        // AVX-512 default: the AVX2 lookup kernels (their GEMV beat both AVX-512 GEMVs at every N and shape
-        // on a Xeon with VPOPCNTDQ, docs/results.md §15) with an AVX-512 tokens-in-lanes GEMM that computes
-        // the lookup tile's floats in the same order (kernels_avx512.cpp): a token's result must not depend on
-        // how many tokens share its matmul (a GEMV step, a prompt batch, a server batch), and int8
-        // activations turn two summation orders into visibly different logits (0.23 on SmolLM2 N = 4, a
-        // seeded server reply that differed from the same request streamed: results.md §39).
-        // add_kernels_avx512 registers only that GEMM; the rest of the set is avx2-lut's.
+        // AVX-512 default: the lookup kernels (their GEMV beat both AVX-512 GEMVs at every N and shape on a
+        // Xeon with VPOPCNTDQ, docs/results.md §15) with 64-row lookup tiles for the GEMV (results.md §44)
+        // and an AVX-512 tokens-in-lanes GEMM that computes the lookup tile's floats in the same order
+        // (kernels_avx512.cpp): a token's result must not depend on how many tokens share its matmul (a
+        // GEMV step, a prompt batch, a server batch), and int8 activations turn two summation orders into
+        // visibly different logits (0.23 on SmolLM2 N = 4, a seeded server reply that differed from the
+        // same request streamed: results.md §39). add_kernels_avx512 registers only the GEMV, its repack
+        // and the GEMM; the rest of the set (tables, dense dots, attention rows) is avx2-lut's.
         const Kernel *lut = nullptr;
         for (const auto &k : v)
             if (std::string(k.name) == "avx2-lut") lut = &k;
         for (auto &k : v)
             if (std::string(k.name) == "avx512-lut") {
                 Kernel whole = *lut;   // add_kernels_avx2 is compiled in wherever add_kernels_avx512 is
-                whole.name = k.name, whole.isa = k.isa, whole.features = k.features, whole.gemm = k.gemm;
+                whole.name = k.name, whole.isa = k.isa, whole.features = k.features, whole.gemv = k.gemv, whole.gemm = k.gemm;
+                whole.repack = k.repack;
                 k = whole;
             }
         return v;

@@ -15,35 +15,54 @@
 
 namespace bb {
 
-LutLayout::LutLayout(const BBTensor &t) {
-    ntiles = (t.rows + LUT_ROWS - 1) / LUT_ROWS;
-    plane_bytes = ntiles * t.ngroups * t.n_planes * (t.group / 4) * 16;
+LutLayout::LutLayout(const BBTensor &t, int64_t tile_rows) : rows(tile_rows) {
+    ntiles = (t.rows + rows - 1) / rows;
+    plane_bytes = ntiles * t.ngroups * t.n_planes * (t.group / 4) * (rows / 2);
     alpha_off = plane_bytes;
-    bias_off = alpha_off + ntiles * t.ngroups * t.n_planes * LUT_ROWS * 4;
-    total = bias_off + ntiles * t.ngroups * LUT_ROWS * 4;
+    bias_off = alpha_off + ntiles * t.ngroups * t.n_planes * rows * 4;
+    total = bias_off + ntiles * t.ngroups * rows * 4;
 }
 
-void lut_repack(BBTensor &t, const char *kernel) {
+// Where row j of a tile keeps its nibble of a 4-column group: the byte (of rows / 2) and the shift.
+// 32 rows: byte j % 16, low nibble for j < 16. 64 rows (one 256-bit vpshufb of one column group's
+// table, broadcast to both lanes, then vpunpck{l,h}bw with the high table bytes): row j = 16 z + 8 L + m
+// sits in lane L, byte (z & 1)·8 + m, nibble z / 2, so that the four int16 sums that vpunpck gives,
+// (low nibbles: bytes 0-7, 8-15; high: 0-7, 8-15), each widened to 16 int32 lanes, are rows 16z..16z+15
+// in order (kernels_avx512.cpp lut_tile64).
+static inline void lut_nibble(int64_t rows, int64_t j, int64_t &byte, int &shift) {
+    if (rows == LUT_ROWS) {
+        byte = j % 16, shift = j < 16 ? 0 : 4;
+    } else {
+        const int64_t z = j / 16, L = (j % 16) / 8, m = j % 8;
+        byte = L * 16 + (z & 1) * 8 + m, shift = (int)(z / 2) * 4;
+    }
+}
+
+void lut_repack(BBTensor &t, const char *kernel, int64_t tile_rows) {
     if (t.n_classes != 1 || t.bias.empty()) return;   // classes: the kernels hand these to the scalar path
-    const LutLayout L(t);
+    const LutLayout L(t, tile_rows);
+    const int64_t R = L.rows, cb = R / 2;   // bytes per 4-column group
     const int N = t.n_planes, G = t.group, gb = G / 8;
     const int64_t ng = t.ngroups;
     t.repacked.assign((size_t)L.total, 0);
     uint8_t *W = t.repacked.data();
     float *A = reinterpret_cast<float *>(W + L.alpha_off), *Bs = reinterpret_cast<float *>(W + L.bias_off);
     for (int64_t r = 0; r < t.rows; r++) {
-        const int64_t rt = r / LUT_ROWS, j = r % LUT_ROWS;
+        const int64_t rt = r / R, j = r % R;
+        int64_t byte;
+        int shift;
+        lut_nibble(R, j, byte, shift);
         for (int64_t g = 0; g < ng; g++) {
             for (int i = 0; i < N; i++) {
                 const uint8_t *bits = t.planes + ((r * ng + g) * N + i) * gb;
-                uint8_t *dst = W + ((rt * ng + g) * N + i) * (G / 4) * 16;
+                uint8_t *dst = W + ((rt * ng + g) * N + i) * (G / 4) * cb;
                 for (int c4 = 0; c4 < G / 4; c4++) {
                     const uint8_t nib = (bits[c4 / 2] >> (4 * (c4 & 1))) & 0xF;
-                    dst[c4 * 16 + j % 16] |= (uint8_t)(nib << (j < 16 ? 0 : 4));
+                    dst[c4 * cb + byte] |= (uint8_t)(nib << shift);
                 }
-                A[((rt * ng + g) * N + i) * LUT_ROWS + j] = 2.0f * t.scales[(r * ng + g) * N + i];
+                A[((rt * ng + g) * N + i) * R + j] = 2.0f * t.scales[(r * ng + g) * N + i];
             }
-            Bs[(rt * ng + g) * LUT_ROWS + j] = t.bias[r * ng + g];
+            Bs[(rt * ng + g) * R + j] = t.bias[r * ng + g];
         }
     }
     t.repacked_for = kernel;
@@ -66,8 +85,8 @@ void lut_tables_scalar(const QActs &a, uint8_t *T) {
 }
 
 void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t ldy, int64_t r0, int64_t r1,
-              LutTileFn tile, void (*tables)(const QActs &, uint8_t *)) {
-    const LutLayout L(t);
+              LutTileFn tile, void (*tables)(const QActs &, uint8_t *), int64_t tile_rows) {
+    const LutLayout L(t, tile_rows);
     const int64_t tbytes = lut_table_bytes(acts[0]);
     thread_local avec<uint8_t> own;   // tables of tokens whose activations skipped the activation stage
     thread_local std::vector<const uint8_t *> T;
@@ -83,12 +102,13 @@ void lut_rows(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t
             T[k] = own.data() + m++ * tbytes;
         }
     }
-    alignas(64) float out[LUT_ROWS];
-    for (int64_t rt = r0 / LUT_ROWS; rt * LUT_ROWS < r1; rt++) {   // tiles outer: a tile stays in L1 over the tokens
-        const int64_t a = std::max(r0, rt * LUT_ROWS), e = std::min(r1, (rt + 1) * LUT_ROWS);
+    alignas(64) float out[LUT_ROWS64];
+    const int64_t R = L.rows;
+    for (int64_t rt = r0 / R; rt * R < r1; rt++) {   // tiles outer: a tile stays in L1 over the tokens
+        const int64_t a = std::max(r0, rt * R), e = std::min(r1, (rt + 1) * R);
         for (int k = 0; k < n_tok; k++) {
             tile(t, L, acts[k], T[k], rt, out);
-            for (int64_t r = a; r < e; r++) Y[k * ldy + (r - r0)] = out[r - rt * LUT_ROWS];
+            for (int64_t r = a; r < e; r++) Y[k * ldy + (r - r0)] = out[r - rt * R];
         }
     }
 }
