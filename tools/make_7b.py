@@ -4,7 +4,7 @@
 Writes, through the shared writer (bitbasis.gguf_io.write_model):
   OUT/7b-L{layers}-bb{N}.gguf   binary-basis linears (random signs, random per-group scales, the
                                 residual method's layout: one class, no offsets), group 128,
-                                token embedding and output head Q8_0 (what `bitbasis convert` writes)
+                                token embedding and output head Q8_0
   OUT/7b-L{layers}-bb{N}-head{T}.gguf  the same with the output head stored as T (--head-type)
   OUT/7b-L{layers}-f16.gguf     the same shapes as plain F16, for llama.cpp to quantize
   OUT/7b-L{layers}-{TYPE}.gguf  that F16 file quantized by llama.cpp (llama_model_quantize)
@@ -88,7 +88,11 @@ def write_bitbasis(path: Path, cfg: dict, tokenizer_dir: Path, n_planes: int, gr
         for name, (rows, cols) in linear_shapes(cfg).items():
             packed.append((f"blk.{i}.{name}.weight", bbf.pack(random_basis(rng, rows, cols, n_planes, group))))
         log(f"  layer {i} packed")
-    dense += [("output_norm.weight", np.ones(h, np.float32), "F32"), ("output.weight", head, head_type or embed_type)]
+    dense.append(("output_norm.weight", np.ones(h, np.float32), "F32"))
+    if head_type == "BB4":          # the default recipe's head form: 4 binary bases, group 64 (random, no offset)
+        packed.append(("output.weight", bbf.pack(random_basis(rng, head.shape[0], h, 4, 64))))
+    else:
+        dense.append(("output.weight", head, head_type or embed_type))
     settings = {"bases": n_planes, "group": group, "random": True, "seed": seed}
     write_model(path, ModelTensors(arch="llama", kv=_kv(cfg, tokenizer_dir, f"random-7b-bb{n_planes}"), dense=dense,
                                    packed=packed, method="residual", settings=settings))
@@ -123,8 +127,9 @@ def main() -> int:
     p.add_argument("--kv-heads", type=int, default=None)
     p.add_argument("--bases", default="1,2", help="binary-basis files to write, comma-separated N (default 1,2; '' none)")
     p.add_argument("--group", type=int, default=128)
-    p.add_argument("--head-type", default="Q8_0", choices=("F32", "F16", "Q8_0"),
-                   help="storage of the output head in the binary-basis files (default Q8_0, as convert writes)")
+    p.add_argument("--head-type", default="Q8_0", choices=("F32", "F16", "Q8_0", "BB4"),
+                   help="storage of the output head in the binary-basis files (default Q8_0; BB4: 4 binary bases "
+                        "of group 64, 5.0 bpw, the form the default recipe gives SmolLM2's head)")
     p.add_argument("--no-f16", action="store_true", help="skip the F16 file (and the llama.cpp quantizations)")
     p.add_argument("--quantize", default="Q4_0,Q2_K,TQ1_0", help="llama.cpp types made from the F16 file ('' none)")
     p.add_argument("--tokenizer-dir", default=None, help="HF dir with tokenizer.json (default: the SmolLM2 cache)")
