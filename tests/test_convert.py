@@ -161,6 +161,14 @@ def test_impossible_options(tmp_path, tiny_dir, args, needle):
     _assert_clean_failure(run_cli("convert", tiny_dir, "-o", out, "-q", *args), out, needle)
 
 
+def test_rtn_defaults_to_one_basis(tmp_path, tiny_dir):
+    """`--method rtn` alone used to take the recipe's --bases 3 and then refuse it (session 13's table queue)."""
+    out = tmp_path / "o.gguf"
+    r = run_cli("convert", tiny_dir, "-o", out, "-q", "--method", "rtn", "--no-check")
+    assert r.returncode == 0, r.stderr
+    assert {p.n_planes for p in read_model(out).packed.values()} == {1}
+
+
 def test_interrupted_convert_leaves_nothing(tmp_path, tiny_dir):
     """SIGINT in the middle of writing: no output and no temp file."""
     import signal

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "tools"))
 MIB = 1024 * 1024
+OFF_SCALE = 8.0        # the plot's y axis ends at 8x the f32 perplexity (above it: a collapsed model)
 
 
 def load_rows(path: str) -> list[dict]:
@@ -154,14 +155,22 @@ def plot(rows: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
     f32 = [r for r in rows if r.get("type") == "F32"]
+    # a collapsed model (the papers' 1-2 bit baselines score 10^2-10^6) would squash every useful row into
+    # the bottom tenth of a log axis: rows above `top` are drawn at the top edge, their value in the label
+    top = OFF_SCALE * (f32[0]["ppl_llamacpp"] if f32 else min(r["ppl_llamacpp"] for r in rows))
     for r in rows:
         if r in f32:
             continue
-        ours = r["method"].startswith("bitbasis")
-        ax.errorbar(r["bytes"] / MIB, r["ppl_llamacpp"], yerr=r["se_llamacpp"], fmt="o" if ours else "s",
-                    color="tab:blue" if ours else "tab:gray", ms=6, capsize=2)
-        ax.annotate(r["method"].replace("bitbasis ", "").replace("llama.cpp ", ""), (r["bytes"] / MIB, r["ppl_llamacpp"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=6)
+        ours, off = r["method"].startswith("bitbasis"), r["ppl_llamacpp"] > top
+        label = r["method"].replace("bitbasis ", "").replace("llama.cpp ", "")
+        y = top if off else r["ppl_llamacpp"]
+        ax.errorbar(r["bytes"] / MIB, y, yerr=None if off else r["se_llamacpp"],
+                    fmt=("^" if off else "o") if ours else "s", color="tab:blue" if ours else "tab:gray", ms=6, capsize=2)
+        if off:                                 # several sit side by side on the top edge: labels run down
+            ax.annotate(f"{label}: {r['ppl_llamacpp']:.3g} (off scale)", (r["bytes"] / MIB, y), textcoords="offset points",
+                        xytext=(4, -6), fontsize=6, rotation=90, va="top")
+        else:
+            ax.annotate(label, (r["bytes"] / MIB, y), textcoords="offset points", xytext=(5, 4), fontsize=6)
     if f32:
         ax.axhline(f32[0]["ppl_llamacpp"], ls="--", color="k", lw=1,
                    label=f"f32 {f32[0]['ppl_llamacpp']:.2f} ({f32[0]['bytes'] / MIB:.0f} MiB)")

@@ -49,7 +49,9 @@ def options_from_args(a):
     dist = R["distill"] if recipe else None
     if a.distill_steps is not None:
         dist = dict(R["distill"] or {}, steps=a.distill_steps) if a.distill_steps else None
-    return ConvertOptions(method=a.method, bases=a.bases or R["bases"], group=a.group or R["group"],
+    # rtn is one basis by definition, so its default is 1, not the recipe's 3 (which it would refuse)
+    bases = a.bases or (1 if a.method == "rtn" else R["bases"])
+    return ConvertOptions(method=a.method, bases=bases, group=a.group or R["group"],
                           embed_type=a.embed_type, calib=calib, extra=extra, force=a.force,
                           rotate=(not dense) if a.rotate is None else a.rotate, target_bpw=target,
                           tensor_types=a.tensor_type, head_bases=head, embed_bases=embed,
@@ -114,7 +116,7 @@ def add_parser(sub) -> None:
     c.add_argument("--method", default=R["method"],
                    help=f"f32, f16 (dense); gptq (default); baselines, the papers' methods as published: "
                         f"{', '.join(BASELINES)}")
-    c.add_argument("--bases", "-N", type=int, help=f"number of binary bases / bits (default {R['bases']})")
+    c.add_argument("--bases", "-N", type=int, help=f"number of binary bases / bits (default {R['bases']}; rtn: 1)")
     c.add_argument("--group", "-G", type=int,
                    help=f"columns per scale group (multiple of 64, default {R['group']})")
     c.add_argument("--embed-type", default="Q8_0", choices=["F32", "F16", "Q8_0"],
