@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace bb {
@@ -267,6 +268,23 @@ void lut_repack(BBTensor &t, const char *kernel, int64_t tile_rows = LUT_ROWS);
 void lut_tables_scalar(const QActs &a, uint8_t *T);       // the tables, in plain C++
 
 // y of the L.rows rows of tile rt for one token, into out[L.rows] (rows past t.rows: anything).
+// The one switch (N): calls f(std::integral_constant<int, N>{}) for n = 1..7, N = 8 otherwise (the
+// kernel templates are instantiated per plane count); each kernel family picks its instantiation with
+// with_planes(n, [](auto P) -> Fn { return kernel<decltype(P)::value>; }).
+template <typename F>
+inline auto with_planes(int n, F f) {
+    switch (n) {
+        case 1: return f(std::integral_constant<int, 1>{});
+        case 2: return f(std::integral_constant<int, 2>{});
+        case 3: return f(std::integral_constant<int, 3>{});
+        case 4: return f(std::integral_constant<int, 4>{});
+        case 5: return f(std::integral_constant<int, 5>{});
+        case 6: return f(std::integral_constant<int, 6>{});
+        case 7: return f(std::integral_constant<int, 7>{});
+        default: return f(std::integral_constant<int, 8>{});
+    }
+}
+
 using LutTileFn = void (*)(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out);
 // The driver every ISA shares: rows [r0, r1) of n_tok tokens, tiles outer and tokens inner (a tile's
 // weights stay in L1 while the tokens pass); tables from acts[k].lut, else built with `tables`.

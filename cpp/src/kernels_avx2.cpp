@@ -414,16 +414,7 @@ static void bytemask_rows(const BBTensor &t, const QActs &a, float *y, int64_t r
 using RowsFn = void (*)(const BBTensor &, const QActs &, float *, int64_t, int64_t);
 
 static RowsFn bytemask_fn(int n) {
-    switch (n) {
-        case 1: return bytemask_rows<1>;
-        case 2: return bytemask_rows<2>;
-        case 3: return bytemask_rows<3>;
-        case 4: return bytemask_rows<4>;
-        case 5: return bytemask_rows<5>;
-        case 6: return bytemask_rows<6>;
-        case 7: return bytemask_rows<7>;
-        default: return bytemask_rows<8>;
-    }
+    return with_planes(n, [](auto P) -> RowsFn { return bytemask_rows<decltype(P)::value>; });
 }
 
 static void gemv_bytemask(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
@@ -557,16 +548,7 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
 }
 
 LutTileFn lut_fn(int n) {
-    switch (n) {
-        case 1: return lut_tile<1>;
-        case 2: return lut_tile<2>;
-        case 3: return lut_tile<3>;
-        case 4: return lut_tile<4>;
-        case 5: return lut_tile<5>;
-        case 6: return lut_tile<6>;
-        case 7: return lut_tile<7>;
-        default: return lut_tile<8>;
-    }
+    return with_planes(n, [](auto P) -> LutTileFn { return lut_tile<decltype(P)::value>; });
 }
 
 void gemv_lut(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {

@@ -152,16 +152,7 @@ using RowsFn = void (*)(const BBTensor &, const QActs &, const float *, float *,
 
 template <bool POW2>
 static RowsFn vnni_pick(int n) {
-    switch (n) {
-        case 1: return vnni_rows<1, POW2>;
-        case 2: return vnni_rows<2, POW2>;
-        case 3: return vnni_rows<3, POW2>;
-        case 4: return vnni_rows<4, POW2>;
-        case 5: return vnni_rows<5, POW2>;
-        case 6: return vnni_rows<6, POW2>;
-        case 7: return vnni_rows<7, POW2>;
-        default: return vnni_rows<8, POW2>;
-    }
+    return with_planes(n, [](auto P) -> RowsFn { return vnni_rows<decltype(P)::value, POW2>; });
 }
 
 static RowsFn vnni_fn(const BBTensor &t) {
@@ -251,16 +242,7 @@ static void vnni_class_rows(const BBTensor &t, const QActs &a, const float *dv, 
 using ClassFn = void (*)(const BBTensor &, const QActs &, const float *, float *, int64_t, int64_t);
 
 static ClassFn class_fn(int n) {
-    switch (n) {
-        case 1: return vnni_class_rows<1>;
-        case 2: return vnni_class_rows<2>;
-        case 3: return vnni_class_rows<3>;
-        case 4: return vnni_class_rows<4>;
-        case 5: return vnni_class_rows<5>;
-        case 6: return vnni_class_rows<6>;
-        case 7: return vnni_class_rows<7>;
-        default: return vnni_class_rows<8>;
-    }
+    return with_planes(n, [](auto P) -> ClassFn { return vnni_class_rows<decltype(P)::value>; });
 }
 
 // gemv for tensors outside the common case: classes here, anything else the scalar reference.
@@ -395,16 +377,7 @@ static void lut_tile64(const BBTensor &t, const LutLayout &L, const QActs &a, co
 }
 
 static LutTileFn lut64_fn(int n) {
-    switch (n) {
-        case 1: return lut_tile64<1>;
-        case 2: return lut_tile64<2>;
-        case 3: return lut_tile64<3>;
-        case 4: return lut_tile64<4>;
-        case 5: return lut_tile64<5>;
-        case 6: return lut_tile64<6>;
-        case 7: return lut_tile64<7>;
-        default: return lut_tile64<8>;
-    }
+    return with_planes(n, [](auto P) -> LutTileFn { return lut_tile64<decltype(P)::value>; });
 }
 
 // Tensors the 64-row layout does not hold (classes) go to avx2-lut's GEMV, i.e. its own fallback.

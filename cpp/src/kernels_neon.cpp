@@ -168,16 +168,7 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
 }
 
 LutTileFn lut_fn(int n) {
-    switch (n) {
-        case 1: return lut_tile<1>;
-        case 2: return lut_tile<2>;
-        case 3: return lut_tile<3>;
-        case 4: return lut_tile<4>;
-        case 5: return lut_tile<5>;
-        case 6: return lut_tile<6>;
-        case 7: return lut_tile<7>;
-        default: return lut_tile<8>;
-    }
+    return with_planes(n, [](auto P) -> LutTileFn { return lut_tile<decltype(P)::value>; });
 }
 
 void gemv_lut(const BBTensor &t, const QActs &a, float *y, int64_t r0, int64_t r1) {
