@@ -189,12 +189,15 @@ def _engine_and_reference_ppl(path, eval_text, ctx: int, windows: int) -> tuple[
 @pytest.mark.slow
 def test_binary_basis_perplexity_within_half_percent(model_files, eval_text):
     """Issue 3: engine perplexity within 0.5% of the float PyTorch reference over the same file, on
-    the healthy binary-basis file (QBB N = 4, the demo setting; 3 windows of 512). The engine
+    the healthy binary-basis file (QBB N = 4, the demo setting; 6 windows of 512). The engine
     quantizes activations to int8 per block of 32 (kernels.h), the reference does not; that rounding
-    is the whole difference (measured: +0.18% here; a GPTQ 4-bit file is +0.67%, which the
-    reference with the same rounding emulated reproduces, +0.63%)."""
+    is the whole difference (a GPTQ 4-bit file is +0.67%, which the reference with the same rounding
+    emulated reproduces, +0.63%). 6 windows, not 3: which int8 level an activation rounds to flips
+    with the last bit of the float sums before it, so the same kernel math in another float order
+    (results.md §48: 2α and μ as f16 in the lookup layout) moved this figure from +0.42% to +0.82%
+    on 3 windows, +0.04% to +0.30% on 6, +0.26% to +0.31% on 12."""
     path = model_files("qbb", 4, 128, rounds=0, iters=0)
-    ours, ref, kernel = _engine_and_reference_ppl(path, eval_text, 512, 3)
+    ours, ref, kernel = _engine_and_reference_ppl(path, eval_text, 512, 6)
     print(f"qbb N=4: engine ppl {ours:.4f}, reference {ref:.4f}, ratio {ours / ref - 1:+.4%}")
     assert abs(ours / ref - 1) <= 0.005, f"engine ppl {ours:.4f} vs reference {ref:.4f} (kernel {kernel})"
 

@@ -246,11 +246,18 @@ float f16_to_f32(uint16_t h);
 // ---- table lookup (kernels_lut.cpp) ----------------------------------------------------------------
 // The repacked layout of the lookup kernels (t.repacked, one class only): rows in tiles of 32; per
 // (tile, group, plane) and 4-column group c4, 16 bytes whose byte j holds the plane bits of columns
-// 4c4..4c4+3 of row j (low nibble) and row j + 16 (high nibble); then 2α as f32 [tile][g][plane][32]
-// and μ − Σα as f32 [tile][g][32]. Activation tables (QActs::lut, 8 bytes per column): per pair of
+// 4c4..4c4+3 of row j (low nibble) and row j + 16 (high nibble); then 2α as f16 [tile][g][plane][32]
+// and, for tensors with offsets, μ as f16 [tile][g][32] — the file's own f16 values (2α exactly), so
+// a token reads no more scale bytes than the file holds (as f32 they were ~10 % of an N = 2 tile's
+// bytes: results.md §47). Activation tables (QActs::lut, 8 bytes per column): per pair of
 // 4-column groups, the 16 entries' low bytes (32: even group, odd group), then their high bytes (32).
 // The 64-row variant (LUT_ROWS64, avx512-lut's GEMV) has 32 bytes per c4, placed for one 256-bit
 // lookup of one column group (lut_nibble), and [..][64] scales.
+//
+// The float sequence every lookup tile and the tokens-in-lanes GEMM share, per row, from fv = 0: per
+// group g and plane i, F = −dS_g / 2, F = fma(P_ib, d_b, F) over the blocks b in order (F is then the
+// ±1 dot of plane i, halved), fv = fma(F, 2α_i, fv); after the planes, fv = fma(μ, dS_g, fv) when the
+// tensor has offsets. That is Σ_i 2α_i Σ_b d_b P_ib + (μ − Σ_i α_i) dS_g without a stored μ − Σα.
 constexpr int LUT_ROWS = 32, LUT_ROWS64 = 64;
 // How far ahead (bytes of plane nibbles) the x86 lookup tiles prefetch: the hardware prefetchers alone
 // left a 7B-shape GEMV from memory at 2/3 of its cache-hot speed; 2048 gained 21 % (N = 2), more than
@@ -258,12 +265,14 @@ constexpr int LUT_ROWS = 32, LUT_ROWS64 = 64;
 constexpr int64_t LUT_PREFETCH = 2048;
 
 struct LutLayout {   // byte offsets inside t.repacked
-    int64_t rows, ntiles, plane_bytes, alpha_off, bias_off, total;   // rows: a tile's, LUT_ROWS or LUT_ROWS64
+    int64_t rows, ntiles, plane_bytes, alpha_off, mu_off, total;   // rows: a tile's, LUT_ROWS or LUT_ROWS64;
+                                                                    // mu_off: −1 without offsets
     explicit LutLayout(const BBTensor &t, int64_t tile_rows = LUT_ROWS);
 };
 
 inline int64_t lut_table_bytes(const QActs &a) { return a.ngroups * a.group * 8; }
-// sets t.repacked_for = kernel; tile_rows: LUT_ROWS or LUT_ROWS64
+// sets t.repacked_for = kernel; tile_rows: LUT_ROWS or LUT_ROWS64. Leaves the tensor unrepacked (its
+// kernel's fallback) when it has classes or a 2α or μ that f16 cannot hold exactly (a hostile file).
 void lut_repack(BBTensor &t, const char *kernel, int64_t tile_rows = LUT_ROWS);
 void lut_tables_scalar(const QActs &a, uint8_t *T);       // the tables, in plain C++
 

@@ -484,14 +484,17 @@ void prepare_lut(QActs &a) {
     build_lut(a, a.lut.data());
 }
 
-// Software prefetch of the tile's three streams (plane nibbles, 2α, μ − Σα), kernels.h LUT_PREFETCH bytes
-// ahead in the nibbles and as far ahead in the others: they advance 512 : 128 : 128/N bytes per (group,
-// plane) at G = 128, and the layout puts tile rt + 1 right after tile rt in each. Harmless past the end
-// (a prefetch never faults).
+// Software prefetch of the tile's three streams (plane nibbles, 2α, μ; kernels.h), kernels.h LUT_PREFETCH
+// bytes ahead in the nibbles and as many (group, plane) steps ahead in the others: they advance
+// 512 : 64 : 64/N bytes per (group, plane) at G = 128, and the layout puts tile rt + 1 right after tile
+// rt in each. Harmless past the end (a prefetch never faults).
 inline void prefetch2(const void *p) {   // the two cache lines at p
     _mm_prefetch(static_cast<const char *>(p), _MM_HINT_T0);
     _mm_prefetch(static_cast<const char *>(p) + 64, _MM_HINT_T0);
 }
+
+// 8 f16 as floats (vcvtph2ps, exact)
+inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
 
 // y of the 32 rows of tile rt (out[32]) for one token.
 template <int N>
@@ -499,14 +502,16 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
     const int G = t.group, gb = G / 8, nb = G / QK;
     const int64_t ng = t.ngroups;
     const uint8_t *W = t.repacked.data();
-    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const uint16_t *A = reinterpret_cast<const uint16_t *>(W + L.alpha_off);
+    const uint16_t *M = L.mu_off < 0 ? nullptr : reinterpret_cast<const uint16_t *>(W + L.mu_off);
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m256 fv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *Tg = T + g * gb * 64;
+        const __m256 dS = _mm256_set1_ps(a.dS[g]), half_dS = _mm256_set1_ps(-0.5f * a.dS[g]);
         for (int i = 0; i < N; i++) {
             const uint8_t *w = W + ((rt * ng + g) * N + i) * gb * 32;
-            __m256 F[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            __m256 F[4] = {half_dS, half_dS, half_dS, half_dS};
             for (int b = 0; b < nb; b++) {
                 prefetch2(w + b * 128 + LUT_PREFETCH);
                 __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
@@ -535,14 +540,15 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
                 F[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(s23))), d, F[2]);
                 F[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(s23, 1))), d, F[3]);
             }
-            const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
+            const uint16_t *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
             prefetch2(al + LUT_PREFETCH / 16);
-            for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(F[k], _mm256_load_ps(al + 8 * k), fv[k]);
+            for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(F[k], load8_f16(al + 8 * k), fv[k]);
         }
-        const __m256 dS = _mm256_set1_ps(a.dS[g]);
-        const float *bs = Bs + (rt * ng + g) * LUT_ROWS;
-        prefetch2(bs + LUT_PREFETCH / 16 / N);
-        for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(_mm256_load_ps(bs + 8 * k), dS, fv[k]);
+        if (M) {
+            const uint16_t *mu = M + (rt * ng + g) * LUT_ROWS;
+            prefetch2(mu + LUT_PREFETCH / 16 / N);
+            for (int k = 0; k < 4; k++) fv[k] = _mm256_fmadd_ps(load8_f16(mu + 8 * k), dS, fv[k]);
+        }
     }
     for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * k, fv[k]);
 }

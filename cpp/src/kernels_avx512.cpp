@@ -312,15 +312,15 @@ struct TokAvx512 {
 // hold the same column group's table (vbroadcasti128 from memory: a load, no shuffle) and the weight
 // bytes index 64 different rows, so the lookups are the same count per weight and a block ends with 4
 // widenings of 16 rows (vpmovsxwd zmm) and nothing to join. The floats are lut_tile's, per row and in
-// the same order (F = fma(P_ib, d_b, F) over blocks, fv = fma(F, 2α_i, fv) over planes,
-// fv = fma(μ − Σα, dS_g, fv)), so this GEMV equals avx2-lut's bit for bit, and so does the GEMM below.
+// the same order (kernels.h: F = −dS/2, F = fma(P_ib, d_b, F) over blocks, fv = fma(F, 2α_i, fv) over
+// planes, fv = fma(μ, dS_g, fv)), so this GEMV equals avx2-lut's bit for bit, and so does the GEMM below.
 // 7B-shape GEMV from memory: −8 % at N = 2, −14 % at N = 1 against avx2-lut's tile (results.md §44c).
 
 constexpr const char *REPACK_LUT64 = "avx512-lut";
 
 static void repack_lut64(BBTensor &t) { lut_repack(t, REPACK_LUT64, LUT_ROWS64); }
 
-// As kernels_avx2.cpp's lut_tile: the three streams (nibbles, 2α, μ − Σα) kernels.h LUT_PREFETCH bytes
+// As kernels_avx2.cpp's lut_tile: the three streams (nibbles, 2α, μ) kernels.h LUT_PREFETCH bytes
 // ahead in the nibbles and as far ahead in the others.
 
 static inline void prefetch2(const void *p) {   // the two cache lines at p
@@ -328,19 +328,26 @@ static inline void prefetch2(const void *p) {   // the two cache lines at p
     _mm_prefetch(static_cast<const char *>(p) + 64, _MM_HINT_T0);
 }
 
+// 16 f16 as floats (vcvtph2ps, exact)
+static inline __m512 load16_f16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+}
+
 template <int N>
 static void lut_tile64(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out) {
     const int G = t.group, g4 = G / 4, nb = G / QK;
     const int64_t ng = t.ngroups;
     const uint8_t *W = t.repacked.data();
-    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const uint16_t *A = reinterpret_cast<const uint16_t *>(W + L.alpha_off);
+    const uint16_t *M = L.mu_off < 0 ? nullptr : reinterpret_cast<const uint16_t *>(W + L.mu_off);
     const __m256i low4 = _mm256_set1_epi8(0x0f);
     __m512 fv[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t g = 0; g < ng; g++) {
         const uint8_t *Tg = T + g * g4 * 32;   // the group's tables: 16 low bytes, 16 (other group), 16 high, 16
+        const __m512 dS = _mm512_set1_ps(a.dS[g]), half_dS = _mm512_set1_ps(-0.5f * a.dS[g]);
         for (int i = 0; i < N; i++) {
             const uint8_t *w = W + ((rt * ng + g) * N + i) * g4 * 32;
-            __m512 F[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            __m512 F[4] = {half_dS, half_dS, half_dS, half_dS};
             for (int b = 0; b < nb; b++) {
                 prefetch2(w + b * 256 + LUT_PREFETCH);
                 prefetch2(w + b * 256 + 128 + LUT_PREFETCH);
@@ -362,16 +369,15 @@ static void lut_tile64(const BBTensor &t, const LutLayout &L, const QActs &a, co
                 const __m512 d = _mm512_set1_ps(a.d[g * nb + b]);
                 for (int z = 0; z < 4; z++) F[z] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(acc[z])), d, F[z]);
             }
-            const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS64;
+            const uint16_t *al = A + ((rt * ng + g) * N + i) * LUT_ROWS64;
             prefetch2(al + LUT_PREFETCH / 16);
-            prefetch2(al + 32 + LUT_PREFETCH / 16);
-            for (int z = 0; z < 4; z++) fv[z] = _mm512_fmadd_ps(F[z], _mm512_loadu_ps(al + 16 * z), fv[z]);
+            for (int z = 0; z < 4; z++) fv[z] = _mm512_fmadd_ps(F[z], load16_f16(al + 16 * z), fv[z]);
         }
-        const __m512 dS = _mm512_set1_ps(a.dS[g]);
-        const float *bs = Bs + (rt * ng + g) * LUT_ROWS64;
-        prefetch2(bs + LUT_PREFETCH / 16 / N);
-        prefetch2(bs + 32 + LUT_PREFETCH / 16 / N);
-        for (int z = 0; z < 4; z++) fv[z] = _mm512_fmadd_ps(_mm512_loadu_ps(bs + 16 * z), dS, fv[z]);
+        if (M) {
+            const uint16_t *mu = M + (rt * ng + g) * LUT_ROWS64;
+            prefetch2(mu + LUT_PREFETCH / 16 / N);
+            for (int z = 0; z < 4; z++) fv[z] = _mm512_fmadd_ps(load16_f16(mu + 16 * z), dS, fv[z]);
+        }
     }
     for (int z = 0; z < 4; z++) _mm512_storeu_ps(out + 16 * z, fv[z]);
 }

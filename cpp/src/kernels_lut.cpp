@@ -19,8 +19,9 @@ LutLayout::LutLayout(const BBTensor &t, int64_t tile_rows) : rows(tile_rows) {
     ntiles = (t.rows + rows - 1) / rows;
     plane_bytes = ntiles * t.ngroups * t.n_planes * (t.group / 4) * (rows / 2);
     alpha_off = plane_bytes;
-    bias_off = alpha_off + ntiles * t.ngroups * t.n_planes * rows * 4;
-    total = bias_off + ntiles * t.ngroups * rows * 4;
+    const int64_t mu = alpha_off + ntiles * t.ngroups * t.n_planes * rows * 2;
+    mu_off = t.offsets.empty() ? -1 : mu;
+    total = mu + (t.offsets.empty() ? 0 : ntiles * t.ngroups * rows * 2);
 }
 
 // Where row j of a tile keeps its nibble of a 4-column group: the byte (of rows / 2) and the shift.
@@ -38,15 +39,21 @@ static inline void lut_nibble(int64_t rows, int64_t j, int64_t &byte, int &shift
     }
 }
 
+// x as f16 when f16 holds it exactly (the file's α and μ are f16, so only a hostile file fails this)
+static bool exact_f16(float x, uint16_t &h) {
+    h = f32_to_f16(x);
+    return f16_to_f32(h) == x;
+}
+
 void lut_repack(BBTensor &t, const char *kernel, int64_t tile_rows) {
-    if (t.n_classes != 1 || t.bias.empty()) return;   // classes: the kernels hand these to the scalar path
+    if (t.n_classes != 1) return;   // classes: the kernels hand these to the scalar path
     const LutLayout L(t, tile_rows);
     const int64_t R = L.rows, cb = R / 2;   // bytes per 4-column group
     const int N = t.n_planes, G = t.group, gb = G / 8;
     const int64_t ng = t.ngroups;
-    t.repacked.assign((size_t)L.total, 0);
-    uint8_t *W = t.repacked.data();
-    float *A = reinterpret_cast<float *>(W + L.alpha_off), *Bs = reinterpret_cast<float *>(W + L.bias_off);
+    avec<uint8_t> W((size_t)L.total, 0);
+    uint16_t *A = reinterpret_cast<uint16_t *>(W.data() + L.alpha_off);
+    uint16_t *M = L.mu_off < 0 ? nullptr : reinterpret_cast<uint16_t *>(W.data() + L.mu_off);
     for (int64_t r = 0; r < t.rows; r++) {
         const int64_t rt = r / R, j = r % R;
         int64_t byte;
@@ -55,16 +62,17 @@ void lut_repack(BBTensor &t, const char *kernel, int64_t tile_rows) {
         for (int64_t g = 0; g < ng; g++) {
             for (int i = 0; i < N; i++) {
                 const uint8_t *bits = t.planes + ((r * ng + g) * N + i) * gb;
-                uint8_t *dst = W + ((rt * ng + g) * N + i) * (G / 4) * cb;
+                uint8_t *dst = W.data() + ((rt * ng + g) * N + i) * (G / 4) * cb;
                 for (int c4 = 0; c4 < G / 4; c4++) {
                     const uint8_t nib = (bits[c4 / 2] >> (4 * (c4 & 1))) & 0xF;
                     dst[c4 * cb + byte] |= (uint8_t)(nib << shift);
                 }
-                A[((rt * ng + g) * N + i) * R + j] = 2.0f * t.scales[(r * ng + g) * N + i];
+                if (!exact_f16(2.0f * t.scales[(r * ng + g) * N + i], A[((rt * ng + g) * N + i) * R + j])) return;
             }
-            Bs[(rt * ng + g) * R + j] = t.bias[r * ng + g];
+            if (M && !exact_f16(t.offsets[r * ng + g], M[(rt * ng + g) * R + j])) return;
         }
     }
+    t.repacked = std::move(W);
     t.repacked_for = kernel;
 }
 
@@ -123,12 +131,14 @@ void tile_scalar(const BBTensor &t, const LutLayout &L, const QActs &a, const ui
     const int N = t.n_planes, G = t.group, nb = G / QK;
     const int64_t ng = t.ngroups;
     const uint8_t *W = t.repacked.data();
-    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const uint16_t *A = reinterpret_cast<const uint16_t *>(W + L.alpha_off);
+    const uint16_t *M = L.mu_off < 0 ? nullptr : reinterpret_cast<const uint16_t *>(W + L.mu_off);
     float fv[LUT_ROWS] = {0};
     for (int64_t g = 0; g < ng; g++) {
         for (int i = 0; i < N; i++) {
             const uint8_t *w = W + ((rt * ng + g) * N + i) * (G / 4) * 16;
-            float F[LUT_ROWS] = {0};
+            float F[LUT_ROWS];
+            for (int j = 0; j < LUT_ROWS; j++) F[j] = -0.5f * a.dS[g];
             for (int b = 0; b < nb; b++) {
                 int32_t P[LUT_ROWS] = {0};
                 for (int c4 = b * QK / 4; c4 < (b + 1) * QK / 4; c4++) {
@@ -141,9 +151,10 @@ void tile_scalar(const BBTensor &t, const LutLayout &L, const QActs &a, const ui
                 }
                 for (int j = 0; j < LUT_ROWS; j++) F[j] += (float)P[j] * a.d[g * nb + b];
             }
-            for (int j = 0; j < LUT_ROWS; j++) fv[j] += F[j] * A[((rt * ng + g) * N + i) * LUT_ROWS + j];
+            for (int j = 0; j < LUT_ROWS; j++) fv[j] += F[j] * f16_to_f32(A[((rt * ng + g) * N + i) * LUT_ROWS + j]);
         }
-        for (int j = 0; j < LUT_ROWS; j++) fv[j] += Bs[(rt * ng + g) * LUT_ROWS + j] * a.dS[g];
+        if (M)
+            for (int j = 0; j < LUT_ROWS; j++) fv[j] += f16_to_f32(M[(rt * ng + g) * LUT_ROWS + j]) * a.dS[g];
     }
     std::memcpy(out, fv, sizeof fv);
 }

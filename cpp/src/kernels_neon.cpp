@@ -124,12 +124,16 @@ void prepare_lut(QActs &a) {
     lut_tables_scalar(a, a.lut.data());
 }
 
+// 4 f16 as floats (fcvtl, exact): the lookup tiles' 2α and μ, the f16 KV cache rows
+inline float32x4_t load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
 template <int N>
 void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8_t *T, int64_t rt, float *out) {
     const int G = t.group, nb = G / QK;
     const int64_t ng = t.ngroups;
     const uint8_t *W = t.repacked.data();
-    const float *A = reinterpret_cast<const float *>(W + L.alpha_off), *Bs = reinterpret_cast<const float *>(W + L.bias_off);
+    const uint16_t *A = reinterpret_cast<const uint16_t *>(W + L.alpha_off);
+    const uint16_t *M = L.mu_off < 0 ? nullptr : reinterpret_cast<const uint16_t *>(W + L.mu_off);
     const uint8x16_t low4 = vdupq_n_u8(0x0f);
     float32x4_t fv[8];
     for (int k = 0; k < 8; k++) fv[k] = vdupq_n_f32(0.0f);
@@ -137,7 +141,7 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
         for (int i = 0; i < N; i++) {
             const uint8_t *w = W + ((rt * ng + g) * N + i) * (G / 4) * 16;
             float32x4_t F[8];
-            for (int k = 0; k < 8; k++) F[k] = vdupq_n_f32(0.0f);
+            for (int k = 0; k < 8; k++) F[k] = vdupq_n_f32(-0.5f * a.dS[g]);
             for (int b = 0; b < nb; b++) {
                 int16x8_t acc[4] = {vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0), vdupq_n_s16(0)};
                 for (int c4 = b * 8; c4 < b * 8 + 8; c4++) {
@@ -158,11 +162,13 @@ void lut_tile(const BBTensor &t, const LutLayout &L, const QActs &a, const uint8
                     F[2 * k + 1] = vfmaq_n_f32(F[2 * k + 1], vcvtq_f32_s32(vmovl_high_s16(acc[k])), d);
                 }
             }
-            const float *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
-            for (int k = 0; k < 8; k++) fv[k] = vfmaq_f32(fv[k], F[k], vld1q_f32(al + 4 * k));
+            const uint16_t *al = A + ((rt * ng + g) * N + i) * LUT_ROWS;
+            for (int k = 0; k < 8; k++) fv[k] = vfmaq_f32(fv[k], F[k], load_f16(al + 4 * k));
         }
-        const float *bs = Bs + (rt * ng + g) * LUT_ROWS;
-        for (int k = 0; k < 8; k++) fv[k] = vfmaq_n_f32(fv[k], vld1q_f32(bs + 4 * k), a.dS[g]);
+        if (M) {
+            const uint16_t *mu = M + (rt * ng + g) * LUT_ROWS;
+            for (int k = 0; k < 8; k++) fv[k] = vfmaq_n_f32(fv[k], load_f16(mu + 4 * k), a.dS[g]);
+        }
     }
     for (int k = 0; k < 8; k++) vst1q_f32(out + 4 * k, fv[k]);
 }
@@ -184,7 +190,6 @@ void gemm_lut(const BBTensor &t, const QActs *acts, int n_tok, float *Y, int64_t
 }
 
 // The f16 KV cache rows (kernels.h DotsF16Fn): rows widened by fcvtl (Armv8.0), one row at a time.
-inline float32x4_t load_f16(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 
 void dots_f16(const float *q, const uint16_t *K, int64_t stride, int64_t n, int64_t hd, float *out) {
     const int64_t h4 = hd / 4 * 4;

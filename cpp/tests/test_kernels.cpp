@@ -200,6 +200,9 @@ static void run_case(int64_t rows, int64_t cols, int N, int G, uint32_t flags, b
         if (!kern.supported() || std::string(kern.name) == "scalar") continue;
         for (int rp = 0; rp < 2; rp++) {          // on-disk layout, then the kernel's repacked copy
             bb_repack(o.t, rp ? kern.name : "");
+            // a lookup kernel's layout holds every one-class tensor of a sane file (its 2α and μ as f16)
+            if (rp && o.t.n_classes == 1 && std::strstr(kern.name, "-lut"))
+                CHECK(!o.t.repacked_for.empty(), "%s did not repack %s", kern.name, what);
             if (rp && o.t.repacked_for.empty()) continue;
             // gemv over a split row range, as threads call it, on activations that went through the
             // kernel's activation stage; gemm on activations that did not (the kernel's own fallback)
@@ -590,6 +593,32 @@ static void test_f16() {
     }
 }
 
+// A 2α that f16 cannot hold (a hostile file's α near the f16 maximum) keeps the tensor out of the
+// lookup layout: the lookup kernels fall back and still equal the scalar reference.
+static void test_lut_f16_refusal(std::mt19937_64 &rng) {
+    Owned o;
+    make(o, 40, 256, 2, 64, F_OFFSET, false, rng);
+    o.scales[3] = f32_to_f16(40000.0f);   // 2α = 80000 > 65504
+    bb_prepare(o.t, "");
+    QActs a;
+    const auto x = rand_x(o.t.cols, o.t.group, false, rng);
+    quantize_acts(x.data(), o.t.cols, o.t.group, nullptr, a);
+    std::vector<float> yref(o.t.rows);
+    gemv_scalar(o.t, a, yref.data(), 0, o.t.rows);
+    const std::vector<double> yrefd(yref.begin(), yref.end());
+    for (const Kernel &kern : all_kernels()) {
+        if (!kern.supported() || !std::strstr(kern.name, "-lut")) continue;
+        bb_repack(o.t, kern.name);
+        CHECK(o.t.repacked_for.empty(), "%s repacked a 2α beyond f16", kern.name);
+        QActs pa = a;
+        if (kern.prepare_acts) kern.prepare_acts(pa);
+        std::vector<float> y(o.t.rows, NAN);
+        kern.gemv(o.t, pa, y.data(), 0, o.t.rows);
+        double worst;
+        CHECK(close(y.data(), yrefd.data(), o.t.rows, 1e-5, &worst), "%s fallback vs scalar: rel err %.3g", kern.name, worst);
+    }
+}
+
 int main(int argc, char **argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     std::printf("cpu: %s\nkernels:", cpu_features().c_str());
@@ -606,6 +635,7 @@ int main(int argc, char **argv) {
     test_hadamard(rng);
     test_softmax(rng);
     test_kv_f16(rng);
+    test_lut_f16_refusal(rng);
     // every flag combination (64) × a few plane counts, on odd shapes with cols not a multiple of G
     // (--quick: fewer plane counts and group sizes, smaller shapes; for qemu)
     const std::vector<int> flagN = quick ? std::vector<int>{2, 7} : std::vector<int>{1, 3, 8};
