@@ -248,8 +248,8 @@ float f16_to_f32(uint16_t h);
 // (tile, group, plane) and 4-column group c4, 16 bytes whose byte j holds the plane bits of columns
 // 4c4..4c4+3 of row j (low nibble) and row j + 16 (high nibble); then 2α as f16 [tile][g][plane][32]
 // and, for tensors with offsets, μ as f16 [tile][g][32] — the file's own f16 values (2α exactly), so
-// a token reads no more scale bytes than the file holds (as f32 they were ~10 % of an N = 2 tile's
-// bytes: results.md §47). Activation tables (QActs::lut, 8 bytes per column): per pair of
+// a token reads no more scale bytes than the file holds (2α and μ − Σα as f32 made an N = 2, G = 128
+// tile without offsets read 2.75 bits per weight instead of 2.25: results.md §48). Activation tables (QActs::lut, 8 bytes per column): per pair of
 // 4-column groups, the 16 entries' low bytes (32: even group, odd group), then their high bytes (32).
 // The 64-row variant (LUT_ROWS64, avx512-lut's GEMV) has 32 bytes per c4, placed for one 256-bit
 // lookup of one column group (lut_nibble), and [..][64] scales.
